@@ -1,0 +1,481 @@
+"""A Vision Transformer written from scratch in plain PyTorch.
+
+References:
+1) "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2020), the model and its sizes.
+2) Hugging Face transformers, models/vit/modeling_vit.py: our module names and nesting, so that
+   `state_dict()` keys are exactly the keys of an HF checkpoint file.
+3) timm, models/vision_transformer.py: the forward split (`forward_features` / `forward_head`)
+   and the numerics (LayerNorm eps 1e-6 for timm and Google checkpoints).
+
+The file reads top to bottom: config and presets, the modules from the patch embedding up, then
+the two models. Checkpoint loading lives in `vit/loading.py`.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vit.errors import UserError
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ViTConfig:
+    """Hyper-parameters, with Hugging Face's field names so config.json round-trips."""
+
+    hidden_size: int = 768  # width D of every token
+    num_hidden_layers: int = 12  # depth
+    num_attention_heads: int = 12  # heads; head_dim = hidden_size // heads
+    intermediate_size: int = 3072  # MLP width, 4x hidden_size in the paper
+    hidden_act: str = "gelu"  # exact (erf) GELU, as in the paper and all released checkpoints
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02  # std of the truncated normal init
+    layer_norm_eps: float = 1e-12  # HF's default; timm and Google checkpoints use 1e-6
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    num_labels: int = 1000
+    # not in HF's ViTConfig: training-only or checkpoint-only extras
+    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth (timm's rule)
+    use_pre_logits: bool = False  # first in21k release: classify from the pooler (dense + tanh)
+    id2label: Optional[dict] = field(default=None, repr=False)  # {int: class name}
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise UserError(
+                f"num_attention_heads={self.num_attention_heads} does not divide "
+                f"hidden_size={self.hidden_size}; choose a head count that divides the width."
+            )
+        if self.image_size % self.patch_size != 0:
+            raise UserError(
+                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}; "
+                f"use a multiple of {self.patch_size} such as {self.patch_size * max(1, round(self.image_size / self.patch_size))}."
+            )
+        if self.hidden_act not in ACT2FN:
+            raise UserError(f"hidden_act={self.hidden_act!r} is not known; choose one of {sorted(ACT2FN)}.")
+        if self.id2label is not None:
+            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            if len(self.id2label) != self.num_labels:
+                self.num_labels = len(self.id2label)
+
+    @property
+    def num_patches(self):
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        """'B/16', 'ViT-L/14', ... : the paper's sizes (Table 1) at any patch and image size."""
+        m = re.fullmatch(r"(?:ViT-)?(Ti|S|B|L|H)/(\d+)", name.strip())
+        if m is None:
+            raise UserError(
+                f"model preset {name!r} is not known; use a size from {list(PRESETS)} and a patch "
+                f"size, e.g. 'B/16' or 'ViT-S/32'."
+            )
+        size, patch = m.group(1), int(m.group(2))
+        width, depth, heads, mlp = PRESETS[size]
+        kw = dict(
+            hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+            intermediate_size=mlp, patch_size=patch, layer_norm_eps=1e-6,
+        )
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf_dict(self):
+        """A config.json body that transformers reads as its own ViTConfig."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "id2label"}
+        names = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        d["id2label"] = {str(i): n for i, n in names.items()}
+        d["label2id"] = {n: i for i, n in names.items()}
+        d.pop("num_labels")  # HF derives it from id2label
+        d["model_type"] = "vit"
+        d["encoder_stride"] = self.patch_size
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d):
+        """Read an HF config.json body, ignoring the keys this model has no use for."""
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "id2label" in d and "num_labels" not in d:
+            kw["num_labels"] = len(d["id2label"])
+        return cls(**kw)
+
+
+# the paper's Table 1 (plus DeiT's Ti and S): width, depth, heads, MLP width
+PRESETS = {
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+}
+
+ACT2FN = {
+    "gelu": nn.GELU,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+}
+
+# -----------------------------------------------------------------------------
+# modules, from the pixels up
+
+
+class PatchEmbeddings(nn.Module):
+    """Image to patch tokens with one strided conv; timm's PatchEmbed."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.num_channels = config.num_channels
+        self.num_patches = config.num_patches
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values, interpolate_pos_encoding=False):
+        B, C, H, W = pixel_values.shape
+        if C != self.num_channels:
+            raise UserError(
+                f"the images have {C} channels but the model expects num_channels={self.num_channels}; "
+                f"convert the images or set num_channels={C}."
+            )
+        if not interpolate_pos_encoding and (H != self.image_size or W != self.image_size):
+            raise UserError(
+                f"input image size {H}x{W} doesn't match the model's image_size={self.image_size}; "
+                f"resize the images or pass interpolate_pos_encoding=True."
+            )
+        if H % self.patch_size or W % self.patch_size:
+            raise UserError(
+                f"input image size {H}x{W} is not divisible by patch_size={self.patch_size}; "
+                f"resize the images to a multiple of {self.patch_size}."
+            )
+        x = self.projection(pixel_values)  # (B, D, H/p, W/p)
+        return x.flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class ViTEmbeddings(nn.Module):
+    """CLS token + patch tokens + learned position embeddings; the front of timm's VisionTransformer."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.patch_embeddings = PatchEmbeddings(config)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.patch_size = config.patch_size
+
+    def interpolate_pos_encoding(self, num_tokens, height, width):
+        """Bicubic resampling of the patch grid's position embeddings, as transformers does it."""
+        num_positions = self.position_embeddings.shape[1] - 1
+        if num_tokens - 1 == num_positions and height == width:
+            return self.position_embeddings
+        cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
+        dim = patch_pos.shape[-1]
+        side = int(math.sqrt(num_positions))
+        patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, side, side)
+        patch_pos = F.interpolate(
+            patch_pos, size=(height // self.patch_size, width // self.patch_size), mode="bicubic", align_corners=False
+        )
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, N, D)
+        return torch.cat((cls_pos, patch_pos), dim=1)
+
+    def forward(self, pixel_values, interpolate_pos_encoding=False):
+        B, _, H, W = pixel_values.shape
+        x = self.patch_embeddings(pixel_values, interpolate_pos_encoding)  # (B, N, D)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1+N, D)
+        if interpolate_pos_encoding:
+            x = x + self.interpolate_pos_encoding(x.shape[1], H, W)
+        else:
+            x = x + self.position_embeddings
+        return self.dropout(x)
+
+
+class ViTSelfAttention(nn.Module):
+    """Multi-head self-attention without the output projection; the first half of timm's Attention.
+
+    The checkpoint keeps query, key and value as three Linear layers (HF's keys), but forward runs
+    them as one fused matmul: one (D -> 3D) GEMM is faster than three (D -> D) ones.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_attention_heads = config.num_attention_heads
+        self.attention_head_size = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
+        self.dropout_prob = config.attention_probs_dropout_prob
+
+    def fused_qkv(self):
+        """The (3D, D) weight and (3D,) bias that compute query, key and value in one matmul."""
+        w = torch.cat((self.query.weight, self.key.weight, self.value.weight))
+        b = None if self.query.bias is None else torch.cat((self.query.bias, self.key.bias, self.value.bias))
+        return w, b
+
+    def forward(self, hidden_states, output_attentions=False):
+        B, N, D = hidden_states.shape
+        qkv = F.linear(hidden_states, *self.fused_qkv())  # (B, N, 3D)
+        qkv = qkv.view(B, N, 3, self.num_attention_heads, self.attention_head_size).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        dropout_p = self.dropout_prob if self.training else 0.0
+        if output_attentions:
+            # the explicit path, for when the probabilities themselves are wanted
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.attention_head_size)  # (B, heads, N, N)
+            probs = scores.softmax(dim=-1)
+            context = F.dropout(probs, dropout_p, self.training) @ v  # (B, heads, N, head_dim)
+        else:
+            probs = None
+            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        context = context.transpose(1, 2).reshape(B, N, D)  # (B, N, D)
+        return context, probs
+
+
+class ViTSelfOutput(nn.Module):
+    """Output projection of attention; timm's Attention.proj (the residual is added in ViTLayer)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states):
+        return self.dropout(self.dense(hidden_states))
+
+
+class ViTAttention(nn.Module):
+    """Self-attention plus its output projection; timm's Attention."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attention = ViTSelfAttention(config)
+        self.output = ViTSelfOutput(config)
+
+    def forward(self, hidden_states, output_attentions=False):
+        context, probs = self.attention(hidden_states, output_attentions)
+        return self.output(context), probs
+
+
+class ViTIntermediate(nn.Module):
+    """First MLP layer and activation; timm's Mlp.fc1 + act."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]()
+
+    def forward(self, hidden_states):
+        return self.intermediate_act_fn(self.dense(hidden_states))  # (B, N, intermediate_size)
+
+
+class ViTOutput(nn.Module):
+    """Second MLP layer; timm's Mlp.fc2 (the residual is added in ViTLayer)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states):
+        return self.dropout(self.dense(hidden_states))  # (B, N, D)
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: zero a sample's whole residual branch with probability p, scale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class ViTLayer(nn.Module):
+    """One pre-norm transformer block; timm's Block."""
+
+    def __init__(self, config, drop_path_rate=0.0):
+        super().__init__()
+        self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = ViTAttention(config)
+        self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = ViTIntermediate(config)
+        self.output = ViTOutput(config)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, hidden_states, output_attentions=False):
+        attn, probs = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        hidden_states = hidden_states + drop_path(attn, self.drop_path_rate, self.training)
+        mlp = self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        hidden_states = hidden_states + drop_path(mlp, self.drop_path_rate, self.training)
+        return hidden_states, probs
+
+
+class ViTEncoder(nn.Module):
+    """The stack of blocks; timm's VisionTransformer.blocks."""
+
+    def __init__(self, config):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        self.layer = nn.ModuleList(ViTLayer(config, r) for r in rates)
+
+    def forward(self, hidden_states, output_attentions=False, output_hidden_states=False):
+        all_hidden = [hidden_states] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        for block in self.layer:
+            hidden_states, probs = block(hidden_states, output_attentions)
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            if output_attentions:
+                all_attn.append(probs)
+        return hidden_states, all_hidden, all_attn
+
+
+class ViTPooler(nn.Module):
+    """Dense + tanh on the CLS token; the 'pre_logits' layer of the first in21k release."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states):
+        return self.activation(self.dense(hidden_states[:, 0]))  # (B, D)
+
+
+# -----------------------------------------------------------------------------
+# the models
+
+
+@dataclass
+class ViTModelOutput:
+    """The backbone's outputs, named as in transformers' BaseModelOutputWithPooling."""
+
+    last_hidden_state: torch.Tensor  # (B, 1+N, D), after the final layernorm
+    pooler_output: Optional[torch.Tensor] = None  # (B, D), None without a pooler
+    hidden_states: Optional[tuple] = None  # embeddings, then each layer's output (before layernorm)
+    attentions: Optional[tuple] = None  # each layer's softmax probabilities, (B, heads, 1+N, 1+N)
+
+
+@dataclass
+class ImageClassifierOutput:
+    """The classifier's outputs, named as in transformers' ImageClassifierOutput."""
+
+    logits: torch.Tensor  # (B, num_labels)
+    loss: Optional[torch.Tensor] = None
+    hidden_states: Optional[tuple] = None
+    attentions: Optional[tuple] = None
+
+
+class PreTrainedViT(nn.Module):
+    """What both models share: weight init, parameter count, saving and loading."""
+
+    def _init_weights(self, module):
+        # HF's init: truncated normal for matrices and the two learned embeddings, zero biases.
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, ViTEmbeddings):
+            nn.init.trunc_normal_(module.position_embeddings, std=std)
+            nn.init.trunc_normal_(module.cls_token, std=std)
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory):
+        """Write config.json and model.safetensors, a folder transformers' from_pretrained reads."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        config = self.config.to_hf_dict()
+        config["architectures"] = [type(self).__name__]
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load an HF folder, a timm state-dict file or a Google .npz; see vit/loading.py."""
+        from vit.loading import load_pretrained
+
+        return load_pretrained(cls, path, **overrides)
+
+
+class ViTModel(PreTrainedViT):
+    """The backbone with a final layernorm and an optional pooler; timm's VisionTransformer minus its head."""
+
+    def __init__(self, config, add_pooling_layer=True):
+        super().__init__()
+        self.config = config
+        self.embeddings = ViTEmbeddings(config)
+        self.encoder = ViTEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pooler = ViTPooler(config) if add_pooling_layer else None
+        self.apply(self._init_weights)
+
+    def forward(self, pixel_values, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
+        x = self.embeddings(pixel_values, interpolate_pos_encoding)  # (B, 1+N, D)
+        x, hidden, attn = self.encoder(x, output_attentions, output_hidden_states)
+        x = self.layernorm(x)
+        return ViTModelOutput(
+            last_hidden_state=x,
+            pooler_output=self.pooler(x) if self.pooler is not None else None,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+            attentions=tuple(attn) if attn is not None else None,
+        )
+
+
+class ViTForImageClassification(PreTrainedViT):
+    """Backbone + linear head on the CLS token; timm's VisionTransformer with class_token pooling."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_labels = config.num_labels
+        # a pooler only for the first in21k release, whose head sits on its pre_logits layer
+        self.vit = ViTModel(config, add_pooling_layer=config.use_pre_logits)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.reset_classifier()
+
+    def reset_classifier(self, num_labels=None, id2label=None):
+        """A fresh head: zero-initialised, as big_vision does for fine-tuning, so training starts at uniform."""
+        if num_labels is not None:
+            self.config.num_labels = self.num_labels = num_labels
+            self.config.id2label = id2label
+            self.classifier = nn.Linear(self.config.hidden_size, num_labels) if num_labels > 0 else nn.Identity()
+        if isinstance(self.classifier, nn.Linear):
+            nn.init.zeros_(self.classifier.weight)
+            nn.init.zeros_(self.classifier.bias)
+
+    def forward_features(self, pixel_values, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
+        """The backbone's output object; `last_hidden_state` is (B, 1+N, D) after the final layernorm."""
+        return self.vit(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)
+
+    def forward_head(self, features, pre_logits=False):
+        """Logits from the backbone's output; with pre_logits=True, the (B, D) vector the head sees."""
+        x = features.pooler_output if self.vit.pooler is not None else features.last_hidden_state[:, 0]
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, pixel_values, labels=None, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
+        features = self.forward_features(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)
+        logits = self.forward_head(features)
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return ImageClassifierOutput(
+            logits=logits, loss=loss, hidden_states=features.hidden_states, attentions=features.attentions
+        )
