@@ -52,6 +52,10 @@ class ViTConfig:
     id2label: Optional[dict] = field(default=None, repr=False)  # {int: class name}
 
     def __post_init__(self):
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size", "num_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"{name}={value!r} must be a positive integer; fix it in the config or the overrides.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise UserError(
                 f"num_attention_heads={self.num_attention_heads} does not divide "
@@ -326,7 +330,9 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        # plain python, not torch.linspace, so the model can be built on the meta device
+        depth = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layer = nn.ModuleList(ViTLayer(config, r) for r in rates)
 
     def forward(self, hidden_states, output_attentions=False, output_hidden_states=False):

@@ -1,0 +1,403 @@
+"""Load pretrained weights into our ViT: Hugging Face folders, timm state-dict files, Google .npz.
+
+Every source is first turned into one flat dict of torch tensors under *our* key names (the HF
+names, without the `vit.` prefix) by a rename table plus explicit transpose rules. Then one copy
+loop, nanoGPT-style, checks every shape and reports what was mapped, initialised fresh or ignored.
+
+References: timm's `_load_weights` and `checkpoint_filter_fn` (models/vision_transformer.py),
+`resample_abs_pos_embed` and `resample_patch_embed` (timm.layers); transformers'
+`convert_vit_timm_to_pytorch.py`; big_vision's models/vit.py for the `params/` naming.
+"""
+
+import json
+import math
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vit.errors import UserError
+from vit.model import ViTConfig
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+# standard head count per width (the paper's Table 1 and DeiT); anything else needs an override
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
+
+# -----------------------------------------------------------------------------
+# rename tables: (source regex, our key, transpose rule). our keys are the HF ones without `vit.`.
+
+L = "encoder.layer.\\1."
+TIMM_RENAMES = [
+    (r"cls_token", "embeddings.cls_token", None),
+    (r"pos_embed", "embeddings.position_embeddings", None),
+    (r"patch_embed\.proj\.(weight|bias)", "embeddings.patch_embeddings.projection.\\1", None),
+    (r"blocks\.(\d+)\.norm1\.(weight|bias)", L + "layernorm_before.\\2", None),
+    (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", L + "attention.attention.{q,k,v}.\\2", "split_qkv"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", L + "attention.output.dense.\\2", None),
+    (r"blocks\.(\d+)\.norm2\.(weight|bias)", L + "layernorm_after.\\2", None),
+    (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", L + "intermediate.dense.\\2", None),
+    (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", L + "output.dense.\\2", None),
+    (r"norm\.(weight|bias)", "layernorm.\\1", None),
+    (r"pre_logits\.fc\.(weight|bias)", "pooler.dense.\\1", None),  # old timm's representation layer
+    (r"head\.(weight|bias)", "classifier.\\1", None),
+]
+
+# Google names after the `params/` or `opt/target/` prefix is stripped. The first release and AugReg
+# call the block's parts MultiHeadDotProductAttention_1, MlpBlock_3, LayerNorm_0/2; big_vision
+# calls them ..._0, MlpBlock_0, LayerNorm_0/1. Flax kernels are (in, out), attention ones split heads.
+B = r"Transformer/encoderblock_(\d+)/"
+NPZ_RENAMES = [
+    (r"cls", "embeddings.cls_token", None),
+    (r"(?:Transformer/posembed_input/)?pos_embedding", "embeddings.position_embeddings", None),
+    (r"embedding/kernel", "embeddings.patch_embeddings.projection.weight", "hwio_to_oihw"),
+    (r"embedding/bias", "embeddings.patch_embeddings.projection.bias", None),
+    (B + r"LayerNorm_0/scale", L + "layernorm_before.weight", None),
+    (B + r"LayerNorm_0/bias", L + "layernorm_before.bias", None),
+    (B + r"MultiHeadDotProductAttention_[01]/(query|key|value)/kernel", L + "attention.attention.\\2.weight", "heads_in"),
+    (B + r"MultiHeadDotProductAttention_[01]/(query|key|value)/bias", L + "attention.attention.\\2.bias", "flatten"),
+    (B + r"MultiHeadDotProductAttention_[01]/out/kernel", L + "attention.output.dense.weight", "heads_out"),
+    (B + r"MultiHeadDotProductAttention_[01]/out/bias", L + "attention.output.dense.bias", None),
+    (B + r"LayerNorm_[12]/scale", L + "layernorm_after.weight", None),
+    (B + r"LayerNorm_[12]/bias", L + "layernorm_after.bias", None),
+    (B + r"MlpBlock_[03]/Dense_0/kernel", L + "intermediate.dense.weight", "transpose"),
+    (B + r"MlpBlock_[03]/Dense_0/bias", L + "intermediate.dense.bias", None),
+    (B + r"MlpBlock_[03]/Dense_1/kernel", L + "output.dense.weight", "transpose"),
+    (B + r"MlpBlock_[03]/Dense_1/bias", L + "output.dense.bias", None),
+    (r"Transformer/encoder_norm/scale", "layernorm.weight", None),
+    (r"Transformer/encoder_norm/bias", "layernorm.bias", None),
+    (r"pre_logits/kernel", "pooler.dense.weight", "transpose"),
+    (r"pre_logits/bias", "pooler.dense.bias", None),
+    (r"head/kernel", "classifier.weight", "transpose"),
+    (r"head/bias", "classifier.bias", None),
+]
+
+TRANSPOSES = {
+    None: lambda t: t,
+    "transpose": lambda t: t.t(),  # dense (in, out) -> Linear (out, in)
+    "hwio_to_oihw": lambda t: t.permute(3, 2, 0, 1),  # conv (kh, kw, in, out) -> (out, in, kh, kw)
+    "heads_in": lambda t: t.reshape(t.shape[0], -1).t(),  # q/k/v (D, heads, head_dim) -> (D, D)
+    "heads_out": lambda t: t.reshape(-1, t.shape[-1]).t(),  # out (heads, head_dim, D) -> (D, D)
+    "flatten": lambda t: t.reshape(-1),  # q/k/v bias (heads, head_dim) -> (D,)
+}
+
+
+def rename(state, table, path):
+    """Apply a rename table to every tensor; a key that matches no rule is refused, not dropped."""
+    out = {}
+    for key, tensor in state.items():
+        for pattern, target, rule in table:
+            m = re.fullmatch(pattern, key)
+            if m is None:
+                continue
+            if rule == "split_qkv":  # timm's fused (3D, D) qkv -> query, key, value
+                for name, part in zip(("query", "key", "value"), tensor.chunk(3)):
+                    out[m.expand(target.replace("{q,k,v}", name))] = part
+            else:
+                out[m.expand(target)] = TRANSPOSES[rule](tensor)
+            break
+        else:
+            raise UserError(
+                f"checkpoint {path} has tensor {key!r} with no counterpart in a plain ViT; "
+                f"this loader takes plain ViT checkpoints only (no layer-scale, qk-norm or avg-pool variants)."
+            )
+    return out
+
+
+# -----------------------------------------------------------------------------
+# readers: each returns (state dict in our names, config kwargs it knows, source name)
+
+
+def read_hf_folder(path):
+    """config.json plus model.safetensors / pytorch_model.bin (or a sharded index) from transformers."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"folder {path} has no config.json; pass a Hugging Face model folder or a checkpoint file.")
+    try:
+        with open(config_path) as f:
+            hf_config = json.load(f)
+        config = ViTConfig.from_hf_dict(hf_config)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
+        raise UserError(f"config file {config_path} is not a valid ViT config.json ({e}); re-save it or fix it.")
+    if hf_config.get("model_type", "vit") != "vit":
+        raise UserError(f"config file {config_path} is for model_type={hf_config['model_type']!r}, not 'vit'.")
+    files = []
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if os.path.isfile(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+            break
+    else:
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, n))][:1]
+    if not files:
+        raise UserError(f"folder {path} has no model.safetensors or pytorch_model.bin; the weights are missing.")
+    state = {}
+    for name in files:
+        state.update(read_torch_file(os.path.join(path, name)))
+    state = strip_prefixes(state, ("vit.",))
+    kw = {f.name: getattr(config, f.name) for f in fields(config)}
+    return state, kw, "Hugging Face folder"
+
+
+def read_torch_file(path):
+    """A flat dict of tensors from a .safetensors file, or a .pth/.pt/.bin read without running code."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    # a corrupt, truncated or hostile file can fail anywhere in the zip / pickle / header layers
+    except Exception as e:  # noqa: BLE001
+        unsafe = "Weights only load failed" in str(e)
+        reason = "it holds pickled objects that could run code" if unsafe else "it is corrupt, truncated or not a checkpoint"
+        raise UserError(f"cannot read checkpoint {path}: {reason} ({type(e).__name__}); use a state-dict file saved with torch.save or safetensors.")
+    for wrapper in ("model", "state_dict"):  # training checkpoints wrap the weights
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead.")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def strip_prefixes(state, prefixes):
+    """Drop wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`, HF's `vit.`) wherever they lead."""
+    out = {}
+    for k, v in state.items():
+        while k.startswith(prefixes):
+            k = k[len(next(p for p in prefixes if k.startswith(p))):]
+        out[k] = v
+    return out
+
+
+def read_state_file(path):
+    """A timm (or HF-named) state-dict file; the key names tell which."""
+    state = strip_prefixes(read_torch_file(path), ("module.", "_orig_mod."))
+    if "patch_embed.proj.weight" in state:
+        return rename(state, TIMM_RENAMES, path), {"layer_norm_eps": 1e-6}, "timm state dict"
+    state = strip_prefixes(state, ("vit.",))
+    if "embeddings.patch_embeddings.projection.weight" in state:
+        return state, {}, "HF-named state dict"  # no config: HF's own eps default (1e-12) stands
+    raise UserError(
+        f"checkpoint {path} is not a recognised ViT state dict (no patch_embed.proj.weight or "
+        f"embeddings.patch_embeddings.projection.weight); pass a timm or Hugging Face ViT checkpoint."
+    )
+
+
+def read_npz(path):
+    """An original Google JAX/Flax .npz (first in21k release, AugReg, or big_vision), without pickle."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise UserError(f"cannot read {path} as a .npz checkpoint ({type(e).__name__}: {e}); the file is corrupt, truncated or pickled.")
+    for prefix in ("params/", "opt/target/"):
+        if prefix + "embedding/kernel" in arrays:
+            arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+    if "embedding/kernel" not in arrays:
+        raise UserError(f"{path} is not a recognised Google ViT .npz (no embedding/kernel); pass a ViT checkpoint.")
+    arrays = unstack_scanned_blocks(arrays)
+    state = rename({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}, NPZ_RENAMES, path)
+    kw = {"layer_norm_eps": 1e-6}
+    query = arrays.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")
+    if query is None:
+        query = arrays.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel")
+    if query is not None:
+        kw["num_attention_heads"] = int(query.shape[1])  # (D, heads, head_dim)
+    pos = state.get("embeddings.position_embeddings")
+    if pos is not None and "embeddings.cls_token" in state and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+        # big_vision adds position embeddings before the cls token joins: its position is zero
+        state["embeddings.position_embeddings"] = torch.cat((pos.new_zeros(1, 1, pos.shape[2]), pos), dim=1)
+    return state, kw, "Google .npz"
+
+
+def unstack_scanned_blocks(arrays):
+    """big_vision's scanned encoder stores all blocks in one `encoderblock/` with a leading depth axis."""
+    out = {}
+    for k, v in arrays.items():
+        if k.startswith("Transformer/encoderblock/"):
+            for i in range(v.shape[0]):
+                out[k.replace("encoderblock/", f"encoderblock_{i}/")] = v[i]
+        else:
+            out[k] = v
+    return out
+
+
+# -----------------------------------------------------------------------------
+# architecture from shapes, and resampling
+
+
+def infer_config(state, path):
+    """Width, depth, MLP width, patch, grid and channels from the tensors themselves."""
+    need = ("embeddings.patch_embeddings.projection.weight", "embeddings.position_embeddings", "encoder.layer.0.intermediate.dense.weight")
+    for key in need:
+        if key not in state:
+            raise UserError(f"checkpoint {path} lacks {key!r}, so its architecture cannot be read; pass a complete ViT checkpoint.")
+    kernel = state[need[0]]  # (D, C, p, p)
+    width, channels, patch = kernel.shape[0], kernel.shape[1], kernel.shape[2]
+    grid = math.isqrt(state[need[1]].shape[1] - 1)
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.layer\.(\d+)\.", k)))
+    heads = STANDARD_HEADS.get(width)
+    kw = dict(
+        hidden_size=width, num_hidden_layers=depth, intermediate_size=state[need[2]].shape[0],
+        patch_size=patch, image_size=grid * patch, num_channels=channels,
+        qkv_bias="encoder.layer.0.attention.attention.query.bias" in state,
+    )
+    if heads is not None:
+        kw["num_attention_heads"] = heads
+    if "classifier.weight" in state:
+        kw["num_labels"] = state["classifier.weight"].shape[0]
+    return kw
+
+
+def resample_pos_embed(posemb, new_grid):
+    """timm's resample_abs_pos_embed defaults: bicubic, antialias, align_corners=False, 1 prefix token."""
+    prefix, patch_pos = posemb[:, :1], posemb[:, 1:]  # (1, 1, D), (1, N, D)
+    old = math.isqrt(patch_pos.shape[1])
+    dim = patch_pos.shape[-1]
+    patch_pos = patch_pos.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)  # (1, D, old, old)
+    patch_pos = F.interpolate(patch_pos, size=(new_grid, new_grid), mode="bicubic", antialias=True, align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim).to(posemb.dtype)  # (1, new_grid^2, D)
+    return torch.cat((prefix, patch_pos), dim=1)
+
+
+def resample_patch_kernel(kernel, new_patch):
+    """FlexiViT (Beyer et al. 2023): the kernel whose response to a resized patch equals the old one's.
+
+    With R the (new_p^2, old_p^2) bicubic resize matrix, the new kernel is old @ pinv(R), so that
+    <new, resize(x)> = <old, x> for every patch x (exactly for upsampling).
+    """
+    out_ch, in_ch, old_h, old_w = kernel.shape
+    basis = torch.eye(old_h * old_w).reshape(-1, 1, old_h, old_w)  # one image per old pixel
+    resized = F.interpolate(basis, size=(new_patch, new_patch), mode="bicubic", antialias=True, align_corners=False)
+    resize = resized.reshape(old_h * old_w, -1).t()  # (new_p^2, old_p^2)
+    new = kernel.float().reshape(out_ch, in_ch, -1) @ torch.linalg.pinv(resize)  # (O, C, new_p^2)
+    return new.reshape(out_ch, in_ch, new_patch, new_patch).to(kernel.dtype)
+
+
+# -----------------------------------------------------------------------------
+# the load itself
+
+
+@dataclass
+class LoadReport:
+    """What a load did, kept on the model as `model.load_report` and printed once."""
+
+    path: str
+    source: str
+    mapped: list = field(default_factory=list)
+    fresh: list = field(default_factory=list)
+    ignored: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def __str__(self):
+        lines = [f"loaded {self.source} {self.path}: {len(self.mapped)} tensors mapped"]
+        if self.fresh:
+            lines.append(f"  freshly initialised: {', '.join(self.fresh)}")
+        if self.ignored:
+            lines.append(f"  ignored from checkpoint: {', '.join(self.ignored)}")
+        lines += [f"  {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def read_source(path):
+    """Dispatch on what the path is: folder, .npz, or a torch/safetensors state-dict file."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path.")
+    if os.path.isdir(path):
+        return read_hf_folder(path)
+    if path.endswith(".npz"):
+        return read_npz(path)
+    if path.endswith(TORCH_SUFFIXES):
+        return read_state_file(path)
+    raise UserError(
+        f"checkpoint {path} has an unrecognised format; pass an HF model folder, a timm state dict "
+        f"({', '.join(TORCH_SUFFIXES)}) or a Google .npz."
+    )
+
+
+def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
+    """Build `cls` (ViTModel or ViTForImageClassification) from a checkpoint; see the module docstring."""
+    path = os.fspath(path)
+    state, known, source = read_source(path)
+    unknown = set(overrides) - {f.name for f in fields(ViTConfig)}
+    if unknown:
+        raise UserError(f"unknown config override(s) {sorted(unknown)}; use ViTConfig field names such as num_attention_heads.")
+    report = LoadReport(path, source)
+
+    # the checkpoint's architecture: its config where it has one, else its shapes
+    kw = {**infer_config(state, path), **known} if source != "Hugging Face folder" else dict(known)
+    if "num_attention_heads" not in kw and "num_attention_heads" not in overrides:
+        raise UserError(
+            f"checkpoint {path} has width {kw['hidden_size']}, which has no standard head count; "
+            f"pass num_attention_heads=... to from_pretrained."
+        )
+    if source == "HF-named state dict":
+        report.notes.append("no config in the file: layer_norm_eps is HF's default 1e-12 unless overridden")
+    old_grid = math.isqrt(state["embeddings.position_embeddings"].shape[1] - 1)
+    kw.update(overrides)
+    if image_size is not None:
+        kw["image_size"] = image_size
+
+    # the head: keep it when it fits, else a fresh zero one, said out loud
+    is_classifier = cls.__name__ == "ViTForImageClassification"
+    head_rows = state["classifier.weight"].shape[0] if "classifier.weight" in state else None
+    if num_labels is not None:
+        kw["num_labels"] = num_labels
+        if num_labels != head_rows and "id2label" not in overrides:
+            kw["id2label"] = None  # the checkpoint's class names belong to its own head
+    elif head_rows is None and source != "Hugging Face folder":
+        kw["num_labels"] = 0  # no head in the file and none asked for: features only
+    keep_head = head_rows is not None and kw.get("num_labels") == head_rows
+    # the first in21k release classifies from its pre_logits (our pooler); a new head sits on the CLS token
+    kw["use_pre_logits"] = is_classifier and keep_head and "pooler.dense.weight" in state
+    config = ViTConfig(**kw)
+
+    # resample what the new image or patch size needs
+    kernel_key = "embeddings.patch_embeddings.projection.weight"
+    if state[kernel_key].shape[-1] != config.patch_size:
+        report.notes.append(f"patch kernel resampled {state[kernel_key].shape[-1]} -> {config.patch_size} (FlexiViT)")
+        state[kernel_key] = resample_patch_kernel(state[kernel_key], config.patch_size)
+    new_grid = config.image_size // config.patch_size
+    if new_grid != old_grid:
+        report.notes.append(f"position embeddings resampled {old_grid}x{old_grid} -> {new_grid}x{new_grid} (bicubic)")
+        state["embeddings.position_embeddings"] = resample_pos_embed(state["embeddings.position_embeddings"], new_grid)
+
+    model = cls(config)
+    if is_classifier:
+        state = {(k if k.startswith("classifier.") else "vit." + k): v for k, v in state.items()}
+        if not keep_head and config.num_labels > 0:
+            was = f"the checkpoint's head has {head_rows} classes" if head_rows else "the checkpoint has no head"
+            report.notes.append(f"new classifier for num_labels={config.num_labels} ({was}): zero-initialised, needs training")
+
+    # the copy loop: every tensor the model wants, shape-checked
+    target = model.state_dict()
+    optional = ("classifier.", "pooler.", "vit.pooler.")  # the only parts allowed to start fresh
+    missing = [k for k in target if k not in state and not k.startswith(optional)]
+    if missing:
+        raise UserError(
+            f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]!r}; "
+            f"check num_hidden_layers and other overrides against the checkpoint."
+        )
+    with torch.no_grad():
+        for key, dst in target.items():
+            if key not in state or (key.startswith("classifier.") and not keep_head):
+                report.fresh.append(key)
+                continue
+            src = state[key]
+            if src.shape != dst.shape:
+                raise UserError(
+                    f"checkpoint {path}: tensor {key!r} has shape {tuple(src.shape)} but the model expects "
+                    f"{tuple(dst.shape)}; check the overrides (hidden_size, num_channels, ...) against the checkpoint."
+                )
+            dst.copy_(src)
+            report.mapped.append(key)
+    report.ignored = sorted(k for k in state if k not in target or (k.startswith("classifier.") and not keep_head))
+    assert len(report.mapped) + len(report.fresh) == len(target)
+    model.load_report = report
+    print(report)
+    return model
