@@ -78,14 +78,14 @@ def write_npz(path, state, num_heads, form="augreg", **kw):
 # small random reference models shared by the model tests
 
 
-def timm_vit(width=32, depth=2, heads=4, image_size=32, patch=8, classes=10, **kw):
+def timm_vit(width=32, depth=2, heads=4, image_size=32, patch=8, classes=10, mlp_ratio=4.0, **kw):
     """A tiny timm VisionTransformer in eval mode with every parameter random (no zero heads or unit norms)."""
     import torch
     from timm.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(
         img_size=image_size, patch_size=patch, embed_dim=width, depth=depth, num_heads=heads,
-        mlp_ratio=4.0, num_classes=classes, **kw,
+        mlp_ratio=mlp_ratio, num_classes=classes, **kw,
     ).eval()
     randomize_(model)
     return model
