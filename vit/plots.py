@@ -123,3 +123,117 @@ def plot_misclassified(images, true_names, pred_names, path):
     if not images:
         fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
     return _save(fig, path)
+
+
+# -----------------------------------------------------------------------------
+# attention maps and the ViT paper's Figure 7
+
+
+def _unit(a):
+    """Scale an array to [0, 1] (a constant array becomes all zeros)."""
+    a = np.asarray(a, dtype=np.float64)
+    span = a.max() - a.min()
+    return (a - a.min()) / span if span > 0 else np.zeros_like(a)
+
+
+def plot_attention(image, rollout_map, head_maps, path, title=None):
+    """Image, rollout overlay and rollout map on the first row, then one CLS-attention map per head.
+
+    image: (H, W, C) uint8 as the model saw it; rollout_map: (gh, gw); head_maps: (heads, gh, gw).
+    Columns = max(3, min(heads, 6)), 2 inches each; rows = 1 + ceil(heads / columns), 2.2 inches each.
+    """
+    heads = len(head_maps)
+    cols = max(3, min(heads, 6))
+    rows = 1 + math.ceil(heads / cols)
+    fig = _figure(cols * 2.0, rows * 2.2)
+    axes = np.atleast_2d(fig.subplots(rows, cols))
+    for ax in axes.ravel():
+        ax.axis("off")
+    h, w = np.asarray(image).shape[:2]
+    extent = (-0.5, w - 0.5, h - 0.5, -0.5)  # stretch the patch grid over the image's pixels
+
+    _show(axes[0, 0], image)
+    axes[0, 0].set_title("input", fontsize=9)
+    _show(axes[0, 1], image)
+    axes[0, 1].imshow(_unit(rollout_map), cmap="jet", alpha=0.5, extent=extent, interpolation="bilinear")
+    axes[0, 1].set_title("attention rollout", fontsize=9)
+    axes[0, 2].imshow(rollout_map, cmap="viridis")
+    axes[0, 2].set_title("rollout (patch grid)", fontsize=9)
+    for i, m in enumerate(head_maps):
+        ax = axes[1 + i // cols, i % cols]
+        ax.imshow(m, cmap="viridis")
+        ax.set_title(f"last layer, head {i + 1}", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _tile(tiles, cols, fill):
+    """(n, h, w[, C]) small images -> one mosaic, cols per row, 1-pixel gaps of `fill` between them."""
+    tiles = np.asarray(tiles, dtype=np.float64)
+    n, h, w = tiles.shape[:3]
+    rows = math.ceil(n / cols)
+    mosaic = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1) + tiles.shape[3:], fill)
+    for k, tile in enumerate(tiles):
+        i, j = divmod(k, cols)
+        mosaic[i * (h + 1):i * (h + 1) + h, j * (w + 1):j * (w + 1) + w] = tile
+    return mosaic
+
+
+def plot_embedding_filters(components, path):
+    """Principal components of the patch-embedding filters, (n, p, p, C), 7 per row, 1 inch each.
+
+    Each component is scaled to [0, 1] on its own, as in the paper's Figure 7 (left).
+    """
+    rows, cols = _grid(len(components), 7)
+    fig = _figure(cols * 1.0, rows * 1.0 + 0.4)
+    ax = fig.subplots()
+    mosaic = _tile([_unit(c) for c in components], cols, fill=1.0)  # white gaps
+    _show(ax, (255 * mosaic).round().astype(np.uint8))
+    ax.axis("off")
+    ax.set_title(f"patch-embedding filters: first {len(components)} principal components", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_position_similarity(similarity, path):
+    """Cosine similarity of position embeddings (gh, gw, gh, gw): one small map per patch position.
+
+    The small maps are tiled into one mosaic (one image, fast even for 24x24 grids), map (i, j)
+    at row i, column j, as in the paper's Figure 7 (centre). Size: side = clip(0.45 * grid + 2, 4, 12)
+    inches high and side + 1.5 wide (room for the colour bar).
+    """
+    gh, gw = similarity.shape[:2]
+    mosaic = _tile(similarity.reshape(gh * gw, gh, gw), gw, fill=np.nan)  # NaN gaps show as blank
+    side = float(np.clip(0.45 * max(gh, gw) + 2, 4, 12))
+    fig = _figure(side + 1.5, side)
+    ax = fig.subplots()
+    im = ax.imshow(mosaic, cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")
+    ax.set_xticks([j * (gw + 1) + (gw - 1) / 2 for j in range(gw)], [str(j + 1) for j in range(gw)], fontsize=7)
+    ax.set_yticks([i * (gh + 1) + (gh - 1) / 2 for i in range(gh)], [str(i + 1) for i in range(gh)], fontsize=7)
+    ax.tick_params(length=0)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    ax.set_xlabel("input patch column")
+    ax.set_ylabel("input patch row")
+    ax.set_title("position embedding similarity")
+    fig.colorbar(im, ax=ax, shrink=0.7, label="cosine similarity")
+    return _save(fig, path)
+
+
+def plot_attention_distance(distances, path):
+    """Mean attention distance (layers, heads) in pixels: one dot per head at each depth; 600x450 px."""
+    distances = np.asarray(distances)
+    layers, heads = distances.shape
+    fig = _figure(6, 4.5)
+    ax = fig.subplots()
+    depth = np.arange(1, layers + 1)
+    for h in range(heads):
+        ax.scatter(depth, distances[:, h], s=14, label=f"head {h + 1}")
+    ax.set_xlabel("network depth (layer)")
+    ax.set_ylabel("mean attention distance (pixels)")
+    ax.set_xticks(depth)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2 if heads > 8 else 1, loc="lower right")
+    ax.set_title("mean attention distance per head")
+    return _save(fig, path)
