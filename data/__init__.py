@@ -1,0 +1,129 @@
+"""Data for training and evaluation: `build_loaders(...)` gives train/val iterables, classes and a report.
+
+Which loader serves a dataset:
+- TensorLoader (decoded uint8 on the training device, batched crop/flip there): Fashion-MNIST, and
+  folders with data.in_memory true, or "auto" when train+val decoded at the eval resize size take
+  less than IN_MEMORY_LIMIT bytes;
+- WorkerLoader (DataLoader workers decode files): everything else, and any dataset when
+  train.randaugment is set (RandAugment runs on PIL images, one at a time).
+train.batch_size is per rank (the DeiT convention): a DDP run sees world_size * batch_size per step.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+from data.fashion_mnist import load_fashion_mnist
+from data.folder import decode_all, scan_folder
+from data.tensor_loader import TensorLoader
+from data.transforms import eval_transform, resize_size, train_transform
+from data.worker_loader import ArraySource, EpochBatchSampler, FileSource, SampleDataset, WorkerLoader
+from vit.errors import UserError
+
+IN_MEMORY_LIMIT = 2 * 1024**3  # bytes of decoded uint8 images for in_memory "auto"
+
+
+@dataclass
+class Loaders:
+    """What training needs from the data: the two loaders, class names, normalization and a report."""
+    train: object
+    val: Optional[object]  # None when there is no val_dir and val_split is 0
+    classes: list
+    mean: list
+    std: list
+    report: dict
+
+
+def build_loaders(data_params, train_params, device, rank=0, world_size=1):
+    """params.json's data section (+ train batch_size/seed/augmentation) -> Loaders for this rank."""
+    device = torch.device(device)
+    channels, image_size = data_params["channels"], data_params["image_size"]
+    mean, std = [float(m) for m in data_params["mean"]], [float(s) for s in data_params["std"]]
+    if not len(mean) == len(std) == channels:
+        raise UserError(f"data.mean {mean} and data.std {std} need one value per channel (data.channels={channels}).")
+    in_memory = data_params.get("in_memory", "auto")
+    randaugment = train_params.get("randaugment")
+    if in_memory is True and randaugment:
+        raise UserError("train.randaugment needs the worker loader; set data.in_memory to \"auto\" or false, "
+                        "or train.randaugment to null.")
+    report = {"dropped_at_load": 0, "dropped_files": []}
+    dataset = data_params.get("dataset", "fashion_mnist")
+    if dataset == "fashion_mnist":
+        classes = list(FASHION_MNIST_CLASSES)
+        train_set, val_set = load_fashion_mnist("train"), load_fashion_mnist("val")
+        report.update(train_files=len(train_set[0]), val_files=len(val_set[0]), skipped_at_scan=0, skipped_files=[])
+        use_tensor = in_memory is not False and not randaugment  # 55 MB: always fits
+    elif dataset == "folder":
+        split = scan_folder(data_params.get("train_dir"), data_params.get("val_dir"),
+                            data_params.get("val_split", 0.1), data_params.get("split_seed", 0),
+                            threads=max(4, data_params.get("workers", 4)))
+        classes, train_set, val_set = split.classes, split.train, split.val
+        report.update(split.report)
+        decoded_bytes = (len(train_set) + len(val_set)) * channels * resize_size(image_size) ** 2
+        use_tensor = in_memory is True or (in_memory == "auto" and not randaugment and decoded_bytes < IN_MEMORY_LIMIT)
+    else:
+        raise UserError(f"data.dataset {dataset!r} is not one of \"fashion_mnist\", \"folder\".")
+    report["loader"] = "tensor" if use_tensor else "workers"
+
+    common = dict(batch_size=train_params["batch_size"], seed=train_params.get("seed", 0),
+                  rank=rank, world_size=world_size)
+    aug = dict(scale=train_params.get("random_resized_crop_scale", (0.35, 1.0)), hflip=train_params.get("hflip", 0.5))
+    if use_tensor:
+        make = _tensor_loader_factory(dataset, data_params, device, report, common)
+    else:
+        make = _worker_loader_factory(dataset, data_params, device, report, common, randaugment)
+    train = make(train_set, train=True, **aug)
+    val = make(val_set, train=False) if len(val_set[0] if dataset == "fashion_mnist" else val_set) else None
+    if len(train) == 0:
+        raise UserError(f"train.batch_size {common['batch_size']} is more than the training images per rank "
+                        f"({report['train_files']} images over {world_size} rank(s)); lower train.batch_size.")
+    return Loaders(train, val, classes, mean, std, report)
+
+
+def _tensor_loader_factory(dataset, data_params, device, report, common):
+    """-> make(samples, train, **aug) building a TensorLoader from decoded uint8 on `device`."""
+    channels, image_size = data_params["channels"], data_params["image_size"]
+    kw = dict(image_size=image_size, mean=data_params["mean"], std=data_params["std"], **common)
+
+    def make(samples, train, **aug):
+        if dataset == "fashion_mnist":  # (N, 28, 28) stored whole; RGB repeats the gray channel
+            x, y = samples
+            x = torch.from_numpy(np.array(x))[:, None].expand(-1, channels, -1, -1)
+        else:  # decoded once at the eval framing; files that fail are dropped and counted
+            x, y, failed = decode_all(samples, channels, resize_size(image_size), max(4, data_params.get("workers", 4)))
+            report["dropped_at_load"] += len(failed)
+            report["dropped_files"] += failed
+            x = torch.from_numpy(x)
+        return TensorLoader(x.contiguous().to(device), torch.from_numpy(np.array(y)).to(device), train=train, **aug, **kw)
+    return make
+
+
+def _worker_loader_factory(dataset, data_params, device, report, common, randaugment):
+    """-> make(samples, train, **aug) building a WorkerLoader over files or Fashion-MNIST arrays."""
+    channels, image_size = data_params["channels"], data_params["image_size"]
+    mean, std = data_params["mean"], data_params["std"]
+
+    def make(samples, train, **aug):
+        if dataset == "fashion_mnist":
+            source, labels = ArraySource(samples[0], channels), samples[1]
+        else:
+            source, labels = FileSource([p for p, _ in samples], channels), [y for _, y in samples]
+        if train:
+            transform = train_transform(image_size, channels, mean, std, randaugment=randaugment, **aug)
+        else:
+            transform = eval_transform(image_size, channels, mean, std)
+        sampler = EpochBatchSampler(len(source), shuffle=train, drop_last=train, **common)
+        return WorkerLoader(SampleDataset(source, labels, transform), sampler, device=device,
+                            workers=data_params.get("workers", 4), report=report)
+    return make
+
+
+def denormalize(x, mean, std):
+    """Normalized float (B, C, H, W) -> uint8 (B, H, W, C) on the CPU, for image grids."""
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    x = (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu()

@@ -1,0 +1,128 @@
+"""ImageFolder layout: train/<class>/*, plus val/<class>/* or a seeded split; the bad-input policy.
+
+Policy for bad input (one rule per kind, decided here for the whole project):
+- refused before training, UserError naming them: a missing train/val folder, no class folders,
+  a class folder with no usable image, val classes that differ from the train classes;
+- skipped at scan time, with one warning and a count in the report: files without an image
+  extension, zero-byte files, files whose header PIL cannot identify (random bytes, text named .jpg),
+  and decompression-bomb sizes. The scan reads headers only (PIL open without load), so it stays fast;
+- dropped at load time, counted in `loader.skipped` and the report: files that pass the header check
+  but fail to decode (truncated or corrupt data). They never stop an epoch.
+Hidden files and folders (".DS_Store", "._x.jpg", ".ipynb_checkpoints") are ignored silently.
+"""
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torchvision.transforms import functional as TF
+
+from data.images import IMAGE_EXTENSIONS, BadImage, check_header, open_image
+from vit.errors import UserError
+
+MAX_LISTED = 20  # file names kept in the report per kind; the counts are always complete
+
+
+@dataclass
+class FolderSplit:
+    """Scanned and split folder: (path, label) lists and what was skipped."""
+    classes: list
+    train: list
+    val: list
+    report: dict = field(default_factory=dict)
+
+
+def scan_folder(train_dir, val_dir=None, val_split=0.1, split_seed=0, threads=8):
+    """Scan train_dir (and val_dir), apply the policy above, and split when there is no val_dir."""
+    if not train_dir:
+        raise UserError("data.train_dir is not set; point it at a folder with one sub-folder per class.")
+    train_classes, train_files, skipped = _scan_root(Path(train_dir), "data.train_dir", threads)
+    if val_dir:
+        val_classes, val_files, val_skipped = _scan_root(Path(val_dir), "data.val_dir", threads)
+        skipped += val_skipped
+        if val_classes != train_classes:
+            missing = sorted(set(train_classes) - set(val_classes))
+            extra = sorted(set(val_classes) - set(train_classes))
+            raise UserError(f"{val_dir} must have the same class folders as {train_dir}: "
+                            f"missing {missing or 'none'}, extra {extra or 'none'}.")
+        train = [(p, y) for y, c in enumerate(train_classes) for p in train_files[c]]
+        val = [(p, y) for y, c in enumerate(train_classes) for p in val_files[c]]
+    else:
+        train, val = _split(train_classes, train_files, val_split, split_seed)
+    if skipped:
+        listed = "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        warnings.warn(f"skipped {len(skipped)} file(s) that are not usable images: {listed}", stacklevel=2)
+    report = {"train_files": len(train), "val_files": len(val), "skipped_at_scan": len(skipped),
+              "skipped_files": skipped[:MAX_LISTED]}
+    return FolderSplit(train_classes, train, val, report)
+
+
+def _scan_root(root, key, threads):
+    """root/<class>/** -> (classes, {class: [good paths]}, [skip messages]); refuses empty classes."""
+    if not root.is_dir():
+        raise UserError(f"{key} {root} is not a folder; it must hold one sub-folder per class.")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"{key} {root} has no class sub-folders; put the images in {root}/<class>/.")
+    candidates = {c: sorted(p for p in (root / c).rglob("*") if p.is_file() and not _hidden(p, root)) for c in classes}
+    flat = [p for c in classes for p in candidates[c]]
+    with ThreadPoolExecutor(threads) as pool:  # header reads are I/O bound; threads overlap them
+        problems = list(pool.map(_problem, flat))
+    bad = {p: msg for p, msg in zip(flat, problems) if msg}
+    files = {c: [p for p in candidates[c] if p not in bad] for c in classes}
+    empty = [str(root / c) for c in classes if not files[c]]
+    if empty:
+        raise UserError(f"class folder(s) {', '.join(empty)} have no usable images; add images or remove the folder.")
+    return classes, files, list(bad.values())
+
+
+def _hidden(path, root):
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _problem(path):
+    """None for a plausible image, else a short reason (no pixel decode)."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"{path}: not an image extension"
+    try:
+        check_header(path)
+    except BadImage as e:
+        return str(e)
+    return None
+
+
+def _split(classes, files, val_split, seed):
+    """Per-class seeded split: round(n * val_split) of each class to val, at least one left to train."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for y, c in enumerate(classes):
+        paths = files[c]
+        order = rng.permutation(len(paths))
+        n_val = min(int(round(len(paths) * val_split)), len(paths) - 1)
+        val += [(paths[i], y) for i in sorted(order[:n_val])]
+        train += [(paths[i], y) for i in sorted(order[n_val:])]
+    return train, val
+
+
+def decode_all(samples, channels, size, threads=8):
+    """[(path, label)] -> (uint8 (N, C, size, size), labels (N,), [messages of files that failed]).
+
+    Each image gets the eval framing before the crop: shorter side resized to `size`, center crop.
+    """
+    def one(sample):
+        try:
+            im = open_image(sample[0], channels, size_hint=size)
+        except BadImage as e:
+            return str(e)
+        im = TF.center_crop(TF.resize(im, size, interpolation=TF.InterpolationMode.BICUBIC), size)
+        a = np.asarray(im, dtype=np.uint8)
+        return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # (C, size, size)
+
+    with ThreadPoolExecutor(threads) as pool:  # PIL releases the GIL while decoding and resizing
+        out = list(pool.map(one, samples))
+    keep = [i for i, a in enumerate(out) if not isinstance(a, str)]
+    images = np.stack([out[i] for i in keep]) if keep else np.zeros((0, channels, size, size), np.uint8)
+    labels = np.array([samples[i][1] for i in keep], dtype=np.int64)
+    return images, labels, [a for a in out if isinstance(a, str)]

@@ -1,0 +1,81 @@
+"""Opening one image file robustly: every odd mode becomes plain "L" or "RGB", every broken file BadImage.
+
+Policy, decided once for the whole project:
+- EXIF orientation is applied, so a phone photo is seen the way a person sees it.
+- Transparency (RGBA, LA, palette or RGB/L with a tRNS chunk) is composited on white. Dropping alpha
+  instead would show whatever colour the encoder left under transparent pixels (often black).
+- 16-bit grayscale ("I;16*" and "I", as PIL opens 16-bit PNGs) is scaled by 255/65535, not clipped.
+- CMYK, YCbCr, LAB, HSV and 1-bit images are converted by PIL; grayscale <-> RGB by PIL's luma rule.
+- Anything that cannot be decoded, including decompression-bomb sizes, raises BadImage.
+"""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own bomb limit (~89 M pixels); above it a file is refused
+
+
+class BadImage(Exception):
+    """A file that is not a decodable image; the message names the file and the reason."""
+
+
+def check_header(path):
+    """Cheap scan-time check (no pixel decode): non-empty, a known format, and not bomb-sized."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage(f"{path}: zero-byte file")
+        with Image.open(path) as im:
+            _check_size(path, im)
+            return im.size
+    except BadImage:
+        raise
+    except Exception as e:  # PIL raises many types on fuzzed headers; any of them means "not an image"
+        raise BadImage(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def open_image(path, channels, size_hint=None):
+    """Decode `path` to a PIL image in mode "L" (channels=1) or "RGB" (channels=3), or raise BadImage.
+
+    size_hint: lets JPEG decode at a reduced scale that is still >= size_hint on both sides (faster).
+    """
+    assert channels in (1, 3), channels
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            _check_size(path, im)
+            if size_hint is not None and im.format == "JPEG":
+                im.draft(im.mode, (size_hint, size_hint))
+            im.load()  # decode now, inside the try: truncated data fails here
+            im = ImageOps.exif_transpose(im)
+            return _to_mode(im, "L" if channels == 1 else "RGB")
+    except BadImage:
+        raise
+    except Exception as e:  # a broken file can make PIL raise almost anything; all mean "bad image"
+        raise BadImage(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def _check_size(path, im):
+    """Refuse decompression bombs from the header, before any pixel is allocated."""
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        raise BadImage(f"{path}: {w}x{h} pixels is over the {MAX_PIXELS} pixel limit (decompression bomb?)")
+
+
+def _to_mode(im, mode):
+    """Any PIL mode -> "L" or "RGB", with the policy in the module docstring."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit range: 65535 -> 255 (PIL's own convert would clip everything above 255 to white)
+        a = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba).convert("RGB")
+    if im.mode != mode:
+        im = im.convert(mode)
+    return im

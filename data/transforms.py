@@ -1,0 +1,63 @@
+"""PIL -> normalized float tensor transforms for the worker loader, and the eval geometry shared with
+the tensor loader.
+
+Eval geometry: resize the shorter side to image_size / crop_pct, then center crop image_size.
+crop_pct is 0.875 (the timm/DeiT default) for image_size >= 96, and 1.0 for smaller images (28x28
+Fashion-MNIST has no border to spare: it is seen whole). The tensor loader stores images at exactly
+that resize-and-crop size, so train and eval see the same framing in both loaders.
+"""
+
+import math
+
+from PIL import Image
+from torchvision import transforms as T
+
+
+def crop_pct(image_size):
+    """Fraction of the resized image kept by the eval center crop."""
+    return 0.875 if image_size >= 96 else 1.0
+
+
+def resize_size(image_size):
+    """Shorter side after the eval resize (before the center crop)."""
+    return int(math.floor(image_size / crop_pct(image_size)))
+
+
+def eval_transform(image_size, channels, mean, std):
+    """PIL image ("L" or "RGB") -> float tensor (C, image_size, image_size), normalized."""
+    return T.Compose([
+        _ToChannels(channels),
+        T.Resize(resize_size(image_size), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def train_transform(image_size, channels, mean, std, scale=(0.35, 1.0), hflip=0.5, randaugment=None):
+    """Random resized crop, flip, optional timm RandAugment (e.g. "rand-m9-mstd0.5"), then normalize."""
+    ops = [
+        _ToChannels(channels),
+        T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=T.InterpolationMode.BICUBIC),
+    ]
+    if hflip > 0:
+        ops.append(T.RandomHorizontalFlip(hflip))
+    if randaugment:
+        from timm.data.auto_augment import rand_augment_transform
+        fill = tuple(round(255 * m) for m in mean)  # rotate/shear fill with the mean colour, as timm does
+        ops.append(rand_augment_transform(randaugment, dict(translate_const=int(image_size * 0.45), img_mean=fill)))
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(ops)
+
+
+class _ToChannels:
+    """Make sure the PIL image has the mode the model expects (a no-op after open_image)."""
+
+    def __init__(self, channels):
+        self.mode = "L" if channels == 1 else "RGB"
+
+    def __call__(self, im: Image.Image):
+        return im if im.mode == self.mode else im.convert(self.mode)
+
+    def __repr__(self):
+        return f"ToChannels({self.mode})"

@@ -1,0 +1,148 @@
+"""A torch DataLoader for what does not fit in memory: workers decode files, bad files are dropped.
+
+Reproducibility does not depend on the number of workers: the batch sampler hands each sample its
+own seed (drawn from (seed, epoch, rank)), and the dataset seeds torch/random/numpy with it around
+the transform. A file that fails to decode becomes a short message instead of a tensor; the collate
+drops it and the loader counts it in `.skipped`, so a corrupt file never stops an epoch.
+"""
+
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from data.images import BadImage, open_image
+from data.sampler import epoch_generator, num_batches, shard_indices
+
+
+class FileSource:
+    """Sample i -> PIL image decoded from paths[i]."""
+
+    def __init__(self, paths, channels):
+        self.paths, self.channels = list(paths), channels
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __call__(self, i):
+        return open_image(self.paths[i], self.channels)
+
+
+class ArraySource:
+    """Sample i -> PIL image from a uint8 array (N, H, W) (Fashion-MNIST with RandAugment)."""
+
+    def __init__(self, images, channels):
+        self.images, self.mode = images, "L" if channels == 1 else "RGB"
+
+    def __len__(self):
+        return len(self.images)
+
+    def __call__(self, i):
+        return Image.fromarray(np.ascontiguousarray(self.images[i]), "L").convert(self.mode)
+
+
+class SampleDataset(Dataset):
+    """(index, seed) -> (tensor (C, S, S), label), or the BadImage message for a broken file."""
+
+    def __init__(self, source, labels, transform):
+        self.source, self.labels, self.transform = source, list(labels), transform
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, key):
+        i, seed = key
+        try:
+            image = self.source(i)
+        except BadImage as e:
+            return str(e)
+        with _seeded(seed):
+            return self.transform(image), self.labels[i]
+
+
+class _seeded:
+    """Seed torch, random and numpy for one sample and restore them after (workers=0 runs in the trainer)."""
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def __enter__(self):
+        self.state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.state[0])
+        random.setstate(self.state[1])
+        np.random.set_state(self.state[2])
+
+
+class EpochBatchSampler:
+    """Batches of (index, seed) for this rank; shard and order as in data.sampler."""
+
+    def __init__(self, n, batch_size, *, seed, rank, world_size, shuffle, drop_last):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.rank, self.world_size, self.shuffle, self.drop_last = rank, world_size, shuffle, drop_last
+        self.epoch = 0
+
+    def __len__(self):
+        per_rank = self.n // self.world_size if self.shuffle else len(range(self.rank, self.n, self.world_size))
+        return num_batches(per_rank, self.batch_size, self.drop_last)
+
+    def __iter__(self):
+        idx = shard_indices(self.n, self.seed, self.epoch, self.rank, self.world_size, self.shuffle).tolist()
+        g = epoch_generator(self.seed, self.epoch, stream=1 + self.rank)
+        seeds = torch.randint(0, 2**62, (len(idx),), generator=g).tolist()
+        for b in range(len(self)):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            yield list(zip(idx[sl], seeds[sl]))
+
+
+def collate_drop_bad(batch):
+    """Stack the good samples; return the messages of the bad ones. x, y are None if none was good."""
+    good = [s for s in batch if not isinstance(s, str)]
+    bad = [s for s in batch if isinstance(s, str)]
+    if not good:
+        return None, None, bad
+    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
+
+
+def _worker_init(worker_id):
+    # each worker decodes one image at a time: more intra-op threads would only oversubscribe the cores
+    torch.set_num_threads(1)
+
+
+class WorkerLoader:
+    """Iterable of (x, y) on `device`; `.skipped` counts files dropped this epoch, `report` the total."""
+
+    def __init__(self, dataset, batch_sampler, *, device, workers, report):
+        self.batch_sampler, self.device, self.report = batch_sampler, torch.device(device), report
+        self.skipped = 0
+        self.loader = DataLoader(
+            dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_drop_bad,
+            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
+            prefetch_factor=4 if workers > 0 else None, persistent_workers=workers > 0,
+        )
+
+    def set_epoch(self, epoch):
+        """Shuffle and augmentation of the next iteration become a pure function of (seed, epoch)."""
+        self.batch_sampler.epoch = epoch
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        self.skipped = 0
+        for x, y, bad in self.loader:
+            for message in bad:
+                warnings.warn(f"skipped an image that failed to decode: {message}", stacklevel=2)
+                self.report["dropped_files"].append(message)
+            self.skipped += len(bad)
+            self.report["dropped_at_load"] += len(bad)
+            if x is None:  # a whole batch of broken files: nothing to train on
+                continue
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
