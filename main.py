@@ -1,0 +1,429 @@
+"""Train, evaluate and use a Vision Transformer; everything a run does comes from params.json.
+
+    python main.py                                   # train what params.json says
+    python main.py --params configs/cpu_smoke.json --set train.epochs=3 train.batch_size=64
+    python main.py --resume                          # continue the run in output.dir
+    python main.py eval --checkpoint runs/fashion_mnist [--data-dir D]
+    python main.py predict --checkpoint runs/fashion_mnist/best.pt img1.png img2.jpg --topk 5
+    python main.py attention --checkpoint C img1.png ... [--out DIR]
+    python main.py inspect --checkpoint C [--data-dir D] [--out DIR]
+    torchrun --nproc_per_node=2 main.py ...          # DDP, same results layout
+
+This file only sets up (DeiT's main.py): params, processes, data, model, optimizer, resume; then the
+epoch loop of train / evaluate / checkpoint / log. The work itself lives in vit/.
+"""
+
+import argparse
+import functools
+import json
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from vit import checkpoint, distributed, engine, optim
+from vit import params as P
+from vit.errors import UserError
+from vit.model import ViTConfig, ViTForImageClassification
+
+# -----------------------------------------------------------------------------
+# setup
+
+
+def build_model(params, classes):
+    """The model params.json describes: a preset and/or explicit sizes, or a pretrained source with a new head."""
+    m, d, t = params["model"], params["data"], params["train"]
+    id2label = dict(enumerate(classes))
+    common = dict(image_size=d["image_size"], drop_path_rate=t["drop_path"], hidden_dropout_prob=m["hidden_dropout_prob"],
+                  attention_probs_dropout_prob=m["attention_probs_dropout_prob"])
+    if m["pretrained"] is not None:
+        model = ViTForImageClassification.from_pretrained(
+            m["pretrained"], num_labels=len(classes), id2label=id2label, **common)
+        if hasattr(model, "load_report"):
+            print(model.load_report)
+        if model.config.num_channels != d["channels"]:
+            raise UserError(
+                f"model.pretrained {m['pretrained']} expects {model.config.num_channels} channels but "
+                f"data.channels is {d['channels']}; set data.channels to {model.config.num_channels}."
+            )
+        return model
+    sizes = {k: m[k] for k in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size", "layer_norm_eps", "qkv_bias") if m[k] is not None}
+    kw = dict(num_channels=d["channels"], num_labels=len(classes), id2label=id2label, **common, **sizes)
+    if m["preset"] is not None:
+        config = ViTConfig.from_preset(m["preset"], **kw)
+    else:
+        config = ViTConfig(**{"layer_norm_eps": 1e-6, **kw})
+    return ViTForImageClassification(config)
+
+
+def read_history(path, epochs_done):
+    """metrics.jsonl lines of the epochs a resumed run keeps; later lines (a lost epoch) are dropped."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return [h for h in lines if h["epoch"] <= epochs_done]
+
+
+def write_history(path, history):
+    """Rewrite metrics.jsonl atomically: one line per finished epoch, never a duplicate."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(h) + "\n" for h in history)
+    os.replace(tmp, path)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves at the next optimizer step. A second signal exits at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt  # impatient second Ctrl-C: the last saved checkpoint stays as it is
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the next step, then stopping "
+              f"(send it again to stop without saving).", file=sys.stderr)
+
+    def __call__(self):
+        return self.signum is not None
+
+
+def epoch_line(record):
+    """`Epoch : 7 - loss : 0.2399 - acc: 0.9014 - val_loss : 0.9127 - val_acc: 0.6396 [- val_top5: ...]`."""
+    line = f"Epoch : {record['epoch']} - loss : {record['loss']:.4f} - acc: {record['acc']:.4f}"
+    if "val_loss" in record:
+        line += f" - val_loss : {record['val_loss']:.4f} - val_acc: {record['val_acc']:.4f}"
+    if "val_top5" in record:
+        line += f" - val_top5: {record['val_top5']:.4f}"
+    return line
+
+
+# -----------------------------------------------------------------------------
+# commands
+
+
+@dataclass
+class Run:
+    """What the epoch loop works with, built once by `train`."""
+
+    params: dict
+    d: distributed.Dist
+    loaders: object
+    model: ViTForImageClassification  # the plain model: saved, and its parameters optimized
+    runner: torch.nn.Module  # what forward runs through: the model, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr_fn: object  # global optimizer step -> lr
+    mixup_fn: object
+    progress: dict  # epoch, step, step_in_epoch, sums, best_acc: what a checkpoint resumes from
+    rng: Optional[dict]  # RNG state to restore when resuming mid-epoch
+    history: list  # metrics.jsonl records
+    resume_hint: str
+
+
+def train(args):
+    """The training run: setup, then the epoch loop, then the end-of-run report."""
+    import data
+
+    params = P.load(args.params, args.set)
+    d = distributed.init()
+    t, out = params["train"], params["output"]["dir"]
+    last_path, best_path = os.path.join(out, checkpoint.LAST), os.path.join(out, checkpoint.BEST)
+    if args.resume and not os.path.isfile(last_path):
+        raise UserError(f"--resume found no checkpoint at {last_path}; start without --resume or set output.dir.")
+    if not args.resume and os.path.isfile(last_path):
+        raise UserError(f"{out} already holds a run ({last_path}); pass --resume to continue it or set output.dir to a new folder.")
+    device = d.device
+    precision = t["precision"] if device.type == "cuda" else "fp32"
+    if device.type == "cpu":
+        print("note: no CUDA device, training on the CPU in fp32 (slow; precision applies to CUDA only).")
+    elif precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError("train.precision is bf16 but this GPU has no bf16; set train.precision to fp16.")
+    engine.seed_epoch(t["seed"], 0, 0)  # model init: the same on every rank (DDP also broadcasts rank 0's)
+
+    loaders = data.build_loaders(params["data"], t, device, d.rank, d.world_size)
+    classes, K = loaders.classes, len(loaders.classes)
+    model = build_model(params, classes).to(device)
+    if t["freeze_backbone"]:
+        optim.freeze_backbone(model)
+    optimizer = optim.build_optimizer(model, t, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "sums": None, "best_acc": -1.0}
+    rng = None
+    if args.resume:
+        progress, rng = checkpoint.resume(last_path, model, optimizer, scaler)
+        print(f"resuming {last_path}: {progress['epoch']} epoch(s) done"
+              + (f", {progress['step_in_epoch']} step(s) into the next" if progress["step_in_epoch"] else ""))
+    runner = distributed.wrap(torch.compile(model) if t["compile"] else model, d)
+
+    steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
+    base_lr = optim.scaled_lr(t, d.world_size)
+    lr_fn = functools.partial(optim.lr_at, base_lr=base_lr, min_lr=t["min_lr"],
+                              warmup_steps=round(t["warmup_epochs"] * steps_per_epoch),
+                              total_steps=t["epochs"] * steps_per_epoch)
+    mixup_fn = None
+    if t["mixup"] > 0 or t["cutmix"] > 0:
+        from timm.data import Mixup
+        mixup_fn = Mixup(mixup_alpha=t["mixup"], cutmix_alpha=t["cutmix"], label_smoothing=t["label_smoothing"], num_classes=K)
+
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    history = read_history(metrics_path, progress["epoch"]) if args.resume else []
+    if d.is_main:
+        os.makedirs(out, exist_ok=True)
+        P.save(params, os.path.join(out, "params.json"))
+        write_history(metrics_path, history)
+        print(f"{model.num_parameters():,} parameters, {K} classes, {len(loaders.train)} batches/epoch, "
+              f"effective batch {t['batch_size'] * t['grad_accum'] * d.world_size}, lr {base_lr:.3g}, "
+              f"data {loaders.report.get('loader')}, run folder {out}")
+    hint = "python main.py " + (f"--params {args.params} " if args.params != "params.json" else "") + "--resume"
+    run = Run(params, d, loaders, model, runner, optimizer, scaler, lr_fn, mixup_fn, progress, rng, history, hint)
+    with StopRequest() as stop:
+        code = loop(run, stop)
+    if code == 0 and loaders.val is not None:
+        report(runner, loaders, val_kw(params, K, device, d), out, params["output"]["misclassified"], d)
+    if code == 0 and (loaders.report.get("skipped_at_scan") or loaders.report.get("dropped_at_load")):
+        print(f"bad files: {loaders.report.get('skipped_at_scan', 0)} skipped at scan, "
+              f"{loaders.report.get('dropped_at_load', 0)} dropped at load (see warnings above)")
+    distributed.cleanup(d)
+    return code
+
+
+def val_kw(params, num_classes, device, d):
+    precision = params["train"]["precision"] if device.type == "cuda" else "fp32"
+    return dict(num_classes=num_classes, device=device, d=d, precision=precision, train=params["train"])
+
+
+def loop(run, stop):
+    """The epoch loop: train, evaluate, checkpoint, log. Returns the exit code (0, or 128 + signal)."""
+    from vit import plots
+
+    params, d, loaders, model, progress, history = run.params, run.d, run.loaders, run.model, run.progress, run.history
+    t, out, device = params["train"], params["output"]["dir"], d.device
+    last_path, best_path = os.path.join(out, checkpoint.LAST), os.path.join(out, checkpoint.BEST)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
+    classes, rng = loaders.classes, run.rng
+
+    def save(path, **extra):
+        # rank 0 writes; the others wait so nobody runs ahead of a checkpoint
+        if d.is_main:
+            payload = checkpoint.training_payload(model, run.optimizer, run.scaler, {**progress, **extra}, params,
+                                                  classes, loaders.mean, loaders.std)
+            checkpoint.save(path, payload)
+        distributed.barrier(d)
+
+    for epoch in range(progress["epoch"], t["epochs"]):
+        if progress["step_in_epoch"] == 0:
+            engine.seed_epoch(t["seed"], epoch, d.rank)
+            rng = None
+        loaders.train.set_epoch(epoch)
+        try:
+            stats = engine.train_one_epoch(
+                run.runner, loaders.train, run.optimizer, run.scaler, run.lr_fn, epoch, train=t, device=device, d=d,
+                mixup_fn=run.mixup_fn, start_step=progress["step_in_epoch"], sums=progress["sums"], rng=rng,
+                should_stop=stop, backbone=model.vit if t["freeze_backbone"] else None,
+                desc=f"epoch {epoch + 1}/{t['epochs']}")
+        except engine.NonFiniteLoss as e:
+            kept = (f"the last good checkpoint {last_path} ({progress['epoch']} epoch(s)) is intact"
+                    if os.path.isfile(last_path) else "no checkpoint was saved yet")
+            raise UserError(f"{e} Stopped: {kept}; lower train.lr or set train.clip_grad, then resume with --resume.") from None
+        progress["step"] = (epoch + 1) * steps_per_epoch if not stats["interrupted"] else epoch * steps_per_epoch + stats["step_in_epoch"]
+        if stats["interrupted"]:
+            save(last_path, step_in_epoch=stats["step_in_epoch"], sums=stats["sums"])
+            print(f"stopped in epoch {epoch + 1} after {stats['step_in_epoch']}/{steps_per_epoch} steps; "
+                  f"saved {last_path}. Resume with: {run.resume_hint}")
+            return 128 + (stop.signum or signal.SIGINT)
+
+        record = {"epoch": epoch + 1, "loss": stats["loss"], "acc": stats["acc"]}
+        is_last = epoch + 1 == t["epochs"]
+        if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
+            val = engine.evaluate(run.runner, loaders.val, **val_kw(params, len(classes), device, d))
+            record.update({f"val_{k}": v for k, v in val.items() if k != "images_per_s"})
+        record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped)
+        print(epoch_line(record))
+        history.append(record)
+        progress.update(epoch=epoch + 1, step_in_epoch=0, sums=None)
+        is_best = record.get("val_acc", -1.0) > progress["best_acc"]
+        if is_best:
+            progress["best_acc"] = record["val_acc"]
+        stopping = distributed.any_rank(stop(), d)
+        if (epoch + 1) % params["output"]["save_every"] == 0 or is_last or stopping:
+            save(last_path)
+        if is_best:
+            save(best_path)
+            if d.is_main:
+                checkpoint.save_hf(model, os.path.join(out, checkpoint.HF_DIR), loaders.mean, loaders.std)
+        if d.is_main:
+            write_history(metrics_path, history)  # after the checkpoint: a line never outlives its epoch's state
+            plots.plot_curves(history, os.path.join(out, "curves.png"))
+        if stopping and not is_last:
+            print(f"stopped after epoch {epoch + 1}; saved {last_path}. Resume with: {run.resume_hint}")
+            return 128 + (stop.signum or signal.SIGINT)
+    return 0
+
+
+def report(model, loaders, val_kw, out, n_mistakes, d):
+    """End of run: confusion matrix, per-class accuracy (json + printed), misclassified grid."""
+    import data
+    from vit import plots
+
+    denorm = functools.partial(data.denormalize, mean=loaders.mean, std=loaders.std)
+    val = engine.evaluate(model, loaders.val, mistakes=max(n_mistakes, 1), denormalize=denorm, **val_kw)
+    if not d.is_main:
+        return
+    classes, matrix = loaders.classes, val["confusion"]
+    per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(classes)}
+    with open(os.path.join(out, "per_class_accuracy.json"), "w") as f:
+        json.dump(per_class, f, indent=2)
+    print("per-class accuracy: " + ", ".join(f"{c} {a:.4f}" for c, a in per_class.items()))
+    plots.plot_confusion(matrix, classes, os.path.join(out, "confusion.png"))
+    wrong = val["mistakes"][:n_mistakes]
+    plots.plot_misclassified([img.numpy() for img, _, _ in wrong], [classes[t] for _, t, _ in wrong],
+                             [classes[p] for _, _, p in wrong], os.path.join(out, "misclassified.png"))
+
+
+def evaluate_command(args):
+    """Accuracy of a checkpoint on --data-dir (a folder of class folders), or on the run's own val data."""
+    import data
+
+    d = distributed.init()
+    model, info = checkpoint.load_for_inference(args.checkpoint, d.device)
+    run_params = _checkpoint_params(args.checkpoint)
+    data_params = dict(run_params["data"])
+    batch_size = args.batch_size or run_params["train"]["batch_size"]
+    if args.data_dir:
+        from data.folder import scan_folder
+
+        # the folder serves as both splits; files are read lazily, and only the val side is iterated
+        data_params.update(dataset="folder", train_dir=args.data_dir, val_dir=args.data_dir, in_memory=False)
+        batch_size = min(batch_size, scan_folder(args.data_dir, args.data_dir).report["train_files"])
+    data_params.update(image_size=info["image_size"], channels=info["channels"], mean=info["mean"], std=info["std"])
+    train_params = {**run_params["train"], "batch_size": batch_size, "randaugment": None}
+    loaders = data.build_loaders(data_params, train_params, d.device, d.rank, d.world_size)
+    if info["classes"] is not None and loaders.classes != info["classes"]:
+        raise UserError(f"the classes in {args.data_dir} {loaders.classes} differ from the checkpoint's {info['classes']}.")
+    val = engine.evaluate(model, loaders.val, num_classes=len(loaders.classes), device=d.device, d=d)
+    print(" - ".join(f"{k}: {v:.4f}" for k, v in val.items()))
+    return 0
+
+
+def _checkpoint_params(path):
+    """The params a training checkpoint was made with, or the defaults for other sources."""
+    for name in (checkpoint.BEST, checkpoint.LAST):
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, name)):
+            path = os.path.join(path, name)
+    if path.endswith(".pt"):
+        return checkpoint.read(path)["params"]
+    return P.defaults()
+
+
+def predict_command(args):
+    """Print the top-k class names with probabilities for each image."""
+    from data.images import BadImage, open_image
+    from data.transforms import eval_transform
+
+    device = distributed.init().device
+    model, info = checkpoint.load_for_inference(args.checkpoint, device)
+    tf = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
+    classes = info["classes"] or [str(i) for i in range(model.config.num_labels)]
+    failed = 0
+    for path in args.images:
+        try:
+            x = tf(open_image(path, info["channels"]))[None].to(device)  # (1, C, H, W)
+        except (BadImage, OSError) as e:
+            print(f"{path}: cannot read ({e})", file=sys.stderr)
+            failed += 1
+            continue
+        with torch.no_grad():
+            probs = model(x).logits.float().softmax(-1)[0]  # (K,)
+        top = probs.topk(min(args.topk, len(classes)))
+        print(f"{path}: " + ", ".join(f"{classes[i]} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
+    return 1 if failed else 0
+
+
+def attention_command(args):
+    from vit import visualize
+
+    out = args.out or _default_out(args.checkpoint, "attention")
+    visualize.attention_command(args.checkpoint, args.images, out, distributed.init().device)
+    return 0
+
+
+def inspect_command(args):
+    from vit import visualize
+
+    out = args.out or _default_out(args.checkpoint, "inspect")
+    visualize.inspect_command(args.checkpoint, args.data_dir, out, distributed.init().device)
+    return 0
+
+
+def _default_out(checkpoint_path, name):
+    """Next to the checkpoint: <run folder>/<name>."""
+    folder = checkpoint_path if os.path.isdir(checkpoint_path) else os.path.dirname(os.path.abspath(checkpoint_path))
+    return os.path.join(folder, name)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv):
+    commands = {"train", "eval", "predict", "attention", "inspect"}
+    if not argv or argv[0] not in commands | {"-h", "--help"}:
+        argv = ["train", *argv]  # plain `python main.py [--params ...]` trains
+    parser = argparse.ArgumentParser(description="Train and use a Vision Transformer (see params.json).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train what params.json describes (the default command)")
+    p.add_argument("--params", default="params.json", help="params file (default params.json)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override keys, e.g. train.epochs=3")
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from last.pt")
+    p.set_defaults(fn=train)
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a folder or the run's val data")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-dir", default=None, help="folder of class folders (default: the run's own val data)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+    p.set_defaults(fn=evaluate_command)
+    p = sub.add_parser("predict", help="top-k classes for images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--topk", type=int, default=5)
+    p.set_defaults(fn=predict_command)
+    p = sub.add_parser("attention", help="attention-rollout maps for images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default=None)
+    p.set_defaults(fn=attention_command)
+    p = sub.add_parser("inspect", help="the ViT paper's Figure 7 panels")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None)
+    p.set_defaults(fn=inspect_command)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

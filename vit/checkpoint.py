@@ -1,0 +1,207 @@
+"""Checkpoints: atomic save of `last.pt` / `best.pt`, resume, RNG state, the best model as an HF
+folder, and loading anything (training checkpoint, run folder, pretrained source) for inference.
+
+A training checkpoint holds only plain types and tensors, so it loads with
+`torch.load(weights_only=True)`: nothing in the file can execute code.
+"""
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from vit.errors import UserError
+from vit.model import ViTConfig, ViTForImageClassification
+
+LAST, BEST, HF_DIR = "last.pt", "best.pt", "best_hf"
+
+
+def clean_state_dict(state_dict):
+    """Strip the prefixes torch.compile (`_orig_mod.`) and DDP (`module.`) put on keys."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            k = k.replace(prefix, "")
+        out[k] = v
+    return out
+
+
+# -----------------------------------------------------------------------------
+# rng state, as tensors and lists so that weights_only loading accepts it
+
+
+def rng_state():
+    np_state = np.random.get_state()  # ('MT19937', keys (624,) uint32, pos, has_gauss, cached_gaussian)
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+# -----------------------------------------------------------------------------
+# saving
+
+
+def save(path, payload):
+    """torch.save to a temp file in the same folder, fsync, then os.replace: never a half-written `path`.
+
+    An OSError (disk full, permissions) leaves the previous file untouched and says so.
+    """
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = f"the previous {path} is kept intact" if os.path.exists(path) else f"no earlier {path} exists"
+        raise UserError(
+            f"could not write checkpoint {path} ({e.strerror or e}); {kept}; free disk space and resume with --resume."
+        ) from None
+
+
+def _fsync_dir(directory):
+    # the rename itself is only durable once the folder's entry is on disk
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def training_payload(model, optimizer, scaler, progress, params, classes, mean, std):
+    """Everything `resume` needs, in weights_only-loadable types. `progress` is the loop's counters."""
+    return {
+        "model": clean_state_dict(model.state_dict()),
+        "config": model.config.to_hf_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": {"step": progress["step"]},  # the schedule is a pure function of the step
+        "scaler": scaler.state_dict(),
+        "epoch": progress["epoch"],  # epochs completed
+        "step_in_epoch": progress["step_in_epoch"],  # optimizer steps done in the interrupted epoch
+        "sums": progress["sums"],  # that epoch's running metric sums
+        "best_acc": progress["best_acc"],
+        "rng": rng_state(),
+        "params": params,
+        "classes": list(classes),
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
+def save_hf(model, directory, mean, std):
+    """save_pretrained (+ the normalization as HF's preprocessor_config.json) into a temp folder, then
+    swap it in, so `directory` is always whole."""
+    tmp, old = directory + ".tmp", directory + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    size = model.config.image_size
+    processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
+                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "image_mean": list(mean), "image_std": list(std)}
+    try:
+        model.save_pretrained(tmp)
+        with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
+            json.dump(processor, f, indent=2)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write {directory} ({e.strerror or e}); the previous folder is kept.") from None
+    if os.path.isdir(directory):
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def read(path):
+    """torch.load(weights_only=True) with one-sentence errors for missing, corrupt or unsafe files."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt zip, truncated file, or a pickle asking for code: all refused
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {path} cannot be loaded safely ({first[:200]}); it is corrupt or not a training checkpoint.") from None
+    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+        raise UserError(f"checkpoint {path} is not a training checkpoint of this project (no model/config entries).")
+    return ckpt
+
+
+def resume(path, model, optimizer, scaler):
+    """Load a training checkpoint into the live objects; returns the loop's counters and RNG state."""
+    ckpt = read(path)
+    try:
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(
+            f"checkpoint {path} does not fit the model or optimizer built from the current params ({first[:200]}); "
+            f"resume with the params the run was started with."
+        ) from None
+    scaler.load_state_dict(ckpt["scaler"])
+    progress = {k: ckpt[k] for k in ("epoch", "step_in_epoch", "sums", "best_acc")}
+    progress["step"] = ckpt["scheduler"]["step"]
+    return progress, ckpt["rng"]
+
+
+def load_for_inference(path, device):
+    """A ready eval-mode model and its info (classes, mean, std, image_size, channels).
+
+    `path` is a training checkpoint (.pt), a run folder (its best.pt, else last.pt), or any source
+    `ViTForImageClassification.from_pretrained` reads (HF folder, timm file, Google .npz).
+    """
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in (BEST, LAST)):
+        path = os.path.join(path, BEST if os.path.isfile(os.path.join(path, BEST)) else LAST)
+    if os.path.isfile(path) and path.endswith(".pt"):
+        ckpt = read(path)
+        config = ViTConfig.from_hf_dict(ckpt["config"])
+        config.drop_path_rate = 0.0
+        model = ViTForImageClassification(config)
+        model.load_state_dict(clean_state_dict(ckpt["model"]))
+        info = {"classes": ckpt["classes"], "mean": ckpt["mean"], "std": ckpt["std"]}
+    elif os.path.exists(path):
+        model = ViTForImageClassification.from_pretrained(path)
+        config = model.config
+        id2label = config.id2label or {}
+        classes = [id2label[i] for i in sorted(id2label)] if id2label else None
+        mean, std = _pretrained_norm(path, config.num_channels)
+        info = {"classes": classes, "mean": mean, "std": std}
+    else:
+        raise UserError(f"checkpoint {path} does not exist; pass a .pt file, a run folder or a pretrained model.")
+    info.update(image_size=config.image_size, channels=config.num_channels)
+    return model.to(device).eval(), info
+
+
+def _pretrained_norm(path, channels):
+    """mean/std from an HF folder's preprocessor_config.json, else 0.5/0.5 (the Google checkpoints' scaling to [-1, 1])."""
+    pre = os.path.join(path, "preprocessor_config.json") if os.path.isdir(path) else None
+    if pre and os.path.isfile(pre):
+        with open(pre) as f:
+            cfg = json.load(f)
+        if "image_mean" in cfg and "image_std" in cfg:
+            return list(cfg["image_mean"])[:channels], list(cfg["image_std"])[:channels]
+    return [0.5] * channels, [0.5] * channels

@@ -1,0 +1,186 @@
+"""One training epoch and one evaluation pass, each returning a dict of averages; DeiT's engine.py.
+
+The loop: per-iteration lr, AMP (bf16, or fp16 with a GradScaler) on CUDA, gradient accumulation
+with DDP syncing only on the last micro-step, clipping, Mixup/CutMix, a tqdm bar on rank 0.
+It stops cleanly when asked to (Ctrl-C, SIGTERM) at an optimizer-step boundary, and refuses to go on
+when the loss is not finite.
+"""
+
+import math
+import random
+import time
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from vit import distributed
+from vit.checkpoint import set_rng_state
+from vit.errors import UserError
+from vit.optim import set_lr
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or inf; training cannot continue from this state."""
+
+
+def autocast(device, precision):
+    """Mixed precision on CUDA only; the CPU runs fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@contextmanager
+def oom_hint(train):
+    """Turn CUDA's out-of-memory error into advice about batch size and accumulation."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        bs, ga = train["batch_size"], train["grad_accum"]
+        raise UserError(
+            f"CUDA ran out of memory at train.batch_size={bs}; lower it (e.g. --set train.batch_size={max(1, bs // 2)}) "
+            f"and raise train.grad_accum (e.g. {ga * 2}) to keep the same effective batch."
+        ) from None
+
+
+def loss_fn(logits, targets, label_smoothing):
+    """Soft targets (from Mixup/CutMix) -> timm's SoftTargetCrossEntropy; hard labels -> smoothed CE."""
+    logits = logits.float()
+    if targets.ndim == 2:
+        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def seed_epoch(seed, epoch, rank):
+    """Reseed torch, numpy and random from (seed, epoch, rank): each epoch is a pure function of its start."""
+    s = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, device, d, mixup_fn=None,
+                    start_step=0, sums=None, rng=None, should_stop=lambda: False, backbone=None, desc=""):
+    """One pass over `loader`. Returns averages plus `interrupted`, `step_in_epoch` and the raw `sums`.
+
+    lr_fn(global_step) gives the lr. start_step/sums/rng resume an epoch that was interrupted after
+    start_step optimizer steps. `backbone`, when given, is kept in eval mode (linear probe).
+    """
+    ga = train["grad_accum"]
+    n = len(loader)
+    steps_per_epoch = math.ceil(n / ga)
+    sums = dict(sums or {"loss": 0.0, "correct": 0.0, "count": 0.0})
+    model.train()
+    if backbone is not None:
+        backbone.eval()
+    skip = start_step * ga
+    bar = tqdm(total=n, initial=skip, desc=desc, disable=not d.is_main, dynamic_ncols=True, leave=False)
+    step_in_epoch, interrupted = start_step, False
+    t0, seen = time.time(), 0
+    with oom_hint(train):
+        for i, (x, y) in enumerate(loader):
+            if i < skip:
+                continue  # resuming mid-epoch: the loader's order is a pure function of the epoch
+            if i == skip and rng is not None:
+                set_rng_state(rng)  # dropout / drop-path / mixup continue where they stopped
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if i % ga == 0:
+                set_lr(optimizer, lr_fn(epoch * steps_per_epoch + i // ga))
+            targets = y
+            if mixup_fn is not None and len(x) % 2 == 0:  # timm's batch mixup needs pairs
+                x, targets = mixup_fn(x, y)
+            last_micro = (i + 1) % ga == 0 or i + 1 == n
+            # under DDP, all-reduce gradients only on the micro-step that ends an accumulation
+            sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast(device, train["precision"]):
+                    logits = model(x).logits  # (B, num_labels)
+                loss = loss_fn(logits, targets, train["label_smoothing"])
+                scaler.scale(loss / ga).backward()
+            loss_value, correct = torch.stack([loss.detach(), (logits.argmax(-1) == y).sum().float()]).tolist()
+            if distributed.any_rank(not math.isfinite(loss_value), d):
+                raise NonFiniteLoss(
+                    f"the training loss became {loss_value} at epoch {epoch + 1}, batch {i + 1}/{n} "
+                    f"(lr {optimizer.param_groups[0]['lr']:.3g})."
+                )
+            if last_micro:
+                if train["clip_grad"] is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for g in optimizer.param_groups for p in g["params"]], train["clip_grad"]
+                    )
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step_in_epoch += 1
+            sums["loss"] += loss_value * len(y)
+            sums["correct"] += correct
+            sums["count"] += len(y)
+            seen += len(y)
+            bar.update(1)
+            if i % 10 == 0 or i + 1 == n:
+                rate = seen * d.world_size / max(time.time() - t0, 1e-9)
+                bar.set_postfix(loss=f"{sums['loss'] / sums['count']:.4f}",
+                                acc=f"{sums['correct'] / sums['count']:.4f}", img_s=f"{rate:.0f}", refresh=False)
+            # stop only between optimizer steps, and on every rank together
+            if last_micro and i + 1 < n and distributed.any_rank(should_stop(), d):
+                interrupted = True
+                break
+    bar.close()
+    elapsed = max(time.time() - t0, 1e-9)
+    total = distributed.all_reduce_sum(
+        torch.tensor([sums["loss"], sums["correct"], sums["count"], seen], dtype=torch.float64, device=device), d
+    ).tolist()
+    return {
+        "loss": total[0] / max(total[2], 1),
+        "acc": total[1] / max(total[2], 1),
+        "images_per_s": total[3] / elapsed,
+        "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"],
+        "interrupted": interrupted,
+        "step_in_epoch": step_in_epoch,
+        "sums": sums,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, loader, *, num_classes, device, d, precision="fp32", train=None, mistakes=0, denormalize=None):
+    """Loss, accuracy, top-5 (when > 5 classes) and images/s over `loader`; plain CE, no smoothing.
+
+    With mistakes > 0, also returns `confusion` (K, K) rows = true class, and up to `mistakes`
+    misclassified images as (uint8 HxWxC, true, pred) built with `denormalize(x) -> (B,H,W,C)`.
+    """
+    model.eval()
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, top5, count
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+    wrong = []
+    t0 = time.time()
+    with oom_hint(train or {"batch_size": 0, "grad_accum": 1}):
+        for x, y in tqdm(loader, desc="eval", disable=not d.is_main, leave=False, dynamic_ncols=True):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = model(x).logits.float()  # (B, K)
+            pred = logits.argmax(-1)
+            stats[0] += F.cross_entropy(logits, y, reduction="sum")
+            stats[1] += (pred == y).sum()
+            if num_classes > 5:
+                stats[2] += (logits.topk(5, dim=-1).indices == y[:, None]).any(-1).sum()
+            stats[3] += len(y)
+            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2)
+            if len(wrong) < mistakes:
+                bad = (pred != y).nonzero().flatten()[: mistakes - len(wrong)]
+                if len(bad):
+                    images = denormalize(x[bad].cpu())
+                    wrong += list(zip(list(images), y[bad].tolist(), pred[bad].tolist()))
+    elapsed = max(time.time() - t0, 1e-9)
+    stats = distributed.all_reduce_sum(stats, d).tolist()
+    count = max(stats[3], 1)
+    out = {"loss": stats[0] / count, "acc": stats[1] / count, "images_per_s": stats[3] / elapsed}
+    if num_classes > 5:
+        out["top5"] = stats[2] / count
+    if mistakes:
+        out["confusion"] = distributed.all_reduce_sum(confusion, d).view(num_classes, num_classes).long().cpu().numpy()
+        out["mistakes"] = wrong
+    return out

@@ -1,0 +1,75 @@
+"""Optimizer and learning-rate schedule: AdamW with decay on matrices only, layer-wise lr decay,
+warm-up + cosine per iteration, the batch-size scaling rule, and freezing for a linear probe.
+
+References: nanoGPT's configure_optimizers and get_lr; BEiT/MAE's param_groups_lrd.
+"""
+
+import math
+
+import torch
+
+# tensors that are >= 2-D but still must not be decayed (they are embeddings, not weights)
+NO_DECAY_NAMES = ("cls_token", "position_embeddings")
+
+
+def scaled_lr(train, world_size):
+    """train.lr, scaled linearly by effective batch / lr_scale_batch when that is set (Goyal et al.)."""
+    if train["lr_scale_batch"] is None:
+        return train["lr"]
+    batch = train["batch_size"] * train["grad_accum"] * world_size
+    return train["lr"] * batch / train["lr_scale_batch"]
+
+
+def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
+    """Learning rate at optimizer step `step`: linear warm-up from 0, then cosine down to min_lr."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def layer_id(name, num_layers):
+    """0 for the embeddings, i+1 for encoder layer i, num_layers+1 for the final norm, pooler and head."""
+    if name.startswith("vit.embeddings."):
+        return 0
+    if name.startswith("vit.encoder.layer."):
+        return int(name.split(".")[3]) + 1
+    return num_layers + 1
+
+
+def freeze_backbone(model):
+    """Linear probe: only the classifier keeps requires_grad."""
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("classifier.")
+
+
+def param_groups(model, weight_decay, layer_decay=None):
+    """AdamW groups keyed by (decay?, layer): decay only matrices, lr_scale = layer_decay ** depth-from-top."""
+    num_layers = model.config.num_hidden_layers
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2 and not any(n in name for n in NO_DECAY_NAMES)
+        lid = layer_id(name, num_layers) if layer_decay is not None else 0
+        scale = layer_decay ** (num_layers + 1 - lid) if layer_decay is not None else 1.0
+        key = (decay, lid)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def build_optimizer(model, train, device):
+    """AdamW over `param_groups`, fused on CUDA (one kernel for all parameters)."""
+    groups = param_groups(model, train["weight_decay"], train["layer_decay"])
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=train["lr"], betas=(0.9, 0.999), **extra)
+
+
+def set_lr(optimizer, lr):
+    """Apply the schedule's lr to every group, times its layer-decay scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]

@@ -1,0 +1,287 @@
+"""params.json: the defaults, the schema, loading, `--set` overrides and validation.
+
+Everything a run does is described by one sectioned dict (model, data, train, output). It is
+checked in full before anything runs, so a typo or an impossible value stops the run with one
+sentence that names the key, instead of a traceback an hour later. A key called "_doc" may hold a
+free-text note (command, expected runtime, expected accuracy) in any section; it is ignored.
+"""
+
+import copy
+import difflib
+import json
+import os
+import re
+
+from vit.errors import UserError
+
+NUMBER = (int, float)
+PRECISIONS = ("bf16", "fp16", "fp32")
+DATASETS = ("fashion_mnist", "folder")
+
+# each leaf: (default, allowed types, rule). rule is None, a tuple of choices, or a string:
+#   ">0"  strictly positive     ">=0"  non-negative     "(0,1)"  open unit interval
+#   "[0,1]"  closed unit interval     "[0,1)"  half-open     "preset" / "scale" / "floats": see _check_rule
+SCHEMA = {
+    "model": {
+        "preset": (None, (str, type(None)), "preset"),  # "Ti/16", "B/16", ...; null: explicit sizes
+        "pretrained": (None, (str, type(None)), None),  # HF folder, timm file or Google .npz
+        # explicit sizes: override the preset's; null keeps the preset's (or the checkpoint's)
+        "patch_size": (None, (int, type(None)), ">0"),
+        "hidden_size": (None, (int, type(None)), ">0"),
+        "num_hidden_layers": (None, (int, type(None)), ">0"),
+        "num_attention_heads": (None, (int, type(None)), ">0"),
+        "intermediate_size": (None, (int, type(None)), ">0"),
+        "layer_norm_eps": (None, (int, float, type(None)), ">0"),  # null: 1e-6 (timm), or the checkpoint's
+        "qkv_bias": (None, (bool, type(None)), None),
+        "hidden_dropout_prob": (0.0, NUMBER, "[0,1)"),
+        "attention_probs_dropout_prob": (0.0, NUMBER, "[0,1)"),
+    },
+    "data": {
+        "dataset": ("fashion_mnist", str, DATASETS),
+        "train_dir": (None, (str, type(None)), None),
+        "val_dir": (None, (str, type(None)), None),  # null: split val_split off train_dir
+        "val_split": (0.1, NUMBER, "(0,1)"),
+        "split_seed": (0, int, ">=0"),
+        "image_size": (28, int, ">0"),
+        "channels": (1, int, (1, 3)),
+        "mean": ([0.286], list, "floats"),
+        "std": ([0.353], list, "floats"),
+        "workers": (4, int, ">=0"),
+        "in_memory": ("auto", (str, bool), ("auto", True, False)),
+    },
+    "train": {
+        "epochs": (60, int, ">0"),
+        "batch_size": (256, int, ">0"),  # per process; the effective batch is x grad_accum x world size
+        "lr": (1e-3, NUMBER, ">0"),  # at lr_scale_batch when that is set
+        "lr_scale_batch": (None, (int, type(None)), ">0"),  # lr *= effective batch / lr_scale_batch
+        "min_lr": (1e-5, NUMBER, ">=0"),
+        "weight_decay": (0.05, NUMBER, ">=0"),
+        "warmup_epochs": (5, NUMBER, ">=0"),
+        "label_smoothing": (0.1, NUMBER, "[0,1)"),
+        "mixup": (0.0, NUMBER, ">=0"),  # Beta(alpha, alpha); 0 is off
+        "cutmix": (0.0, NUMBER, ">=0"),
+        "randaugment": (None, (str, type(None)), "randaugment"),  # timm string, e.g. "rand-m9-mstd0.5"
+        "random_resized_crop_scale": ([0.8, 1.0], list, "scale"),
+        "hflip": (0.5, NUMBER, "[0,1]"),
+        "drop_path": (0.1, NUMBER, "[0,1)"),
+        "precision": ("bf16", str, PRECISIONS),  # on CUDA; the CPU always runs fp32
+        "compile": (False, bool, None),
+        "grad_accum": (1, int, ">0"),
+        "clip_grad": (1.0, (int, float, type(None)), ">0"),  # max global grad norm; null: no clipping
+        "seed": (0, int, ">=0"),
+        "layer_decay": (None, (int, float, type(None)), "(0,1]"),  # BEiT/MAE per-layer lr decay
+        "freeze_backbone": (False, bool, None),  # linear probe: only the classifier trains
+        "eval_every": (1, int, ">0"),
+    },
+    "output": {
+        "dir": ("runs/fashion_mnist", str, None),
+        "save_every": (1, int, ">0"),  # epochs between `last` checkpoints (the final epoch always saves)
+        "misclassified": (32, int, ">=0"),  # images in the end-of-run grid
+    },
+}
+
+DOC_KEY = "_doc"
+
+
+def defaults():
+    """The built-in params, a fresh nested dict."""
+    return {section: {k: copy.deepcopy(spec[0]) for k, spec in keys.items()} for section, keys in SCHEMA.items()}
+
+
+def load(path=None, overrides=()):
+    """Defaults <- the JSON file (if any) <- `--set` overrides, validated; the one entry point."""
+    params = defaults()
+    if path is not None:
+        merge(params, read_json(path), source=path)
+    for item in overrides:
+        key, value = parse_override(item)
+        merge(params, nest(key, value), source="--set")
+    validate(params)
+    return params
+
+
+def read_json(path):
+    """The JSON object in `path`, or a UserError naming the file, line and column."""
+    if not os.path.isfile(path):
+        raise UserError(f"params file {path} does not exist; pass an existing file to --params.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}.") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} must hold a JSON object with sections {list(SCHEMA)}, not {type(obj).__name__}.")
+    return obj
+
+
+def parse_override(item):
+    """'train.lr=3e-4' -> ('train.lr', 0.0003); the value is JSON when it parses, else a string."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r} needs the form section.key=value, e.g. train.epochs=3.")
+    key, raw = item.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw  # bare words like fp16 or runs/x stay strings
+    return key.strip(), value
+
+
+def nest(dotted, value):
+    """'a.b' , v -> {'a': {'b': v}}."""
+    out = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def merge(base, update, source, prefix=""):
+    """Deep-merge `update` into `base` in place; unknown keys are refused here, by name."""
+    if not isinstance(update, dict):
+        raise UserError(f"{source}: {prefix.rstrip('.') or 'params'} must be a JSON object, got {update!r}.")
+    for key, value in update.items():
+        name = prefix + key
+        if key == DOC_KEY:
+            if not isinstance(value, str):
+                raise UserError(f"{source}: {name} must be a string (a free-text note).")
+            continue
+        if key not in base:
+            raise UserError(_unknown_key(name, list(base), source))
+        if isinstance(base[key], dict):
+            merge(base[key], value, source, name + ".")
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _unknown_key(name, valid, source):
+    """'params key data.batch_size ... did you mean train.batch_size?' plus the valid keys."""
+    leaf = name.rsplit(".", 1)[-1]
+    everywhere = [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys]
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
+    hint = ""
+    if close:
+        hint = f" did you mean {name.rsplit('.', 1)[0] + '.' if '.' in name else ''}{close[0]}?"
+    else:
+        same_leaf = [k for k in everywhere if k.endswith("." + leaf)]
+        if same_leaf:
+            hint = f" did you mean {same_leaf[0]}?"
+    return f"{source}: params key {name} is not known;{hint} valid keys here: {', '.join(valid)}."
+
+
+def validate(params):
+    """Types, ranges and cross-field rules; raises UserError on the first problem."""
+    for section, keys in SCHEMA.items():
+        for key, (_, types, rule) in keys.items():
+            name = f"{section}.{key}"
+            value = params[section][key]
+            # bool is an int in Python: refuse true for a number, and 1 for a bool
+            ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _as_tuple(types))
+            if not ok:
+                raise UserError(f"params key {name} must be {_type_names(types)}, got {json.dumps(value)}.")
+            if value is not None and rule is not None:
+                _check_rule(name, value, rule)
+    _check_cross(params)
+
+
+def _as_tuple(types):
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _type_names(types):
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", type(None): "null"}
+    return " or ".join(dict.fromkeys(names[t] for t in _as_tuple(types)))
+
+
+def _check_rule(name, value, rule):
+    """One leaf's rule from SCHEMA."""
+    if isinstance(rule, tuple):
+        if value not in rule:  # the type check already told bools from ints
+            raise UserError(f"params key {name} is {json.dumps(value)}; choose one of {json.dumps(list(rule))}.")
+        return
+    bounds = {
+        ">0": (lambda v: v > 0, "greater than 0"),
+        ">=0": (lambda v: v >= 0, "0 or more"),
+        "(0,1)": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
+        "[0,1]": (lambda v: 0 <= v <= 1, "between 0 and 1"),
+        "[0,1)": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+        "(0,1]": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
+    }
+    if rule in bounds:
+        test, words = bounds[rule]
+        if not test(value):
+            raise UserError(f"params key {name} is {json.dumps(value)}; it must be {words}.")
+    elif rule == "floats":
+        if not value or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in value):
+            raise UserError(f"params key {name} must be a non-empty list of numbers, got {json.dumps(value)}.")
+    elif rule == "scale":
+        if (len(value) != 2 or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in value)
+                or not 0 < value[0] <= value[1] <= 1):
+            raise UserError(f"params key {name} must be [lo, hi] with 0 < lo <= hi <= 1, got {json.dumps(value)}.")
+    elif rule == "preset":
+        if not re.fullmatch(r"(?:ViT-)?(Ti|S|B|L|H)/\d+", value.strip()):
+            raise UserError(
+                f"params key {name} is {value!r}, not a known preset; use a size from Ti, S, B, L, H and a "
+                f"patch size, e.g. \"B/16\" or \"S/4\", or null with explicit sizes."
+            )
+    elif rule == "randaugment":
+        if not re.fullmatch(r"rand(-[a-z]+[\d.]*)*", value):
+            raise UserError(
+                f"params key {name} is {value!r}; use a timm RandAugment string such as \"rand-m9-mstd0.5\" or null."
+            )
+    else:
+        raise AssertionError(f"unknown rule {rule!r} for {name}")
+
+
+def _check_cross(params):
+    """Rules between keys: what no single leaf can see."""
+    m, d, t = params["model"], params["data"], params["train"]
+    for key in ("mean", "std"):
+        if len(d[key]) != d["channels"]:
+            raise UserError(
+                f"params key data.{key} has {len(d[key])} values but data.channels is {d['channels']}; "
+                f"give one value per channel."
+            )
+    if any(v <= 0 for v in d["std"]):
+        raise UserError(f"params key data.std must be positive, got {d['std']}.")
+    sizes = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    if m["pretrained"] is not None:
+        given = [k for k in sizes if m[k] is not None] + (["preset"] if m["preset"] else [])
+        if given:
+            raise UserError(
+                f"params key model.{given[0]} is set but model.pretrained decides the architecture; "
+                f"set model.{given[0]} to null."
+            )
+    elif m["preset"] is None:
+        missing = [k for k in sizes if m[k] is None]
+        if missing:
+            raise UserError(
+                f"params keys model.{', model.'.join(missing)} are null but there is no model.preset or "
+                f"model.pretrained to take them from; set them or choose a preset such as \"S/16\"."
+            )
+    patch = m["patch_size"] or (int(m["preset"].split("/")[1]) if m["preset"] else None)
+    if patch is not None and d["image_size"] % patch:
+        raise UserError(
+            f"params key data.image_size={d['image_size']} is not divisible by the patch size {patch}; "
+            f"use a multiple of {patch}."
+        )
+    if m["hidden_size"] and m["num_attention_heads"] and m["hidden_size"] % m["num_attention_heads"]:
+        raise UserError(
+            f"params key model.num_attention_heads={m['num_attention_heads']} does not divide "
+            f"model.hidden_size={m['hidden_size']}; choose a head count that divides it."
+        )
+    if d["dataset"] == "folder" and not d["train_dir"]:
+        raise UserError("params key data.train_dir is null but data.dataset is \"folder\"; set it to the train folder.")
+    if t["min_lr"] > t["lr"]:
+        raise UserError(f"params key train.min_lr={t['min_lr']} is above train.lr={t['lr']}; lower it.")
+    if t["warmup_epochs"] > t["epochs"]:
+        raise UserError(
+            f"params key train.warmup_epochs={t['warmup_epochs']} is longer than train.epochs={t['epochs']}; shorten it."
+        )
+
+
+def save(params, path):
+    """The resolved params, as the run folder's params.json."""
+    with open(path, "w") as f:
+        json.dump(params, f, indent=2)
+        f.write("\n")
