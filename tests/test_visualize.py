@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from data.fashion_mnist import CLASSES
 from vit import plots
 from vit.errors import UserError
 from vit.model import ViTConfig, ViTForImageClassification, ViTModel
@@ -204,6 +205,7 @@ def test_attention_command(checkpoint, images, tmp_path, capsys):
         assert "predicted" in out and any(name in out for name in ("circle", "square", "star"))
 
 
+@pytest.mark.parametrize("checkpoint", ["classifier", "headless"], indirect=True)  # the pooler changes nothing here
 def test_inspect_command(checkpoint, images, tmp_path, capsys):
     _, path = checkpoint
     folder = tmp_path / "imgs"
@@ -217,12 +219,19 @@ def test_inspect_command(checkpoint, images, tmp_path, capsys):
     assert "skipped 1 unreadable" in capsys.readouterr().out
 
 
-def test_inspect_without_folder_skips_distance(tmp_path, capsys):
+def test_inspect_without_folder(tmp_path, capsys):
+    # an arbitrary checkpoint: no images to average over, so the distance figure is skipped
     model = ViTForImageClassification(ViTConfig(**TINY, num_labels=2))
     model.save_pretrained(tmp_path / "ckpt")
-    written = inspect_command(str(tmp_path / "ckpt"), None, str(tmp_path / "fig7"), "cpu")
-    assert len(written) == 2
+    assert len(inspect_command(str(tmp_path / "ckpt"), None, str(tmp_path / "fig7"), "cpu")) == 2
     assert "no --data-dir" in capsys.readouterr().out
+    # a Fashion-MNIST checkpoint (its class names): the embedded test set stands in for the folder
+    config = ViTConfig(**{**TINY, "image_size": 28, "patch_size": 7, "num_channels": 1},
+                       id2label=dict(enumerate(CLASSES)))
+    ViTForImageClassification(config).save_pretrained(tmp_path / "fm")
+    written = inspect_command(str(tmp_path / "fm"), None, str(tmp_path / "fig7fm"), "cpu")
+    assert_png(written[2], (600, 450))
+    assert "64 images from the Fashion-MNIST test set" in capsys.readouterr().out
 
 
 def test_attention_command_bad_image_is_a_user_error(tmp_path):

@@ -11,6 +11,7 @@ import math
 import os
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -227,13 +228,14 @@ def plot_attention_distance(distances, path):
     fig = _figure(6, 4.5)
     ax = fig.subplots()
     depth = np.arange(1, layers + 1)
+    colors = colormaps["tab20" if heads <= 20 else "turbo"].resampled(heads)  # tab10 would repeat after 10 heads
     for h in range(heads):
-        ax.scatter(depth, distances[:, h], s=14, label=f"head {h + 1}")
+        ax.scatter(depth, distances[:, h], s=14, color=colors(h), label=f"head {h + 1}")
     ax.set_xlabel("network depth (layer)")
     ax.set_ylabel("mean attention distance (pixels)")
     ax.set_xticks(depth)
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, max(1.1 * distances.max(), 1.0))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2 if heads > 8 else 1, loc="lower right")
+    fig.legend(fontsize=6, ncol=2 if heads > 16 else 1, loc="outside right upper")  # off the dots
     ax.set_title("mean attention distance per head")
     return _save(fig, path)

@@ -118,7 +118,7 @@ def position_similarity(position_embeddings, grid_size=None):
 # the two commands
 
 BATCH_SIZE = 16  # images per forward pass in `inspect`
-INSPECT_IMAGES = 64  # images from the folder that the attention distance is averaged over
+INSPECT_IMAGES = 64  # images the attention distance is averaged over
 
 
 def _load(checkpoint, device):
@@ -205,12 +205,10 @@ def _image_files(folder):
     return files[::step][:INSPECT_IMAGES]
 
 
-def folder_attention_distance(model, backbone, info, folder, device):
-    """Mean attention distance (layers, heads) in pixels over the images of a folder; unreadable ones skipped."""
+def _folder_images(folder, info):
+    """Eval-transformed images from a folder, (n, C, H, W); unreadable files are skipped with a count."""
     from data.images import BadImage
 
-    patch = backbone.config.patch_size
-    grid = (info["image_size"] // patch,) * 2
     images, skipped = [], 0
     for path in _image_files(folder):
         try:
@@ -221,18 +219,43 @@ def folder_attention_distance(model, backbone, info, folder, device):
         print(f"inspect: skipped {skipped} unreadable image(s) in {folder}")
     if not images:
         raise UserError(f"none of the images in --data-dir {folder} could be read; pass a folder of readable images.")
-    images = torch.cat(images)  # (n, C, H, W)
+    return torch.cat(images)
+
+
+def _fashion_mnist_images(info):
+    """The embedded default's test images, (n, C, H, W), when the checkpoint was trained on it (same classes); else None."""
+    from PIL import Image
+
+    from data.fashion_mnist import CLASSES, load_fashion_mnist
+    from data.transforms import eval_transform
+
+    if info.get("classes") != CLASSES:
+        return None
+    images, _ = load_fashion_mnist("val")  # (10000, 28, 28) uint8
+    transform = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
+    step = len(images) // INSPECT_IMAGES
+    return torch.stack([transform(Image.fromarray(a)) for a in images[::step][:INSPECT_IMAGES]])
+
+
+def dataset_attention_distance(model, backbone, images, device):
+    """Mean attention distance (layers, heads) in pixels over images (n, C, H, W), in batches."""
+    patch = backbone.config.patch_size
+    grid = (images.shape[2] // patch, images.shape[3] // patch)
     total = 0.0
     for x in images.split(BATCH_SIZE):
         attentions, _ = _attentions(model, x.to(device))
         total = total + mean_attention_distance(attentions, grid, patch) * len(x)  # undo the batch mean
-    return total / len(images), len(images)
+    return total / len(images)
 
 
 def inspect_command(checkpoint, folder, out_dir, device):
     """Write the ViT paper's Figure 7 panels into out_dir: embedding_filters.png, position_similarity.png
-    and, when a folder of images is given, attention_distance.png (without one it is skipped: the
-    distances depend on the images, and no image set fits every checkpoint)."""
+    and attention_distance.png.
+
+    The attention distance is averaged over up to INSPECT_IMAGES images from `folder`. Without a
+    folder, a checkpoint trained on the embedded Fashion-MNIST default (its class names) uses that
+    test set; any other checkpoint skips this figure with a message, as no image set fits them all.
+    """
     model, backbone, info = _load(checkpoint, device)
     embeddings = backbone.embeddings
     written = []
@@ -245,13 +268,17 @@ def inspect_command(checkpoint, folder, out_dir, device):
     plots.plot_position_similarity(position_similarity(embeddings.position_embeddings), out)
     written.append(out)
 
-    if folder is None:
-        print("inspect: no --data-dir given, so no attention-distance figure (it is averaged over a folder of images)")
+    if folder is not None:
+        images, source = _folder_images(folder, info), folder
     else:
-        distances, n = folder_attention_distance(model, backbone, info, folder, device)
+        images, source = _fashion_mnist_images(info), "the Fashion-MNIST test set"
+    if images is None:
+        print("inspect: no --data-dir given (and the checkpoint is not a Fashion-MNIST one), so no attention-distance "
+              "figure; pass --data-dir with a folder of images to get it")
+    else:
         out = os.path.join(out_dir, "attention_distance.png")
-        plots.plot_attention_distance(distances.numpy(), out)
-        print(f"inspect: attention distance averaged over {n} images from {folder}")
+        plots.plot_attention_distance(dataset_attention_distance(model, backbone, images, device).numpy(), out)
+        print(f"inspect: attention distance averaged over {len(images)} images from {source}")
         written.append(out)
     for out in written:
         print(f"wrote {out}")
