@@ -174,7 +174,8 @@ def train(args):
     steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
     base_lr = optim.scaled_lr(t, d.world_size)
     lr_fn = functools.partial(optim.lr_at, base_lr=base_lr, min_lr=t["min_lr"],
-                              warmup_steps=round(t["warmup_epochs"] * steps_per_epoch),
+                              # a short run (--set train.epochs=3) may be shorter than the warm-up: clip it
+                              warmup_steps=min(round(t["warmup_epochs"] * steps_per_epoch), t["epochs"] * steps_per_epoch),
                               total_steps=t["epochs"] * steps_per_epoch)
     mixup_fn = None
     if t["mixup"] > 0 or t["cutmix"] > 0:

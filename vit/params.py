@@ -157,14 +157,14 @@ def _unknown_key(name, valid, source):
     """'params key data.batch_size ... did you mean train.batch_size?' plus the valid keys."""
     leaf = name.rsplit(".", 1)[-1]
     everywhere = [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys]
+    # the same key in another section is the likeliest mistake, then a typo of a key here
+    same_leaf = [k for k in everywhere if k.endswith("." + leaf)]
     close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
     hint = ""
-    if close:
+    if same_leaf:
+        hint = f" did you mean {same_leaf[0]}?"
+    elif close:
         hint = f" did you mean {name.rsplit('.', 1)[0] + '.' if '.' in name else ''}{close[0]}?"
-    else:
-        same_leaf = [k for k in everywhere if k.endswith("." + leaf)]
-        if same_leaf:
-            hint = f" did you mean {same_leaf[0]}?"
     return f"{source}: params key {name} is not known;{hint} valid keys here: {', '.join(valid)}."
 
 
@@ -274,10 +274,6 @@ def _check_cross(params):
         raise UserError("params key data.train_dir is null but data.dataset is \"folder\"; set it to the train folder.")
     if t["min_lr"] > t["lr"]:
         raise UserError(f"params key train.min_lr={t['min_lr']} is above train.lr={t['lr']}; lower it.")
-    if t["warmup_epochs"] > t["epochs"]:
-        raise UserError(
-            f"params key train.warmup_epochs={t['warmup_epochs']} is longer than train.epochs={t['epochs']}; shorten it."
-        )
 
 
 def save(params, path):

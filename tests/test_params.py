@@ -1,0 +1,155 @@
+"""params.json: defaults, overrides, and validation messages that name the key and the choices;
+plus the optimizer's pure pieces (schedule, decay groups, layer decay, batch scaling)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from test_train_utils import ROOT, run_main
+from vit import optim
+from vit import params as P
+from vit.errors import UserError
+from vit.model import ViTConfig, ViTForImageClassification
+
+
+def load_with(*overrides):
+    return P.load(os.path.join(ROOT, "params.json"), overrides)
+
+
+def error_of(*overrides):
+    with pytest.raises(UserError) as e:
+        load_with(*overrides)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("name", ["params.json"] + [f"configs/{f}" for f in sorted(os.listdir(os.path.join(ROOT, "configs")))])
+def test_shipped_params_are_valid(name):
+    p = P.load(os.path.join(ROOT, name))
+    assert set(p) == {"model", "data", "train", "output"}
+
+
+def test_default_recipe_is_the_fashion_mnist_one():
+    p = load_with()
+    assert p["data"]["dataset"] == "fashion_mnist" and p["data"]["image_size"] == 28 and p["data"]["channels"] == 1
+    assert p["model"]["patch_size"] == 4 and p["train"]["precision"] == "bf16"
+
+
+def test_overrides_parse_json_and_fall_back_to_strings():
+    p = load_with("train.epochs=3", "train.lr=3e-4", "data.mean=[0.5]", "train.precision=fp16",
+                  "output.dir=runs/x", "train.layer_decay=null", "train.compile=true")
+    assert p["train"]["epochs"] == 3 and p["train"]["lr"] == 3e-4 and p["data"]["mean"] == [0.5]
+    assert p["train"]["precision"] == "fp16" and p["output"]["dir"] == "runs/x"
+    assert p["train"]["layer_decay"] is None and p["train"]["compile"] is True
+
+
+def test_unknown_key_is_named_with_a_suggestion_and_the_valid_keys():
+    msg = error_of("train.eopchs=3")
+    assert "train.eopchs" in msg and "did you mean train.epochs" in msg and "batch_size" in msg
+    # a key that lives in another section: point at it
+    msg = error_of("data.batch_size=64")
+    assert "data.batch_size" in msg and "train.batch_size" in msg
+    assert "optimizer" in error_of("optimizer.lr=1") and "model, data, train, output" in error_of("optimizer.lr=1")
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.epochs=\"3\"", ["train.epochs", "integer"]),
+    ("train.epochs=true", ["train.epochs", "integer"]),
+    ("train.compile=1", ["train.compile", "true or false"]),
+    ("train.lr=0", ["train.lr", "greater than 0"]),
+    ("train.lr=-0.1", ["train.lr", "greater than 0"]),
+    ("train.epochs=0", ["train.epochs", "greater than 0"]),
+    ("train.batch_size=0", ["train.batch_size", "greater than 0"]),
+    ("data.val_split=1.0", ["data.val_split", "between 0 and 1"]),
+    ("data.val_split=0", ["data.val_split", "between 0 and 1"]),
+    ("train.precision=fp8", ["train.precision", "\"bf16\", \"fp16\", \"fp32\""]),
+    ("data.dataset=imagenet", ["data.dataset", "\"fashion_mnist\", \"folder\""]),
+    ("data.channels=2", ["data.channels", "[1, 3]"]),
+    ("data.mean=[0.5,0.5,0.5]", ["data.mean", "data.channels is 1"]),
+    ("data.image_size=30", ["data.image_size", "patch size 4"]),
+    ("model.num_attention_heads=3", ["model.num_attention_heads", "hidden_size=256"]),
+    ("model.preset=\"X/16\"", ["model.preset", "B/16"]),
+    ("train.random_resized_crop_scale=[0.9,0.1]", ["train.random_resized_crop_scale", "0 < lo <= hi <= 1"]),
+    ("train.min_lr=1", ["train.min_lr", "train.lr"]),
+    ("train.randaugment=augmix", ["train.randaugment", "rand-m9-mstd0.5"]),
+    ("data.dataset=folder", ["data.train_dir", "folder"]),
+    ("model.pretrained=x.npz", ["model.patch_size", "null"]),
+    ("train.layer_decay=1.5", ["train.layer_decay", "at most 1"]),
+])
+def test_impossible_values_are_refused_by_name(override, words):
+    msg = error_of(override)
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+def test_invalid_json_names_file_line_and_column(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('{\n  "train": {"epochs": 3,}\n}\n')
+    with pytest.raises(UserError) as e:
+        P.load(str(path))
+    assert str(path) in str(e.value) and "line 2" in str(e.value) and "column" in str(e.value)
+
+
+def test_a_doc_key_is_allowed_but_must_be_text(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"_doc": "note", "train": {"_doc": "x", "epochs": 2}, "model": {"preset": "Ti/4"}}))
+    assert P.load(str(path))["train"]["epochs"] == 2
+    path.write_text(json.dumps({"_doc": 3}))
+    with pytest.raises(UserError, match="_doc must be a string"):
+        P.load(str(path))
+
+
+def test_main_prints_one_line_and_exits_2(tmp_path, capsys):
+    code, out, err = run_main(["--params", os.path.join(ROOT, "params.json"), "--set", "train.lr=-1"], capsys)
+    assert code == 2 and err.strip().startswith("error: params key train.lr") and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+# -----------------------------------------------------------------------------
+# optimizer pieces
+
+
+def test_schedule_warms_up_linearly_then_cosines_to_min_lr():
+    lr = lambda s: optim.lr_at(s, base_lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)  # noqa: E731
+    assert lr(0) == pytest.approx(0.1) and lr(4) == pytest.approx(0.5) and lr(9) == pytest.approx(1.0)
+    assert lr(10) == pytest.approx(1.0) and lr(60) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 120))
+
+
+def test_lr_scaling_rule_uses_the_effective_batch():
+    t = {"lr": 1e-3, "lr_scale_batch": 256, "batch_size": 64, "grad_accum": 2}
+    assert optim.scaled_lr(t, world_size=4) == pytest.approx(2e-3)
+    assert optim.scaled_lr({**t, "lr_scale_batch": None}, world_size=4) == 1e-3
+
+
+def tiny_model():
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, image_size=16, patch_size=4, num_labels=3))
+
+
+def test_weight_decay_only_on_matrices_and_layer_decay_by_depth():
+    model = tiny_model()
+    groups = optim.param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            no_decay = p.ndim < 2 or "cls_token" in n or "position_embeddings" in n
+            assert g["weight_decay"] == (0.0 if no_decay else 0.05), n
+            expected = 0.5 ** (2 + 1 - optim.layer_id(n, 2))
+            assert g["lr_scale"] == pytest.approx(expected), n
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    scales = {optim.layer_id(n, 2): 0.5 ** (3 - optim.layer_id(n, 2)) for n in names.values()}
+    assert scales == {0: 0.125, 1: 0.25, 2: 0.5, 3: 1.0}
+    opt = torch.optim.AdamW(groups, lr=1.0)
+    optim.set_lr(opt, 2.0)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [0.25, 0.5, 1.0, 2.0]
+
+
+def test_freeze_backbone_leaves_only_the_head():
+    model = tiny_model()
+    optim.freeze_backbone(model)
+    groups = optim.param_groups(model, 0.05)
+    assert sum(p.numel() for g in groups for p in g["params"]) == 32 * 3 + 3
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}

@@ -1,0 +1,70 @@
+"""Helpers for the training tests (no tests here): tiny image folders, tiny params files, running main.
+
+Everything is tiny (width 32, depth 2, 16x16 images) so that a whole run takes a few seconds on CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_folder(root, classes=3, per_class=12, size=20, seed=0):
+    """train/<class>/*.png whose dominant colour channel (or stripe position) is the class: learnable fast."""
+    rng = np.random.default_rng(seed)
+    names = [f"class_{c}" for c in range(classes)]
+    for c, name in enumerate(names):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            a = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+            a[:, :, c % 3] += 150
+            a[(c // 3) * 4:(c // 3) * 4 + 4] = 255  # classes beyond 3 differ by a white stripe
+            Image.fromarray(a).save(os.path.join(root, name, f"{i}.png"))
+    return names
+
+
+def tiny_params(tmp_path, folder, **train):
+    """A params file for a 2-layer width-32 ViT on `folder` at 16x16, written into tmp_path; returns its path."""
+    params = {
+        "model": {"patch_size": 4, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "intermediate_size": 64},
+        "data": {"dataset": "folder", "train_dir": str(folder), "val_split": 0.25, "image_size": 16,
+                 "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "workers": 0},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_epochs": 1, "precision": "fp32", **train},
+        "output": {"dir": str(tmp_path / "run"), "misclassified": 8},
+    }
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps(params))
+    return str(path)
+
+
+def run_main(argv, capsys):
+    """main.main(argv) in this process; returns (exit code, stdout, stderr)."""
+    import main
+
+    code = main.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_subprocess(args, timeout=240, **kw):
+    """python main.py ... in a fresh process with one intra-op thread (the CI cores are shared)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on 2 shared cores, 2 threads spin against each other and tiny models crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
