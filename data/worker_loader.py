@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from data.folder import MAX_LISTED
 from data.images import BadImage, open_image
 from data.sampler import epoch_generator, num_batches, shard_indices
 
@@ -140,7 +141,8 @@ class WorkerLoader:
         for x, y, bad in self.loader:
             for message in bad:
                 warnings.warn(f"skipped an image that failed to decode: {message}", stacklevel=2)
-                self.report["dropped_files"].append(message)
+                if len(self.report["dropped_files"]) < MAX_LISTED:
+                    self.report["dropped_files"].append(message)
             self.skipped += len(bad)
             self.report["dropped_at_load"] += len(bad)
             if x is None:  # a whole batch of broken files: nothing to train on

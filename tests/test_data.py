@@ -121,9 +121,12 @@ def test_folder_set_epoch_determinism(tmp_path, in_memory):
 
 def test_worker_count_does_not_change_batches(tmp_path):
     root = make_folder(tmp_path / "train")
-    runs = [batches(build_loaders(folder_params(root, in_memory=False, workers=w), {**TRAIN, "batch_size": 4},
-                                  "cpu").train, 3) for w in (0, 2)]
-    assert same(*runs)
+    runs = []
+    for workers in (0, 2):  # two epochs each: persistent workers must follow set_epoch too
+        train = build_loaders(folder_params(root, in_memory=False, workers=workers), {**TRAIN, "batch_size": 4},
+                              "cpu").train
+        runs.append(batches(train, 3) + batches(train, 4))
+    assert same(*runs) and not same(runs[0][:3], runs[0][3:])
 
 
 def test_in_memory_eval_matches_eval_transform(tmp_path):

@@ -137,10 +137,12 @@ def test_folder_policy_counts_every_kind(tmp_path, in_memory):
     write(tmp_path / "train" / "b", {f"{i}.png": encoded(noise(seed=i), "PNG") for i in range(3)})
     (tmp_path / "train" / "a" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden: ignored, not counted
     n_good, n_files = 6 + 3, 6 + 3 + len(LOAD_BAD)
-    with pytest.warns(UserWarning, match=f"skipped {len(SCAN_BAD)} file"):
+    with pytest.warns(UserWarning) as caught:
         loaders = build_loaders(_folder_params(tmp_path, in_memory=in_memory),
                                 {"batch_size": n_good if in_memory else n_files, "seed": 0}, "cpu")
-    report = loaders.report
+    report, messages = loaders.report, [str(w.message) for w in caught]
+    assert any(m.startswith(f"skipped {len(SCAN_BAD)} file(s) that are not usable") for m in messages), messages
+    assert in_memory == any(m.startswith(f"skipped {len(LOAD_BAD)} image(s) that failed to decode") for m in messages)
     assert report["skipped_at_scan"] == len(SCAN_BAD)
     assert sorted(m.split(":")[0].rsplit("/", 1)[1] for m in report["skipped_files"]) == sorted(SCAN_BAD)
     assert report["train_files"] == n_files and loaders.val is None
