@@ -160,7 +160,7 @@ def attention_command(checkpoint, image_paths, out_dir, device):
     from data import denormalize
     from data.images import BadImage
 
-    model, backbone, info = _load(checkpoint, device)
+    model, _, info = _load(checkpoint, device)
     written = []
     for path in image_paths:
         try:
@@ -177,10 +177,9 @@ def attention_command(checkpoint, image_paths, out_dir, device):
         else:
             prob, index = logits.float().softmax(dim=-1)[0].max(dim=0)
             verdict = f"predicted {_class_name(info, index.item())} ({prob.item():.1%})"
-        name = f"{stem}_attention.png"
-        while os.path.join(out_dir, name) in written:  # two inputs with one file name
-            name = f"{stem}_{len(written)}_attention.png"
-        out = os.path.join(out_dir, name)
+        out, k = os.path.join(out_dir, f"{stem}_attention.png"), 1
+        while out in written:  # two inputs with one file name, e.g. a/img.png and b/img.png
+            out, k = os.path.join(out_dir, f"{stem}_{k}_attention.png"), k + 1
         plots.plot_attention(image, rollout, heads, out, f"{stem}: {verdict}")
         print(f"{path}: {verdict}; wrote {out}")
         written.append(out)
