@@ -1,0 +1,139 @@
+"""Every user mistake gives one UserError sentence with the right words; hostile files run no code."""
+
+import builtins
+import json
+
+import numpy as np
+import pytest
+import torch
+from google_npz import timm_vit, write_npz
+from safetensors.torch import save_file
+
+from vit import UserError, ViTConfig, ViTForImageClassification, ViTModel
+
+
+def raises(words, fn, *args, **kw):
+    """Call fn, expect a one-line UserError containing every one of `words`."""
+    with pytest.raises(UserError) as info:
+        fn(*args, **kw)
+    msg = str(info.value)
+    assert "\n" not in msg, f"not one line: {msg!r}"
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+    return msg
+
+
+@pytest.fixture(scope="module")
+def timm_file(tmp_path_factory):
+    root = tmp_path_factory.mktemp("err")
+    model = timm_vit(width=32, depth=1, heads=4, image_size=16, patch=8, classes=3)
+    torch.save(model.state_dict(), root / "vit.pth")
+    return model, root / "vit.pth"
+
+
+def load(path, **kw):
+    return ViTForImageClassification.from_pretrained(path, **kw)
+
+
+def test_missing_file(tmp_path):
+    raises(["nope.pth", "does not exist"], load, tmp_path / "nope.pth")
+
+
+def test_folder_without_config_or_weights(tmp_path):
+    raises(["no config.json"], load, tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(ViTConfig(hidden_size=32, num_attention_heads=4).to_hf_dict()))
+    raises(["no model.safetensors or pytorch_model.bin"], load, tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    raises(["config.json", "not a valid"], load, tmp_path)
+
+
+def test_unrecognised_format(tmp_path):
+    (tmp_path / "weights.txt").write_text("hello")
+    raises(["weights.txt", "unrecognised format"], load, tmp_path / "weights.txt")
+    torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    raises(["other.pth", "not a recognised ViT state dict"], load, tmp_path / "other.pth")
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    raises(["list.pth", "not a state dict"], load, tmp_path / "list.pth")
+    np.savez(tmp_path / "other.npz", w=np.zeros(3, dtype=np.float32))
+    raises(["other.npz", "not a recognised Google ViT .npz"], load, tmp_path / "other.npz")
+
+
+def test_unsupported_variant_key_is_refused_not_dropped(timm_file, tmp_path):
+    state = dict(torch.load(timm_file[1], weights_only=True), **{"blocks.0.ls1.gamma": torch.ones(32)})
+    torch.save(state, tmp_path / "layerscale.pth")
+    raises(["layerscale.pth", "'blocks.0.ls1.gamma'", "no counterpart"], load, tmp_path / "layerscale.pth", num_attention_heads=4)
+
+
+@pytest.mark.parametrize("name", ["vit.pth", "vit.safetensors", "vit.npz"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_files_name_the_file(timm_file, tmp_path, name, damage):
+    model, _ = timm_file
+    path = tmp_path / name
+    if name.endswith(".npz"):
+        write_npz(path, model.state_dict(), 4)
+    elif name.endswith(".safetensors"):
+        save_file(model.state_dict(), path)
+    else:
+        torch.save(model.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else bytes(range(256)) * 8)
+    raises([str(path)], load, path, num_attention_heads=4)
+
+
+def test_shape_mismatch_names_key_and_shapes(timm_file):
+    raises(["'vit.encoder.layer.0.intermediate.dense.weight'", "(128, 32)", "(48, 32)"], load, timm_file[1], num_attention_heads=4, intermediate_size=48)
+    raises(["'vit.embeddings.patch_embeddings.projection.weight'", "(32, 3, 8, 8)", "(32, 1, 8, 8)"], load, timm_file[1], num_attention_heads=4, num_channels=1)
+
+
+def test_heads_must_divide_width(timm_file):
+    raises(["num_attention_heads=5", "hidden_size=32"], load, timm_file[1], num_attention_heads=5)
+    raises(["num_attention_heads=5"], ViTConfig, hidden_size=32, num_attention_heads=5)
+
+
+def test_nonstandard_width_needs_heads(timm_file):
+    raises(["width 32", "num_attention_heads"], load, timm_file[1])
+
+
+def test_image_size_not_divisible_by_patch(timm_file):
+    raises(["image_size=30", "patch_size=8"], load, timm_file[1], num_attention_heads=4, image_size=30)
+    model = ViTModel(ViTConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, image_size=16, patch_size=8))
+    raises(["20x20", "patch_size=8"], model, torch.zeros(1, 3, 20, 20), interpolate_pos_encoding=True)
+    raises(["24x24", "image_size=16"], model, torch.zeros(1, 3, 24, 24))
+
+
+def test_wrong_channel_count():
+    model = ViTModel(ViTConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1, image_size=16, patch_size=8))
+    raises(["1 channels", "num_channels=3"], model, torch.zeros(1, 1, 16, 16))
+
+
+def test_bad_overrides(timm_file):
+    raises(["unknown config override", "hiden_size"], load, timm_file[1], hiden_size=32)
+    raises(["patch_size=0", "positive integer"], ViTConfig, patch_size=0)
+
+
+class Evil:
+    """Pickles to a call that writes a marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (builtins.exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+@pytest.mark.parametrize("where", ["file.pth", "folder/pytorch_model.bin", "file.npz"])
+def test_pickle_that_runs_code_is_refused(timm_file, tmp_path, where):
+    marker = tmp_path / "marker"
+    path = tmp_path / where
+    path.parent.mkdir(exist_ok=True)
+    if where.endswith(".npz"):
+        np.savez(path, **{"embedding/kernel": np.array([Evil(marker)], dtype=object)})
+        words = [str(path), "corrupt, truncated or pickled"]
+    else:
+        torch.save({**torch.load(timm_file[1], weights_only=True), "evil": Evil(marker)}, path)
+        words = [str(path), "could run code"]
+        if "folder" in where:
+            (path.parent / "config.json").write_text(json.dumps(ViTConfig(hidden_size=32, num_attention_heads=4).to_hf_dict()))
+            path = path.parent
+    raises(words, load, path, num_attention_heads=4)
+    assert not marker.exists(), "the pickle ran code"
