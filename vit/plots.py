@@ -75,7 +75,7 @@ def plot_curves(history, path):
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend()
-    ax_acc.set_ylim(top=1.0)
+    ax_acc.set_ylim(top=1.01)  # room for dots at 100%
     return _save(fig, path)
 
 
