@@ -1,0 +1,77 @@
+"""Resume is exact: a run interrupted (by a real SIGINT, mid-epoch or at an epoch's end) and resumed
+ends with bit-identical weights, optimizer state and metrics.jsonl to an uninterrupted run."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import main
+from test_train_utils import make_folder, one_thread, run_main, tiny_params  # noqa: F401
+from vit import engine
+from vit.checkpoint import read
+
+# dropout, drop path and mixup all draw random numbers: resume must restore or re-derive every stream
+NOISY = dict(epochs=3, mixup=0.4, cutmix=0.4, drop_path=0.2, grad_accum=2, layer_decay=0.9)
+
+
+def sigint_on_call(monkeypatch, module, name, n):
+    """Make module.name send us SIGINT (like a Ctrl-C) on its n-th call, then carry on."""
+    real, calls = getattr(module, name), []
+
+    def wrapper(*args, **kw):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("ref")
+    make_folder(tmp / "images", classes=3, per_class=10)
+    torch.set_num_threads(1)
+    assert main.main(["--params", tiny_params(tmp, tmp / "images", **NOISY), "--set", "model.hidden_dropout_prob=0.1"]) == 0
+    return tmp / "run"
+
+
+def assert_same_run(a, b):
+    ca, cb = read(str(a / "last.pt")), read(str(b / "last.pt"))
+    assert ca["model"].keys() == cb["model"].keys()
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), f"{k} differs by {(ca['model'][k] - cb['model'][k]).abs().max()}"
+    for s in ca["optimizer"]["state"]:
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(ca["optimizer"]["state"][s][k], cb["optimizer"]["state"][s][k])
+    assert ca["scheduler"] == cb["scheduler"] and ca["epoch"] == cb["epoch"] == 3
+    ha = [json.loads(line) for line in (a / "metrics.jsonl").read_text().splitlines()]
+    hb = [json.loads(line) for line in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hb] == [1, 2, 3]  # no duplicate, no gap
+    for x, y in zip(ha, hb):
+        for k in ("loss", "acc", "val_loss", "val_acc", "lr"):
+            assert x[k] == y[k], (k, x, y)
+
+
+@pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
+def test_interrupted_and_resumed_equals_uninterrupted(reference, where, tmp_path, capsys, monkeypatch, one_thread):  # noqa: F811
+    make_folder(tmp_path / "images", classes=3, per_class=10)
+    argv = ["--params", tiny_params(tmp_path, tmp_path / "images", **NOISY), "--set", "model.hidden_dropout_prob=0.1"]
+    with monkeypatch.context() as m:
+        if where == "mid_epoch":  # 3 batches an epoch: the 5th loss is epoch 2's second batch, which ends a step
+            sigint_on_call(m, engine, "loss_fn", 5)
+        else:  # during epoch 2's evaluation: the loop finishes the epoch, saves, and stops
+            sigint_on_call(m, engine, "evaluate", 2)
+        code, out, err = run_main(argv, capsys)
+    assert code == 128 + signal.SIGINT, err
+    assert "python main.py --params" in out and "--resume" in out and "SIGINT" in err
+    ckpt = read(str(tmp_path / "run" / "last.pt"))
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == ((1, 1) if where == "mid_epoch" else (2, 0))
+    code, out, err = run_main(argv + ["--resume"], capsys)
+    assert code == 0, err
+    assert "resuming" in out
+    assert_same_run(reference, tmp_path / "run")

@@ -1,0 +1,96 @@
+"""A tiny end-to-end run on a generated image folder: the run folder's layout, the per-epoch line,
+checkpoints and the HF folder; then the eval and predict commands on what it wrote."""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from test_train_utils import make_folder, one_thread, run_main, tiny_params  # noqa: F401
+from vit.checkpoint import load_for_inference, read
+
+LINE = re.compile(r"^Epoch : (\d+) - loss : \d\.\d{4} - acc: \d\.\d{4} - val_loss : \d\.\d{4} - val_acc: \d\.\d{4}"
+                  r" - val_top5: \d\.\d{4}$", re.M)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 6-class run of 2 epochs (6 > 5 classes, so top-5 is reported), shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    classes = make_folder(tmp / "images", classes=6, per_class=8)
+    params = tiny_params(tmp, tmp / "images", epochs=2, mixup=0.2, cutmix=0.2, layer_decay=0.8)
+    torch.set_num_threads(1)
+    import main
+
+    code = main.main(["--params", params])
+    return tmp, classes, params, code
+
+
+def test_run_writes_the_whole_results_layout(trained, capfd):
+    tmp, classes, _, code = trained
+    run = tmp / "run"
+    assert code == 0
+    expected = {"params.json", "metrics.jsonl", "curves.png", "confusion.png", "misclassified.png",
+                "per_class_accuracy.json", "last.pt", "best.pt", "best_hf"}
+    assert expected <= set(os.listdir(run)), sorted(os.listdir(run))
+    for png in ("curves.png", "confusion.png", "misclassified.png"):
+        with Image.open(run / png) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert all({"loss", "acc", "val_loss", "val_acc", "val_top5", "lr", "images_per_s"} <= set(h) for h in history)
+    per_class = json.loads((run / "per_class_accuracy.json").read_text())
+    assert list(per_class) == classes and all(0 <= a <= 1 for a in per_class.values())
+    saved = json.loads((run / "params.json").read_text())
+    assert saved["train"]["epochs"] == 2 and saved["train"]["grad_accum"] == 1  # resolved: defaults filled in
+
+
+def test_checkpoints_hold_everything_and_load_with_weights_only(trained):
+    tmp, classes, _, _ = trained
+    ckpt = read(str(tmp / "run" / "last.pt"))  # weights_only=True inside
+    assert ckpt["epoch"] == 2 and ckpt["classes"] == classes and ckpt["mean"] == [0.5, 0.5, 0.5]
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "params", "config"} <= set(ckpt)
+    assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    config = json.loads((tmp / "run" / "best_hf" / "config.json").read_text())
+    assert config["id2label"] == {str(i): c for i, c in enumerate(classes)}
+    for source in ("run", "run/best.pt", "run/best_hf"):
+        model, info = load_for_inference(str(tmp / source), "cpu")
+        assert info["classes"] == classes and info["image_size"] == 16 and info["channels"] == 3
+        assert info["mean"] == [0.5, 0.5, 0.5] and info["std"] == [0.25, 0.25, 0.25]
+        assert not model.training
+
+
+def test_per_epoch_line_is_printed(tmp_path, capsys, one_thread):  # noqa: F811
+    classes = make_folder(tmp_path / "images", classes=6, per_class=6)
+    code, out, err = run_main(["--params", tiny_params(tmp_path, tmp_path / "images", epochs=1)], capsys)
+    assert code == 0, err
+    assert [int(m) for m in LINE.findall(out)] == [1], out
+    assert "training on the CPU" in out and "per-class accuracy: " + classes[0] in out
+    # a second plain start would overwrite the run: refused, pointing at --resume
+    code, _, err = run_main(["--params", tiny_params(tmp_path, tmp_path / "images", epochs=1)], capsys)
+    assert code == 2 and "--resume" in err
+
+
+def test_eval_and_predict_commands(trained, capsys, one_thread):  # noqa: F811
+    tmp, classes, _, _ = trained
+    code, out, err = run_main(["eval", "--checkpoint", str(tmp / "run"), "--data-dir", str(tmp / "images")], capsys)
+    assert code == 0, err
+    acc = float(re.search(r"acc: (\d\.\d+)", out).group(1))
+    assert 0 <= acc <= 1 and "top5" in out
+    images = [str(tmp / "images" / c / "0.png") for c in classes[:2]]
+    code, out, err = run_main(["predict", "--checkpoint", str(tmp / "run" / "best.pt"), *images, "--topk", "3"], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    for path, line in zip(images, lines):
+        assert line.startswith(path + ": ")
+        pairs = re.findall(r"(class_\d) (\d\.\d{4})", line)
+        assert len(pairs) == 3 and all(name in classes for name, _ in pairs)
+        probs = [float(p) for _, p in pairs]
+        assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
+    code, out, err = run_main(["predict", "--checkpoint", str(tmp / "run"), str(tmp / "missing.png")], capsys)
+    assert code == 1 and "missing.png: cannot read" in err
