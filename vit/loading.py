@@ -330,7 +330,7 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     report = LoadReport(path, source)
 
     # the checkpoint's architecture: its config where it has one, else its shapes
-    kw = {**infer_config(state, path), **known} if source != "Hugging Face folder" else dict(known)
+    kw = {**infer_config(state, path), **known}
     if "num_attention_heads" not in kw and "num_attention_heads" not in overrides:
         raise UserError(
             f"checkpoint {path} has width {kw['hidden_size']}, which has no standard head count; "
