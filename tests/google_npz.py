@@ -80,7 +80,6 @@ def write_npz(path, state, num_heads, form="augreg", **kw):
 
 def timm_vit(width=32, depth=2, heads=4, image_size=32, patch=8, classes=10, mlp_ratio=4.0, **kw):
     """A tiny timm VisionTransformer in eval mode with every parameter random (no zero heads or unit norms)."""
-    import torch
     from timm.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(
