@@ -77,7 +77,7 @@ def build_loaders(data_params, train_params, device, rank=0, world_size=1):
     else:
         make = _worker_loader_factory(dataset, data_params, device, report, common, randaugment)
     train = make(train_set, train=True, **aug)
-    val = make(val_set, train=False) if len(val_set[0] if dataset == "fashion_mnist" else val_set) else None
+    val = make(val_set, train=False) if report["val_files"] else None
     if len(train) == 0:
         raise UserError(f"train.batch_size {common['batch_size']} is more than the training images per rank "
                         f"({report['train_files']} images over {world_size} rank(s)); lower train.batch_size.")

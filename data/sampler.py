@@ -16,7 +16,8 @@ def epoch_generator(seed, epoch, stream=0):
 def shard_indices(n, seed, epoch, rank, world_size, shuffle):
     """Indices (int64 tensor) for this rank. Shuffled: the same permutation on every rank, the tail that
     does not divide by world_size dropped so every rank gets exactly n // world_size. Not shuffled (eval):
-    arange strided by rank, nothing dropped, so the ranks together cover every sample exactly once."""
+    arange strided by rank, nothing dropped, so the ranks together cover every sample exactly once
+    (eval ranks may then differ by one sample, and so by one batch: reduce metric sums after the loop)."""
     if not shuffle:
         return torch.arange(rank, n, world_size)
     perm = torch.randperm(n, generator=epoch_generator(seed, epoch))

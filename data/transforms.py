@@ -12,6 +12,8 @@ import math
 from PIL import Image
 from torchvision import transforms as T
 
+from vit.errors import UserError
+
 
 def crop_pct(image_size):
     """Fraction of the resized image kept by the eval center crop."""
@@ -45,7 +47,11 @@ def train_transform(image_size, channels, mean, std, scale=(0.35, 1.0), hflip=0.
     if randaugment:
         from timm.data.auto_augment import rand_augment_transform
         fill = tuple(round(255 * m) for m in mean)  # rotate/shear fill with the mean colour, as timm does
-        ops.append(rand_augment_transform(randaugment, dict(translate_const=int(image_size * 0.45), img_mean=fill)))
+        try:
+            ops.append(rand_augment_transform(randaugment, dict(translate_const=int(image_size * 0.45), img_mean=fill)))
+        except AssertionError as e:  # timm asserts on malformed strings
+            raise UserError(f"train.randaugment {randaugment!r} is not a timm RandAugment string "
+                            f"like \"rand-m9-mstd0.5\" ({e}).") from e
     ops += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(ops)
 

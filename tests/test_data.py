@@ -91,6 +91,8 @@ def test_randaugment_uses_worker_loader():
 def test_bad_params_refused():
     with pytest.raises(UserError, match="data.mean"):
         build_loaders({**FMNIST, "mean": [0.5, 0.5]}, TRAIN, "cpu")
+    with pytest.raises(UserError, match="train.randaugment 'rand-x9'"):
+        build_loaders(FMNIST, {**TRAIN, "randaugment": "rand-x9"}, "cpu")
     with pytest.raises(UserError, match="data.dataset"):
         build_loaders({**FMNIST, "dataset": "cifar"}, TRAIN, "cpu")
 
