@@ -1,0 +1,304 @@
+"""Helpers for the fault tests (no tests here): tiny params and folders, and a `main.py` runner that
+can kill or signal itself at an exact point.
+
+Run as a script, this file is `python main.py` with fault hooks installed from the environment:
+
+    FAULTS_AT="step:5"      the 5th optimizer step of this process (counted across epochs)
+    FAULTS_AT="eval:2"      the 2nd forward pass in eval mode
+    FAULTS_AT="save:3"      the 3rd torch.save: half the bytes reach the temp file, then the fault
+    FAULTS_AT="replace:2"   the 2nd os.replace (checkpoint, metrics or HF folder), just before it
+    FAULTS_AT="history:2"   the 2nd metrics.jsonl rewrite, just before it
+    FAULTS_ACTION=KILL|INT|TERM   SIGKILL (default), or a SIGINT/SIGTERM sent to itself
+    FAULTS_ACTION=WAIT      write FAULTS_MARKER, then wait (up to 20 s) for the parent to signal us
+                            and write FAULTS_MARKER + ".ack": a real signal from outside, still exact
+    FAULTS_NAN_AT=k         the k-th training forward returns NaN logits
+
+Self-inflicted faults land at the same instruction every time, so the kill tests are deterministic;
+each test also adds a few kills from the parent after seeded random delays.
+"""
+
+import io
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUMMARY = []  # ("test name", "counted thing", n), printed by the last test module through `summary_line`
+
+
+# -----------------------------------------------------------------------------
+# tiny inputs
+
+
+def make_folder(root, classes=3, per_class=16, size=20, seed=0):
+    """root/<class>/*.png where the dominant colour channel is the class: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    names = [f"class_{c}" for c in range(classes)]
+    for c, name in enumerate(names):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(per_class):
+            a = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+            a[:, :, c % 3] += 150
+            Image.fromarray(a).save(os.path.join(root, name, f"{i}.png"))
+    return names
+
+
+def tiny_params(folder, out_dir, **train):
+    """A valid params dict: a 2-layer width-32 ViT on `folder` at 16x16, 2 epochs of fp32 on the CPU."""
+    return {
+        "model": {"patch_size": 4, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "intermediate_size": 64, "hidden_dropout_prob": 0.1},
+        "data": {"dataset": "folder", "train_dir": str(folder), "val_split": 0.25, "image_size": 16,
+                 "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "workers": 0},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_epochs": 1, "precision": "fp32",
+                  "drop_path": 0.1, **train},
+        "output": {"dir": str(out_dir), "misclassified": 4},
+    }
+
+
+def write_params(path, params):
+    with open(path, "w") as f:
+        json.dump(params, f)
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# running main.py
+
+
+def env_for(**faults):
+    """One intra-op thread (2 shared CI cores), no fault hooks unless given, as environment variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FAULTS_")}
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"})
+    env.update({f"FAULTS_{k.upper()}": str(v) for k, v in faults.items()})
+    return env
+
+
+def run_cli(args, timeout=120, **faults):
+    """The real thing: `python main.py *args` (through this file, for the hooks) in a new interpreter."""
+    return subprocess.run([sys.executable, os.path.abspath(__file__), *args], cwd=ROOT, env=env_for(**faults),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@dataclass
+class Result:
+    """What a finished run left: like subprocess.CompletedProcess (returncode -9 after SIGKILL)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Child:
+    """`python main.py *args` as a process forked from a server that already imported torch and the project.
+
+    A fresh interpreter costs ~6 s of CPU in imports; a fork costs milliseconds, and it is still a
+    real process: its own signals, SIGKILL, exit code, and stdout/stderr (sent to files here).
+    """
+
+    _count = 0
+
+    def __init__(self, args, log_dir, **faults):
+        Child._count += 1
+        base = os.path.join(str(log_dir), f"run{Child._count}")
+        self.out_path, self.err_path = base + ".out", base + ".err"
+        self.args = list(args)
+        self.process = _context().Process(target=_child_main, args=(self.args, faults, self.out_path, self.err_path))
+        self.process.start()
+        self.pid = self.process.pid
+
+    def signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout=120):
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()
+            raise AssertionError(f"main.py {' '.join(self.args)} did not finish in {timeout} s")
+        with open(self.out_path) as f, open(self.err_path) as g:
+            return Result(self.process.exitcode, f.read(), g.read())
+
+
+def run(args, log_dir, timeout=120, **faults):
+    """Start a Child and wait for it."""
+    return Child(args, log_dir, **faults).wait(timeout)
+
+
+_CTX = []
+
+
+def _context():
+    """The forkserver, preloaded once per test session with everything main.py imports."""
+    if not _CTX:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["faults_util", "main", "data", "vit.checkpoint", "vit.loading", "vit.plots",
+                                    "timm.data", "safetensors.torch"])
+        _CTX.append(ctx)
+    return _CTX[0]
+
+
+def _child_main(args, faults, out_path, err_path):
+    """In the forked process: point fds 1 and 2 at files, install the hooks, run main.main, exit with its code."""
+    for fd, path in ((1, out_path), (2, err_path)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+    for k in [k for k in os.environ if k.startswith("FAULTS_")]:
+        del os.environ[k]
+    os.environ.update(env_for(**faults))
+    warnings.simplefilter("ignore")
+    code = 1
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        os.chdir(ROOT)
+        code = _install_hooks().main(list(args))
+    except SystemExit as e:  # argparse
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # what an uncaught exception does to `python main.py`: a traceback, exit 1
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+def assert_clean_refusal(proc, *words):
+    """Exit 2, one `error: ...` sentence naming `words` on stderr, and no traceback anywhere."""
+    err = proc.stderr
+    assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{err[-3000:]}"
+    assert "Traceback" not in err and "Traceback" not in proc.stdout, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err[-3000:]
+    for w in words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def load_state(path):
+    """The model tensors of a training checkpoint, read safely."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def record(test, what, n):
+    """Remember a count for the reliability summary, and print it (visible with pytest -s)."""
+    SUMMARY.append((test, what, n))
+    print(f"\nFAULTS {test}: {what} = {n}")
+
+
+# -----------------------------------------------------------------------------
+# the hooks, installed only when this file runs as a script
+
+
+class _Fault:
+    """Count events of one kind; at the chosen one, do the chosen thing."""
+
+    def __init__(self):
+        spec = os.environ.get("FAULTS_AT", "")
+        self.kind, _, n = spec.partition(":")
+        self.n = int(n or 0)
+        self.action = os.environ.get("FAULTS_ACTION", "KILL")
+        self.counts = {}
+
+    def hit(self, kind):
+        """True once: at the n-th event of our kind."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        return kind == self.kind and self.counts[kind] == self.n
+
+    def fire(self):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.action == "KILL":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.action == "WAIT":
+            marker = os.environ["FAULTS_MARKER"]
+            with open(marker, "w") as f:
+                f.write(str(os.getpid()))
+            deadline = time.time() + 20
+            while not os.path.exists(marker + ".ack") and time.time() < deadline:
+                time.sleep(0.01)  # the parent's signal interrupts this sleep and runs main's handler
+        else:
+            os.kill(os.getpid(), getattr(signal, "SIG" + self.action))
+
+
+def _install_hooks():
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    import main
+    from vit import checkpoint
+    from vit.model import ViTForImageClassification
+
+    fault = _Fault()
+    real_save, real_replace, real_history = torch.save, os.replace, main.write_history
+
+    def save(obj, f, *a, **kw):
+        if fault.hit("save"):  # a torn write: half the bytes, then the fault
+            buf = io.BytesIO()
+            real_save(obj, buf, *a, **kw)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            fault.fire()
+        return real_save(obj, f, *a, **kw)
+
+    def replace(src, dst, *a, **kw):
+        if fault.hit("replace"):
+            fault.fire()
+        return real_replace(src, dst, *a, **kw)
+
+    def write_history(path, history):
+        if fault.hit("history"):
+            fault.fire()
+        return real_history(path, history)
+
+    def step_hook(optimizer, args, kwargs):
+        if fault.hit("step"):
+            fault.fire()
+
+    nan_at = int(os.environ.get("FAULTS_NAN_AT", 0))
+    real_forward = ViTForImageClassification.forward
+    forwards = {"train": 0}
+
+    def forward(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        if self.training:
+            forwards["train"] += 1
+            if forwards["train"] == nan_at:
+                out.logits = out.logits * float("nan")
+        elif fault.hit("eval"):
+            fault.fire()
+        return out
+
+    torch.save = save
+    os.replace = replace
+    main.write_history = write_history
+    register_optimizer_step_post_hook(step_hook)
+    ViTForImageClassification.forward = forward
+    assert checkpoint.torch is torch  # checkpoint.save reaches torch.save through the module
+    return main
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    sys.exit(_install_hooks().main(sys.argv[1:]))
