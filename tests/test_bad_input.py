@@ -1,0 +1,123 @@
+"""Bad input never costs a finished epoch: broken files are counted, an empty class is refused,
+a non-finite loss stops with the last good checkpoint intact, out-of-memory and a full disk say
+what to do."""
+
+import errno
+import hashlib
+import re
+import os
+
+import pytest
+import torch
+
+from test_train_utils import make_folder, one_thread, run_main, tiny_params  # noqa: F401
+from vit import checkpoint, distributed, engine
+from vit.errors import UserError
+
+
+def test_broken_files_are_skipped_and_counted(tmp_path, capsys, one_thread):  # noqa: F811
+    make_folder(tmp_path / "images", classes=3, per_class=10)
+    bad = tmp_path / "images" / "class_0"
+    (bad / "zero.png").write_bytes(b"")
+    (bad / "random.jpg").write_bytes(os.urandom(2000))
+    (bad / "text.png").write_text("not an image at all")
+    good = (bad / "0.png").read_bytes()
+    (bad / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "images" / "class_1" / "notes.txt").write_text("readme")
+    code, out, err = run_main(["--params", tiny_params(tmp_path, tmp_path / "images", epochs=1)], capsys)
+    assert code == 0, err
+    assert "Epoch : 1" in out and os.path.isfile(tmp_path / "run" / "best.pt")
+    counts = out[out.index("bad files:"):]
+    skipped, dropped = (int(s) for s in re.findall(r"(\d+) (?:skipped|dropped)", counts)[:2])
+    assert skipped + dropped >= 4, out  # zero-byte, random bytes, text-as-png, truncated (the .txt may be ignored)
+
+
+def test_empty_class_folder_is_refused_by_name(tmp_path, capsys):
+    make_folder(tmp_path / "images", classes=3, per_class=6)
+    os.makedirs(tmp_path / "images" / "empty_class")
+    code, out, err = run_main(["--params", tiny_params(tmp_path, tmp_path / "images", epochs=1)], capsys)
+    assert code == 2 and "empty_class" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "run" / "last.pt")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch, one_thread):  # noqa: F811
+    make_folder(tmp_path / "images", classes=3, per_class=10)
+    real, calls = engine.loss_fn, []
+
+    def loss_fn(*args):  # epoch 1 is fine (3 batches); epoch 2's second batch goes NaN
+        calls.append(1)
+        loss = real(*args)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(engine, "loss_fn", loss_fn)
+    last = tmp_path / "run" / "last.pt"
+    saved = []
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda path, payload: (real_save(path, payload), saved.append(
+        hashlib.sha256(open(path, "rb").read()).hexdigest() if path.endswith("last.pt") else None)))
+    code, out, err = run_main(["--params", tiny_params(tmp_path, tmp_path / "images", epochs=3)], capsys)
+    assert code == 2 and "nan" in err and "epoch 2" in err and "intact" in err and "--resume" in err
+    assert "Traceback" not in err
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == saved[0]  # epoch 1's file, untouched
+    assert checkpoint.read(str(last))["epoch"] == 1
+    assert len(open(tmp_path / "run" / "metrics.jsonl").read().splitlines()) == 1
+
+
+class _OOMModel(torch.nn.Module):
+    """Stands in for a model too big for the GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def test_out_of_memory_suggests_smaller_batch_or_accumulation():
+    model = _OOMModel()
+    opt = torch.optim.AdamW([{"params": [model.w], "lr_scale": 1.0}])
+    train = {"batch_size": 128, "grad_accum": 1, "precision": "fp32", "label_smoothing": 0.0, "clip_grad": None}
+    loader = [(torch.zeros(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(UserError) as e:
+        engine.train_one_epoch(model, loader, opt, torch.amp.GradScaler("cuda", enabled=False), lambda s: 1e-3, 0,
+                               train=train, device=torch.device("cpu"), d=distributed.Dist())
+    msg = str(e.value)
+    assert "out of memory" in msg and "train.batch_size=64" in msg and "train.grad_accum" in msg
+    with pytest.raises(UserError, match="out of memory"):
+        engine.evaluate(model, loader, num_classes=3, device=torch.device("cpu"), d=distributed.Dist(), train=train)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    checkpoint.save(path, {"epoch": 1, "w": torch.ones(3)})
+    before = open(path, "rb").read()
+
+    def full(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError) as e:
+        checkpoint.save(path, {"epoch": 2, "w": torch.zeros(3)})
+    assert "No space left on device" in str(e.value) and "previous" in str(e.value) and "kept" in str(e.value)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["last.pt"]  # no temp file left
+
+
+def test_unsafe_or_corrupt_checkpoints_are_refused(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"model": Evil(), "config": {}}))
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        checkpoint.read(str(evil))
+    assert not os.path.exists(tmp_path / "pwned")
+    good = tmp_path / "good.pt"
+    checkpoint.save(str(good), {"model": {}, "config": {}})
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:100])
+    with pytest.raises(UserError, match="cut.pt"):
+        checkpoint.read(str(tmp_path / "cut.pt"))
