@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,7 +78,7 @@ def write_params(path, params):
 def env_for(**faults):
     """One intra-op thread (2 shared CI cores), no fault hooks unless given, as environment variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FAULTS_")}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONWARNINGS": "ignore"})
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     env.update({f"FAULTS_{k.upper()}": str(v) for k, v in faults.items()})
     return env
 
@@ -159,7 +158,6 @@ def _child_main(args, faults, out_path, err_path):
     for k in [k for k in os.environ if k.startswith("FAULTS_")]:
         del os.environ[k]
     os.environ.update(env_for(**faults))
-    warnings.simplefilter("ignore")
     code = 1
     try:
         import torch
