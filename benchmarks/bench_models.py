@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-from common import IMPLS, autocast, build_model, count_flops, environment, make_optimizer, matmul_peak, time_calls, train_step
+from common import IMPLS, autocast, build_model, count_flops, cpu_threads, environment, make_optimizer, matmul_peak, time_calls, train_step
 
 # per size, (inference batch, training batch) that fill an 80 GB H100 without running out of memory
 GPU_BATCHES = {"Ti/16": (1024, 512), "S/16": (1024, 512), "B/16": (512, 256), "L/16": (256, 128)}
@@ -45,7 +45,7 @@ def parse_args():
     p.add_argument("--stat", choices=["median", "min"], default=None,
                    help="per-step statistic for img/s (default median on CUDA; min on the CPU, where other jobs only add time)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads (default 1 on the CPU: on a shared machine a lone thread never waits at an OpenMP barrier)")
+                   help="intra-op CPU threads (default 1 on the CPU, see common.cpu_threads)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="benchmarks/out/bench_models.json", help="JSON results, rewritten after every case")
     args = p.parse_args()
@@ -188,8 +188,7 @@ def main():
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 leftovers outside autocast, same for all three
         torch.backends.cudnn.allow_tf32 = True
-    if args.threads or device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    cpu_threads(device, args.threads)
     peak = matmul_peak(device)
     report = {"env": environment(device), "args": vars(args), "matmul_peak_tflops": peak / 1e12, "results": [], "rounds": []}
     print(f"{report['env'].get('gpu', 'cpu')}: matmul peak {peak / 1e12:.3f} TFLOP/s "

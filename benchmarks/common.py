@@ -146,6 +146,13 @@ def matmul_peak(device, n=None, repeats=20):
     return 2 * n**3 / t["median_s"]
 
 
+def cpu_threads(device, threads=None):
+    """Intra-op threads: as asked, else 1 on the CPU (on a shared machine a lone thread never waits
+    at an OpenMP barrier for a core someone else took) and torch's default on CUDA."""
+    if threads or device.type == "cpu":
+        torch.set_num_threads(threads or 1)
+
+
 def environment(device):
     """Versions and hardware, so a result file says what produced it."""
     import timm
