@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
     return tmp, classes, params, code
 
 
-def test_run_writes_the_whole_results_layout(trained, capfd):
+def test_run_writes_the_whole_results_layout(trained):
     tmp, classes, _, code = trained
     run = tmp / "run"
     assert code == 0
@@ -94,3 +94,30 @@ def test_eval_and_predict_commands(trained, capsys, one_thread):  # noqa: F811
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1.0001
     code, out, err = run_main(["predict", "--checkpoint", str(tmp / "run"), str(tmp / "missing.png")], capsys)
     assert code == 1 and "missing.png: cannot read" in err
+
+
+def test_linear_probe_from_the_best_hf_folder(trained, tmp_path, capsys, one_thread):  # noqa: F811
+    """model.pretrained + freeze_backbone: only the new head changes, the backbone stays bit-identical."""
+    tmp, classes, _, _ = trained
+    make_folder(tmp_path / "images", classes=3, per_class=8, seed=1)
+    params = tiny_params(tmp_path, tmp_path / "images", epochs=1, freeze_backbone=True, drop_path=0.0)
+    sizes = ["model.patch_size=null", "model.hidden_size=null", "model.num_hidden_layers=null",
+             "model.num_attention_heads=null", "model.intermediate_size=null"]
+    code, out, err = run_main(["--params", params, "--set", f"model.pretrained={tmp / 'run' / 'best_hf'}", *sizes], capsys)
+    assert code == 0, err
+    assert "new classifier for num_labels=3" in out
+    before = read(str(tmp / "run" / "best.pt"))["model"]
+    after = read(str(tmp_path / "run" / "last.pt"))["model"]
+    assert all(torch.equal(before[k], after[k]) for k in after if not k.startswith("classifier."))
+    assert after["classifier.weight"].shape == (3, 32) and after["classifier.weight"].abs().sum() > 0
+
+
+def test_attention_and_inspect_commands_write_pngs(trained, capsys, one_thread):  # noqa: F811
+    tmp, classes, _, _ = trained
+    image = str(tmp / "images" / classes[0] / "1.png")
+    code, out, err = run_main(["attention", "--checkpoint", str(tmp / "run"), image], capsys)
+    assert code == 0, err
+    assert os.listdir(tmp / "run" / "attention") and all(f.endswith(".png") for f in os.listdir(tmp / "run" / "attention"))
+    code, out, err = run_main(["inspect", "--checkpoint", str(tmp / "run" / "best.pt"), "--out", str(tmp / "fig7")], capsys)
+    assert code == 0, err
+    assert {"embedding_filters.png", "position_similarity.png"} <= set(os.listdir(tmp / "fig7"))
