@@ -61,17 +61,9 @@ def build_model(params, classes):
     return ViTForImageClassification(config)
 
 
-def read_history(path, epochs_done):
-    """metrics.jsonl lines of the epochs a resumed run keeps; later lines (a lost epoch) are dropped."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        lines = [json.loads(line) for line in f if line.strip()]
-    return [h for h in lines if h["epoch"] <= epochs_done]
-
-
 def write_history(path, history):
-    """Rewrite metrics.jsonl atomically: one line per finished epoch, never a duplicate."""
+    """Rewrite metrics.jsonl atomically from the records the checkpoint carries: one line per
+    finished epoch, no duplicate after a resume and no gap after a kill between save and log."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(json.dumps(h) + "\n" for h in history)
@@ -132,7 +124,6 @@ class Run:
     mixup_fn: object
     progress: dict  # epoch, step, step_in_epoch, sums, best_acc: what a checkpoint resumes from
     rng: Optional[dict]  # RNG state to restore when resuming mid-epoch
-    history: list  # metrics.jsonl records
     resume_hint: str
 
 
@@ -163,7 +154,7 @@ def train(args):
         optim.freeze_backbone(model)
     optimizer = optim.build_optimizer(model, t, device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "sums": None, "best_acc": -1.0}
+    progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "sums": None, "best_acc": -1.0, "history": []}
     rng = None
     if args.resume:
         progress, rng = checkpoint.resume(last_path, model, optimizer, scaler)
@@ -183,16 +174,15 @@ def train(args):
         mixup_fn = Mixup(mixup_alpha=t["mixup"], cutmix_alpha=t["cutmix"], label_smoothing=t["label_smoothing"], num_classes=K)
 
     metrics_path = os.path.join(out, "metrics.jsonl")
-    history = read_history(metrics_path, progress["epoch"]) if args.resume else []
     if d.is_main:
         os.makedirs(out, exist_ok=True)
         P.save(params, os.path.join(out, "params.json"))
-        write_history(metrics_path, history)
+        write_history(metrics_path, progress["history"])
         print(f"{model.num_parameters():,} parameters, {K} classes, {len(loaders.train)} batches/epoch, "
               f"effective batch {t['batch_size'] * t['grad_accum'] * d.world_size}, lr {base_lr:.3g}, "
               f"data {loaders.report.get('loader')}, run folder {out}")
     hint = "python main.py " + (f"--params {args.params} " if args.params != "params.json" else "") + "--resume"
-    run = Run(params, d, loaders, model, runner, optimizer, scaler, lr_fn, mixup_fn, progress, rng, history, hint)
+    run = Run(params, d, loaders, model, runner, optimizer, scaler, lr_fn, mixup_fn, progress, rng, hint)
     with StopRequest() as stop:
         code = loop(run, stop)
     if code == 0 and loaders.val is not None:
@@ -213,7 +203,8 @@ def loop(run, stop):
     """The epoch loop: train, evaluate, checkpoint, log. Returns the exit code (0, or 128 + signal)."""
     from vit import plots
 
-    params, d, loaders, model, progress, history = run.params, run.d, run.loaders, run.model, run.progress, run.history
+    params, d, loaders, model, progress = run.params, run.d, run.loaders, run.model, run.progress
+    history = progress["history"]  # metrics.jsonl records, saved in every checkpoint
     t, out, device = params["train"], params["output"]["dir"], d.device
     last_path, best_path = os.path.join(out, checkpoint.LAST), os.path.join(out, checkpoint.BEST)
     metrics_path = os.path.join(out, "metrics.jsonl")

@@ -1,5 +1,6 @@
 """Resume is exact: a run interrupted (by a real SIGINT, mid-epoch or at an epoch's end) and resumed
-ends with bit-identical weights, optimizer state and metrics.jsonl to an uninterrupted run."""
+ends with bit-identical weights, optimizer state and metrics.jsonl to an uninterrupted run, even
+when metrics.jsonl was left a line long or short."""
 
 import json
 import os
@@ -71,6 +72,10 @@ def test_interrupted_and_resumed_equals_uninterrupted(reference, where, tmp_path
     assert "python main.py --params" in out and "--resume" in out and "SIGINT" in err
     ckpt = read(str(tmp_path / "run" / "last.pt"))
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == ((1, 1) if where == "mid_epoch" else (2, 0))
+    # what a kill between the checkpoint and the log could leave: a line too many, or one too few
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join(lines + lines[-1:] if where == "mid_epoch" else lines[:-1]))
     code, out, err = run_main(argv + ["--resume"], capsys)
     assert code == 0, err
     assert "resuming" in out

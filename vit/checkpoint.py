@@ -102,6 +102,7 @@ def training_payload(model, optimizer, scaler, progress, params, classes, mean, 
         "step_in_epoch": progress["step_in_epoch"],  # optimizer steps done in the interrupted epoch
         "sums": progress["sums"],  # that epoch's running metric sums
         "best_acc": progress["best_acc"],
+        "history": progress["history"],  # the metrics.jsonl records so far
         "rng": rng_state(),
         "params": params,
         "classes": list(classes),
@@ -163,7 +164,7 @@ def resume(path, model, optimizer, scaler):
             f"resume with the params the run was started with."
         ) from None
     scaler.load_state_dict(ckpt["scaler"])
-    progress = {k: ckpt[k] for k in ("epoch", "step_in_epoch", "sums", "best_acc")}
+    progress = {k: ckpt[k] for k in ("epoch", "step_in_epoch", "sums", "best_acc", "history")}
     progress["step"] = ckpt["scheduler"]["step"]
     return progress, ckpt["rng"]
 
