@@ -117,7 +117,8 @@ class Run:
     d: distributed.Dist
     loaders: object
     model: ViTForImageClassification  # the plain model: saved, and its parameters optimized
-    runner: torch.nn.Module  # what forward runs through: the model, compiled and/or DDP-wrapped
+    runner: torch.nn.Module  # what training's forward runs through: the model, compiled and/or DDP-wrapped
+    evaluator: torch.nn.Module  # the same without DDP: ranks may hold one val batch more or less
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     lr_fn: object  # global optimizer step -> lr
@@ -160,7 +161,8 @@ def train(args):
         progress, rng = checkpoint.resume(last_path, model, optimizer, scaler)
         print(f"resuming {last_path}: {progress['epoch']} epoch(s) done"
               + (f", {progress['step_in_epoch']} step(s) into the next" if progress["step_in_epoch"] else ""))
-    runner = distributed.wrap(torch.compile(model) if t["compile"] else model, d)
+    evaluator = torch.compile(model) if t["compile"] else model
+    runner = distributed.wrap(evaluator, d)
 
     steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
     base_lr = optim.scaled_lr(t, d.world_size)
@@ -182,11 +184,11 @@ def train(args):
               f"effective batch {t['batch_size'] * t['grad_accum'] * d.world_size}, lr {base_lr:.3g}, "
               f"data {loaders.report.get('loader')}, run folder {out}")
     hint = "python main.py " + (f"--params {args.params} " if args.params != "params.json" else "") + "--resume"
-    run = Run(params, d, loaders, model, runner, optimizer, scaler, lr_fn, mixup_fn, progress, rng, hint)
+    run = Run(params, d, loaders, model, runner, evaluator, optimizer, scaler, lr_fn, mixup_fn, progress, rng, hint)
     with StopRequest() as stop:
         code = loop(run, stop)
     if code == 0 and loaders.val is not None:
-        report(runner, loaders, val_kw(params, K, device, d), out, params["output"]["misclassified"], d)
+        report(evaluator, loaders, val_kw(params, K, device, d), out, params["output"]["misclassified"], d)
     if code == 0 and (loaders.report.get("skipped_at_scan") or loaders.report.get("dropped_at_load")):
         print(f"bad files: {loaders.report.get('skipped_at_scan', 0)} skipped at scan, "
               f"{loaders.report.get('dropped_at_load', 0)} dropped at load (see warnings above)")
@@ -234,7 +236,7 @@ def loop(run, stop):
             kept = (f"the last good checkpoint {last_path} ({progress['epoch']} epoch(s)) is intact"
                     if os.path.isfile(last_path) else "no checkpoint was saved yet")
             raise UserError(f"{e} Stopped: {kept}; lower train.lr or set train.clip_grad, then resume with --resume.") from None
-        progress["step"] = (epoch + 1) * steps_per_epoch if not stats["interrupted"] else epoch * steps_per_epoch + stats["step_in_epoch"]
+        progress["step"] = epoch * steps_per_epoch + stats["step_in_epoch"]
         if stats["interrupted"]:
             save(last_path, step_in_epoch=stats["step_in_epoch"], sums=stats["sums"])
             print(f"stopped in epoch {epoch + 1} after {stats['step_in_epoch']}/{steps_per_epoch} steps; "
@@ -244,7 +246,7 @@ def loop(run, stop):
         record = {"epoch": epoch + 1, "loss": stats["loss"], "acc": stats["acc"]}
         is_last = epoch + 1 == t["epochs"]
         if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
-            val = engine.evaluate(run.runner, loaders.val, **val_kw(params, len(classes), device, d))
+            val = engine.evaluate(run.evaluator, loaders.val, **val_kw(params, len(classes), device, d))
             record.update({f"val_{k}": v for k, v in val.items() if k != "images_per_s"})
         record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped)
         print(epoch_line(record))
@@ -269,13 +271,13 @@ def loop(run, stop):
     return 0
 
 
-def report(model, loaders, val_kw, out, n_mistakes, d):
+def report(model, loaders, eval_kw, out, n_mistakes, d):
     """End of run: confusion matrix, per-class accuracy (json + printed), misclassified grid."""
     import data
     from vit import plots
 
     denorm = functools.partial(data.denormalize, mean=loaders.mean, std=loaders.std)
-    val = engine.evaluate(model, loaders.val, mistakes=max(n_mistakes, 1), denormalize=denorm, **val_kw)
+    val = engine.evaluate(model, loaders.val, mistakes=max(n_mistakes, 1), denormalize=denorm, **eval_kw)
     if not d.is_main:
         return
     classes, matrix = loaders.classes, val["confusion"]
