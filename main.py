@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 from dataclasses import dataclass
@@ -183,7 +184,8 @@ def train(args):
         print(f"{model.num_parameters():,} parameters, {K} classes, {len(loaders.train)} batches/epoch, "
               f"effective batch {t['batch_size'] * t['grad_accum'] * d.world_size}, lr {base_lr:.3g}, "
               f"data {loaders.report.get('loader')}, run folder {out}")
-    hint = "python main.py " + (f"--params {args.params} " if args.params != "params.json" else "") + "--resume"
+    again = (["--params", args.params] if args.params != "params.json" else []) + (["--set", *args.set] if args.set else [])
+    hint = shlex.join(["python", "main.py", *again, "--resume"])
     run = Run(params, d, loaders, model, runner, evaluator, optimizer, scaler, lr_fn, mixup_fn, progress, rng, hint)
     with StopRequest() as stop:
         code = loop(run, stop)
