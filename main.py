@@ -258,12 +258,13 @@ def loop(run, stop):
         if is_best:
             progress["best_acc"] = record["val_acc"]
         stopping = distributed.any_rank(stop(), d)
-        if (epoch + 1) % params["output"]["save_every"] == 0 or is_last or stopping:
-            save(last_path)
+        # best before last: a kill in between redoes this epoch on resume, which rewrites best identically
         if is_best:
             save(best_path)
             if d.is_main:
                 checkpoint.save_hf(model, os.path.join(out, checkpoint.HF_DIR), loaders.mean, loaders.std)
+        if (epoch + 1) % params["output"]["save_every"] == 0 or is_last or stopping:
+            save(last_path)
         if d.is_main:
             write_history(metrics_path, history)  # after the checkpoint: a line never outlives its epoch's state
             plots.plot_curves(history, os.path.join(out, "curves.png"))

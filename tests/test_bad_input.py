@@ -51,14 +51,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
 
     monkeypatch.setattr(engine, "loss_fn", loss_fn)
     last = tmp_path / "run" / "last.pt"
-    saved = []
+    saved = []  # sha256 of each last.pt written
     real_save = checkpoint.save
-    monkeypatch.setattr(checkpoint, "save", lambda path, payload: (real_save(path, payload), saved.append(
-        hashlib.sha256(open(path, "rb").read()).hexdigest() if path.endswith("last.pt") else None)))
+
+    def save(path, payload):
+        real_save(path, payload)
+        if path.endswith("last.pt"):
+            saved.append(hashlib.sha256(open(path, "rb").read()).hexdigest())
+
+    monkeypatch.setattr(checkpoint, "save", save)
     code, out, err = run_main(["--params", tiny_params(tmp_path, tmp_path / "images", epochs=3)], capsys)
     assert code == 2 and "nan" in err and "epoch 2" in err and "intact" in err and "--resume" in err
     assert "Traceback" not in err
-    assert hashlib.sha256(last.read_bytes()).hexdigest() == saved[0]  # epoch 1's file, untouched
+    assert len(saved) == 1 and hashlib.sha256(last.read_bytes()).hexdigest() == saved[0]  # epoch 1's, untouched
     assert checkpoint.read(str(last))["epoch"] == 1
     assert len(open(tmp_path / "run" / "metrics.jsonl").read().splitlines()) == 1
 
