@@ -9,6 +9,7 @@ Run as a script, this file is `python main.py` with fault hooks installed from t
     FAULTS_AT="replace:2"   the 2nd os.replace (checkpoint, metrics or HF folder), just before it
     FAULTS_AT="history:2"   the 2nd metrics.jsonl rewrite, just before it
     FAULTS_ACTION=KILL|INT|TERM   SIGKILL (default), or a SIGINT/SIGTERM sent to itself
+    FAULTS_ACTION=ENOSPC    raise OSError(ENOSPC) there, as a full disk does
     FAULTS_ACTION=WAIT      write FAULTS_MARKER, then wait (up to 20 s) for the parent to signal us
                             and write FAULTS_MARKER + ".ack": a real signal from outside, still exact
     FAULTS_NAN_AT=k         the k-th training forward returns NaN logits
@@ -17,6 +18,7 @@ Self-inflicted faults land at the same instruction every time, so the kill tests
 each test also adds a few kills from the parent after seeded random delays.
 """
 
+import errno
 import io
 import json
 import multiprocessing
@@ -199,6 +201,39 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+_REFERENCES = {}
+
+
+def reference(folder, tmp, epochs):
+    """The uninterrupted tiny run on `folder` (made by make_folder): last.pt weights and metrics lines.
+
+    Cached per epoch count for the session: paths differ between callers, results do not.
+    """
+    if epochs not in _REFERENCES:
+        run_dir = os.path.join(str(tmp), "reference_run")
+        params = write_params(os.path.join(str(tmp), "reference.json"), tiny_params(folder, run_dir, epochs=epochs))
+        r = run(["--params", params], tmp)
+        assert r.returncode == 0, r.stderr[-3000:]
+        _REFERENCES[epochs] = {"state": load_state(os.path.join(run_dir, "last.pt")), "metrics": read_metrics(run_dir)}
+    return _REFERENCES[epochs]
+
+
+def assert_same_as(ref, run_dir, tag):
+    """Bit-exact weights, and metrics.jsonl with exactly one line per epoch holding the reference's numbers."""
+    import torch
+
+    state = load_state(os.path.join(run_dir, "last.pt"))
+    assert state.keys() == ref["state"].keys()
+    diff = {k: (v - ref["state"][k]).abs().max().item() for k, v in state.items() if not torch.equal(v, ref["state"][k])}
+    assert not diff, f"{tag}: weights differ from the uninterrupted run: {diff}"
+    metrics = read_metrics(run_dir)
+    epochs = len(ref["metrics"])
+    assert [h["epoch"] for h in metrics] == list(range(1, epochs + 1)), f"{tag}: {[h['epoch'] for h in metrics]}"
+    for got, want in zip(metrics, ref["metrics"]):
+        for key in want.keys() - {"images_per_s"}:
+            assert got[key] == want[key], f"{tag}: epoch {want['epoch']} {key} {got[key]} != {want[key]}"
+
+
 def record(test, what, n):
     """Remember a count for the reliability summary, and print it (visible with pytest -s)."""
     SUMMARY.append((test, what, n))
@@ -229,6 +264,8 @@ class _Fault:
         sys.stderr.flush()
         if self.action == "KILL":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif self.action == "ENOSPC":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         elif self.action == "WAIT":
             marker = os.environ["FAULTS_MARKER"]
             with open(marker, "w") as f:

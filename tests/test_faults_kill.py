@@ -36,11 +36,7 @@ def setup_run(tmp_path, folder, epochs=EPOCHS):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, folder):
     """The uninterrupted run: final weights and metrics lines."""
-    tmp = tmp_path_factory.mktemp("faults_reference")
-    params, run_dir = setup_run(tmp, folder)
-    r = fu.run(["--params", params], tmp)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return {"state": fu.load_state(os.path.join(run_dir, checkpoint.LAST)), "metrics": fu.read_metrics(run_dir)}
+    return fu.reference(folder, tmp_path_factory.mktemp("faults_reference"), EPOCHS)
 
 
 def metric_epochs(run_dir):
@@ -64,9 +60,10 @@ def check_after_kill(run_dir, saved_before, tag):
 
 def drive(params, run_dir, log_dir, faults, tag):
     """Run with each fault in turn (resuming whenever last.pt exists), then to the end; returns kills survived."""
-    kills, saved = 0, False
+    kills, saved, lives = 0, False, []
     for fault in [*faults, {}]:
         resume = os.path.isfile(os.path.join(run_dir, checkpoint.LAST))
+        lives.append((fault.get("at"), checkpoint.read(os.path.join(run_dir, checkpoint.LAST))["epoch"] if resume else None))
         r = fu.run(["--params", params] + (["--resume"] if resume else []), log_dir, **fault)
         if r.returncode == 0:
             assert "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -75,63 +72,51 @@ def drive(params, run_dir, log_dir, faults, tag):
         kills += 1
         saved = check_after_kill(run_dir, saved, f"{tag} {fault}")
     assert r.returncode == 0
+    assert kills == len(faults), f"{tag}: only {kills} of {len(faults)} kill points reached; (fault, resumed epoch): {lives}"
     return kills
 
 
-def assert_same_as(reference, run_dir, tag):
-    """Bit-exact weights, and metrics.jsonl with exactly one line per epoch and the reference's numbers."""
-    state = fu.load_state(os.path.join(run_dir, checkpoint.LAST))
-    assert state.keys() == reference["state"].keys()
-    diff = {k: (v - reference["state"][k]).abs().max().item() for k, v in state.items() if not torch.equal(v, reference["state"][k])}
-    assert not diff, f"{tag}: weights differ from the uninterrupted run: {diff}"
-    metrics = fu.read_metrics(run_dir)
-    assert [h["epoch"] for h in metrics] == list(range(1, EPOCHS + 1)), f"{tag}: {[h['epoch'] for h in metrics]}"
-    for got, want in zip(metrics, reference["metrics"]):
-        for key in want.keys() - {"images_per_s"}:
-            assert got[key] == want[key], f"{tag}: epoch {want['epoch']} {key} {got[key]} != {want[key]}"
-
-
 def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path, folder, reference):
-    # one life per entry; counts restart in each process. replace:1 is the startup metrics write,
-    # replace:2 the rename of last.pt; eval 1-2 are one validation pass, eval 3-4 the next (or the report).
-    # the window between last.pt and metrics.jsonl (best.pt, best_hf) has its own tests below
+    # one life per entry; counts restart in each process. A fresh run's epoch 1 writes best.pt (replace:2),
+    # best_hf (replace:3), last.pt (replace:4), metrics.jsonl (replace:5; replace:1 is the startup rewrite);
+    # a resumed run with no new best writes last.pt (replace:2) and metrics (replace:3).
+    # eval 1-2 are one validation pass, eval 3-4 the next (or the end-of-run report)
     rng = np.random.default_rng(0)
     faults = [
         {"at": "step:3"},  # mid epoch 1, nothing saved yet: start again
-        {"at": "save:1"},  # torn last.pt.tmp, before the first save completed
-        {"at": "replace:2"},  # last.pt.tmp complete, not yet renamed
+        {"at": "save:1"},  # torn best.pt.tmp
+        {"at": "save:2"},  # torn last.pt.tmp, best.pt already in place
+        {"at": "replace:2"},  # best.pt.tmp complete, not yet renamed
+        {"at": "replace:3"},  # best_hf.tmp complete, not yet renamed
+        {"at": "replace:4"},  # last.pt.tmp complete, not yet renamed
         {"at": "eval:2"},  # inside epoch 1's evaluation
-        {"at": "step:1"},  # epoch 1 saved (best too): first step of epoch 2
-        {"at": "replace:1"},  # resuming: the startup rewrite of metrics.jsonl
+        {"at": "replace:5"},  # last.pt (epoch 1) renamed, metrics.jsonl not yet
+        {"at": "step:1"},  # resumed: first step of epoch 2
+        {"at": "replace:1"},  # resumed: the startup rewrite of metrics.jsonl
         *[{"at": f"step:{s}"} for s in rng.integers(1, STEPS + 1, size=3)],  # mid epoch 2, seeded
         {"at": "save:1"},  # torn write of epoch 2's last.pt: epoch 1's must survive
         {"at": f"step:{STEPS + rng.integers(1, STEPS)}"},  # mid epoch 3
-        {"at": "eval:3"},  # inside epoch 3's evaluation
+        {"at": "eval:1"},  # resumed at epoch 2: inside epoch 3's evaluation
         {"at": "replace:2"},  # the final last.pt complete in .tmp, not renamed
         {"at": "eval:3"},  # in the end-of-run report, after everything was saved
-        {"at": "eval:1"},  # resuming a finished run, killed in its report again
+        {"at": "eval:2"},  # resuming a finished run, killed in its report again
     ]
     params, run_dir = setup_run(tmp_path, folder)
     kills = drive(params, run_dir, tmp_path, faults, "sigkill")
-    assert kills == len(faults), f"only {kills} of {len(faults)} kill points were reached"
-    assert_same_as(reference, run_dir, "sigkill")
+    fu.assert_same_as(reference, run_dir, "sigkill")
     fu.record("kill", "SIGKILLs survived (bit-exact resume)", kills)
 
 
-@pytest.mark.xfail(strict=True, reason="main.loop writes metrics.jsonl after last.pt: a kill between them loses "
-                                        "the epoch's line for good (read_history keeps epochs <= the checkpoint's)")
 def test_sigkill_between_checkpoint_and_metrics_loses_no_line(tmp_path, folder, reference):
     params, run_dir = setup_run(tmp_path, folder)
     # history:1 is the startup rewrite, history:2 the one after epoch 1's checkpoints
     kills = drive(params, run_dir, tmp_path, [{"at": "history:2"}, {"at": "history:2"}], "metrics window")
     assert kills == 2
     fu.record("kill", "SIGKILLs between last.pt and metrics.jsonl survived", kills)
-    assert_same_as(reference, run_dir, "metrics window")
+    fu.assert_same_as(reference, run_dir, "metrics window")
 
 
-@pytest.mark.xfail(strict=True, reason="main.loop saves last.pt (with best_acc) before best.pt and best_hf: a kill "
-                                        "in between leaves no best.pt / best_hf, and a resumed run never rewrites them")
-@pytest.mark.parametrize("at", ["replace:3", "replace:4"])  # before best.pt's rename; before best_hf's
+@pytest.mark.parametrize("at", ["replace:2", "replace:3"])  # before best.pt's rename; before best_hf's
 def test_sigkill_around_best_checkpoint_keeps_best(tmp_path, folder, at):
     params, run_dir = setup_run(tmp_path, folder, epochs=2)
     kills = drive(params, run_dir, tmp_path, [{"at": at}], "best window")
@@ -174,5 +159,5 @@ def signal_then_resume(tmp_path, folder, fault, signum):
 def test_signal_saves_exits_cleanly_and_resumes_exactly(tmp_path, folder, reference, signum, fault, where):
     run_dir, ckpt = signal_then_resume(tmp_path, folder, fault, signum)
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == where, "the checkpoint is not where the signal stopped the run"
-    assert_same_as(reference, run_dir, signal.Signals(signum).name)
+    fu.assert_same_as(reference, run_dir, signal.Signals(signum).name)
     fu.record("signals", f"{signal.Signals(signum).name} at {fault['at']} (saved, exit {128 + signum}, exact resume)", 1)
