@@ -268,7 +268,7 @@ def loop(run, stop):
         if d.is_main:
             write_history(metrics_path, history)  # after the checkpoint: a line never outlives its epoch's state
             plots.plot_curves(history, os.path.join(out, "curves.png"))
-        if stopping and not is_last:
+        if stopping:  # after the last epoch too: resuming then only writes the end-of-run report
             print(f"stopped after epoch {epoch + 1}; saved {last_path}. Resume with: {run.resume_hint}")
             return 128 + (stop.signum or signal.SIGINT)
     return 0
