@@ -144,9 +144,13 @@ def train(args):
     device = d.device
     precision = t["precision"] if device.type == "cuda" else "fp32"
     if device.type == "cpu":
-        print("note: no CUDA device, training on the CPU in fp32 (slow; precision applies to CUDA only).")
+        print(f"note: no CUDA device, training on the CPU in fp32 with {torch.get_num_threads()} thread(s) (slow; "
+              f"train.precision applies to CUDA only; on shared cores OMP_NUM_THREADS=1 can be much faster).")
     elif precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise UserError("train.precision is bf16 but this GPU has no bf16; set train.precision to fp16.")
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (the loss, the optimizer)
+        torch.backends.cudnn.allow_tf32 = True
     engine.seed_epoch(t["seed"], 0, 0)  # model init: the same on every rank (DDP also broadcasts rank 0's)
 
     loaders = data.build_loaders(params["data"], t, device, d.rank, d.world_size)
