@@ -163,7 +163,11 @@ def train(args):
     progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "sums": None, "best_acc": -1.0, "history": []}
     rng = None
     if args.resume:
-        progress, rng = checkpoint.resume(last_path, model, optimizer, scaler)
+        progress, rngs = checkpoint.resume(last_path, model, optimizer, scaler)
+        # each rank continues its own streams and metric sums (another world size cannot be exact anyway)
+        rank = d.rank if d.rank < len(rngs) else 0
+        rng = rngs[rank]
+        progress["sums"] = progress["sums"][rank] if progress["sums"] else None
         print(f"resuming {last_path}: {progress['epoch']} epoch(s) done"
               + (f", {progress['step_in_epoch']} step(s) into the next" if progress["step_in_epoch"] else ""))
     evaluator = torch.compile(model) if t["compile"] else model
@@ -221,9 +225,10 @@ def loop(run, stop):
 
     def save(path, **extra):
         # rank 0 writes; the others wait so nobody runs ahead of a checkpoint
+        rngs = distributed.gather(checkpoint.rng_state(), d)
         if d.is_main:
             payload = checkpoint.training_payload(model, run.optimizer, run.scaler, {**progress, **extra}, params,
-                                                  classes, loaders.mean, loaders.std)
+                                                  classes, loaders.mean, loaders.std, rngs)
             checkpoint.save(path, payload)
         distributed.barrier(d)
 
@@ -244,7 +249,7 @@ def loop(run, stop):
             raise UserError(f"{e} Stopped: {kept}; lower train.lr or set train.clip_grad, then resume with --resume.") from None
         progress["step"] = epoch * steps_per_epoch + stats["step_in_epoch"]
         if stats["interrupted"]:
-            save(last_path, step_in_epoch=stats["step_in_epoch"], sums=stats["sums"])
+            save(last_path, step_in_epoch=stats["step_in_epoch"], sums=distributed.gather(stats["sums"], d))
             print(f"stopped in epoch {epoch + 1} after {stats['step_in_epoch']}/{steps_per_epoch} steps; "
                   f"saved {last_path}. Resume with: {run.resume_hint}")
             return 128 + (stop.signum or signal.SIGINT)

@@ -90,8 +90,9 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def training_payload(model, optimizer, scaler, progress, params, classes, mean, std):
-    """Everything `resume` needs, in weights_only-loadable types. `progress` is the loop's counters."""
+def training_payload(model, optimizer, scaler, progress, params, classes, mean, std, rngs):
+    """Everything `resume` needs, in weights_only-loadable types. `progress` is the loop's counters,
+    `rngs` every rank's `rng_state()` (a mid-epoch resume continues each rank's streams)."""
     return {
         "model": clean_state_dict(model.state_dict()),
         "config": model.config.to_hf_dict(),
@@ -100,10 +101,10 @@ def training_payload(model, optimizer, scaler, progress, params, classes, mean, 
         "scaler": scaler.state_dict(),
         "epoch": progress["epoch"],  # epochs completed
         "step_in_epoch": progress["step_in_epoch"],  # optimizer steps done in the interrupted epoch
-        "sums": progress["sums"],  # that epoch's running metric sums
+        "sums": progress["sums"],  # that epoch's running metric sums, one dict per rank
         "best_acc": progress["best_acc"],
         "history": progress["history"],  # the metrics.jsonl records so far
-        "rng": rng_state(),
+        "rng": rngs,
         "params": params,
         "classes": list(classes),
         "mean": list(mean),
@@ -152,7 +153,7 @@ def read(path):
 
 
 def resume(path, model, optimizer, scaler):
-    """Load a training checkpoint into the live objects; returns the loop's counters and RNG state."""
+    """Load a training checkpoint into the live objects; returns the loop's counters and the per-rank RNG states."""
     ckpt = read(path)
     try:
         model.load_state_dict(clean_state_dict(ckpt["model"]))

@@ -73,6 +73,15 @@ def any_rank(flag, d):
     return bool(t.item())
 
 
+def gather(obj, d):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled through the process group)."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def wrap(model, d):
     """DDP on top of the model when there is more than one process."""
     if not d.enabled:
