@@ -18,6 +18,7 @@ Self-inflicted faults land at the same instruction every time, so the kill tests
 each test also adds a few kills from the parent after seeded random delays.
 """
 
+import atexit
 import errno
 import io
 import json
@@ -34,7 +35,8 @@ import numpy as np
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUMMARY = []  # ("test name", "counted thing", n), printed by the last test module through `summary_line`
+SUMMARY = []  # (group, what, n) of every fault case that passed; totals printed at exit
+LOST = []  # resumed runs that did not match the uninterrupted one (a test failed with it)
 
 
 # -----------------------------------------------------------------------------
@@ -162,9 +164,13 @@ def _child_main(args, faults, out_path, err_path):
     os.environ.update(env_for(**faults))
     code = 1
     try:
+        import threading
+
         import torch
+        from tqdm import tqdm
 
         torch.set_num_threads(1)
+        tqdm.set_lock(threading.RLock())  # its default is a multiprocessing semaphore, leaked by os._exit
         os.chdir(ROOT)
         code = _install_hooks().main(list(args))
     except SystemExit as e:  # argparse
@@ -220,6 +226,15 @@ def reference(folder, tmp, epochs):
 
 def assert_same_as(ref, run_dir, tag):
     """Bit-exact weights, and metrics.jsonl with exactly one line per epoch holding the reference's numbers."""
+    try:
+        _compare(ref, run_dir, tag)
+    except AssertionError:
+        LOST.append(tag)
+        raise
+    SUMMARY.append(("exact", "resumed runs equal to the uninterrupted one", 1))
+
+
+def _compare(ref, run_dir, tag):
     import torch
 
     state = load_state(os.path.join(run_dir, "last.pt"))
@@ -234,10 +249,27 @@ def assert_same_as(ref, run_dir, tag):
             assert got[key] == want[key], f"{tag}: epoch {want['epoch']} {key} {got[key]} != {want[key]}"
 
 
-def record(test, what, n):
-    """Remember a count for the reliability summary, and print it (visible with pytest -s)."""
-    SUMMARY.append((test, what, n))
-    print(f"\nFAULTS {test}: {what} = {n}")
+def record(group, what, n):
+    """Count a passed fault case for the reliability summary, and print it (visible with pytest -s)."""
+    SUMMARY.append((group, what, n))
+    print(f"\nFAULTS {group}: {what} = {n}")
+
+
+def _print_summary():
+    """At the end of a pytest session that ran fault tests: the README's reliability figures."""
+    if not SUMMARY:
+        return
+    total = {}
+    for group, what, n in SUMMARY:
+        total[group] = total.get(group, 0) + n
+    bad_images = sum(n for g, w, n in SUMMARY if g == "images" and w.startswith("bad"))
+    print(f"\nFAULTS SUMMARY: kills survived {total.get('kill', 0)}, signals tested {total.get('signals', 0)}, "
+          f"bad images tried {bad_images}, bad checkpoints refused {total.get('checkpoints', 0)}, "
+          f"params cases {total.get('params', 0)}, disk/NaN faults {total.get('disk', 0)}, "
+          f"resumed runs bit-exact {total.get('exact', 0)}, data lost {len(LOST)}", file=sys.__stdout__)
+
+
+atexit.register(_print_summary)
 
 
 # -----------------------------------------------------------------------------

@@ -80,8 +80,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, folder, ref
     # forward 6 is epoch 2's second batch (4 batches per epoch)
     message = stop_then_resume(tmp_path, folder, reference, {"nan_at": 6},
                                ["loss became nan", "epoch 2", "last.pt", "intact", "--resume"])
-    fu.record("disk", "NaN loss at step 6: stopped, epoch 1 checkpoint intact, exact resume", 1)
     assert "batch 2/4" in message
+    fu.record("disk", "NaN loss at step 6: stopped, epoch 1 checkpoint intact, exact resume", 1)
 
 
 @pytest.mark.xfail(strict=True, reason="vit/engine.py train_one_epoch does not close its tqdm bar when it raises: "

@@ -112,8 +112,8 @@ def test_sigkill_between_checkpoint_and_metrics_loses_no_line(tmp_path, folder, 
     # history:1 is the startup rewrite, history:2 the one after epoch 1's checkpoints
     kills = drive(params, run_dir, tmp_path, [{"at": "history:2"}, {"at": "history:2"}], "metrics window")
     assert kills == 2
-    fu.record("kill", "SIGKILLs between last.pt and metrics.jsonl survived", kills)
     fu.assert_same_as(reference, run_dir, "metrics window")
+    fu.record("kill", "SIGKILLs between last.pt and metrics.jsonl survived", kills)
 
 
 @pytest.mark.parametrize("at", ["replace:2", "replace:3"])  # before best.pt's rename; before best_hf's
@@ -121,11 +121,11 @@ def test_sigkill_around_best_checkpoint_keeps_best(tmp_path, folder, at):
     params, run_dir = setup_run(tmp_path, folder, epochs=2)
     kills = drive(params, run_dir, tmp_path, [{"at": at}], "best window")
     assert kills == 1
-    fu.record("kill", f"SIGKILL before a best rename ({at}) survived", kills)
     best = os.path.join(run_dir, checkpoint.BEST)
     assert os.path.isfile(best), f"no best.pt after a kill at {at} and a resume"
     checkpoint.load_for_inference(best, torch.device("cpu"))
     checkpoint.load_for_inference(os.path.join(run_dir, checkpoint.HF_DIR), torch.device("cpu"))
+    fu.record("kill", f"SIGKILL before a best rename ({at}) survived", kills)
 
 
 def signal_then_resume(tmp_path, folder, fault, signum):
