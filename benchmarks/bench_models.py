@@ -37,9 +37,9 @@ def parse_args():
     p.add_argument("--sdpa", default=None, choices=["flash", "cudnn", "efficient", "math"], help="force one SDPA backend")
     p.add_argument("--batch-infer", type=int, default=None, help="inference batch (default per size, see GPU_BATCHES)")
     p.add_argument("--batch-train", type=int, default=None, help="training batch (default per size)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 30 on CUDA, 5 with --small)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10 on CUDA, 2 with --small)")
-    p.add_argument("--rounds", type=int, default=None, help="sweeps over all cases, order rotated; median kept (default 1, 3 with --small)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per case (default 30, 3 with --small)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10, 1 with --small)")
+    p.add_argument("--rounds", type=int, default=None, help="sweeps over all cases, order rotated each sweep; the median sweep is kept (default 1)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--small", action="store_true", help="CPU smoke size: Ti/16 and S/16 at batch 8, few steps")
     p.add_argument("--stat", choices=["median", "min"], default=None,
@@ -54,9 +54,9 @@ def parse_args():
     args.impls = args.impls.split(",")
     args.modes = (args.modes or ("eager,compile" if cuda else "eager")).split(",")
     args.stat = args.stat or ("median" if cuda else "min")
-    args.rounds = args.rounds or (3 if args.small else 1)
-    args.steps = args.steps or (5 if args.small else 30)
-    args.warmup = args.warmup if args.warmup is not None else (2 if args.small else 10)
+    args.rounds = args.rounds or 1
+    args.steps = args.steps or (3 if args.small else 30)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 10)
     return args
 
 
