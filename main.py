@@ -44,8 +44,6 @@ def build_model(params, classes):
     if m["pretrained"] is not None:
         model = ViTForImageClassification.from_pretrained(
             m["pretrained"], num_labels=len(classes), id2label=id2label, **common)
-        if hasattr(model, "load_report"):
-            print(model.load_report)
         if model.config.num_channels != d["channels"]:
             raise UserError(
                 f"model.pretrained {m['pretrained']} expects {model.config.num_channels} channels but "

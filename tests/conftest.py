@@ -1,9 +1,9 @@
-"""Shared test set-up: CPU, fp32, deterministic, few threads (CI has 2 cores)."""
+"""Shared test set-up: CPU, fp32, deterministic, one thread (tiny models: threading only adds overhead)."""
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
 
 
