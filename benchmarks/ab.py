@@ -14,7 +14,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from common import IMPLS, autocast, build_model, cpu_threads, make_optimizer, sync, train_step

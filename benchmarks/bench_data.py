@@ -198,10 +198,9 @@ def main():
     args = parse_args()
     device = torch.device(args.device)
     cpu_threads(device, args.threads)
-    report = {"env": environment(device), "args": vars(args), "cases": []}
+    jpegs = make_jpeg_folder(args.dir, args.images)  # first: its worker pool forks before CUDA starts
+    report = {"env": environment(device), "args": vars(args), "jpegs": jpegs, "cases": []}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-
-    report["jpegs"] = make_jpeg_folder(args.dir, args.images)
     print(f"JPEG folder {args.dir}: {report['jpegs']}", flush=True)
     jpeg_data = {"dataset": "folder", "train_dir": args.dir, "val_dir": None, "val_split": 0.0, "split_seed": 0,
                  "image_size": 224, "channels": 3, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "workers": args.workers}
