@@ -64,9 +64,14 @@ def write_history(path, history):
     """Rewrite metrics.jsonl atomically from the records the checkpoint carries: one line per
     finished epoch, no duplicate after a resume and no gap after a kill between save and log."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
+        os.replace(tmp, path)
+    except OSError:  # e.g. a full disk: leave no half-written temp file; the caller says what to do
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class StopRequest:
@@ -143,7 +148,7 @@ def train(args):
     precision = t["precision"] if device.type == "cuda" else "fp32"
     if device.type == "cpu":
         print(f"note: no CUDA device, training on the CPU in fp32 with {torch.get_num_threads()} thread(s) (slow; "
-              f"train.precision applies to CUDA only; on shared cores OMP_NUM_THREADS=1 can be much faster).")
+              f"train.precision applies to CUDA only; if other jobs share these cores, OMP_NUM_THREADS=1 may be faster).")
     elif precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise UserError("train.precision is bf16 but this GPU has no bf16; set train.precision to fp16.")
     else:
@@ -184,9 +189,13 @@ def train(args):
 
     metrics_path = os.path.join(out, "metrics.jsonl")
     if d.is_main:
-        os.makedirs(out, exist_ok=True)
-        P.save(params, os.path.join(out, "params.json"))
-        write_history(metrics_path, progress["history"])
+        try:
+            os.makedirs(out, exist_ok=True)
+            P.save(params, os.path.join(out, "params.json"))
+            write_history(metrics_path, progress["history"])
+        except OSError as e:  # output.dir names an existing file, a folder we may not write, a full disk
+            raise UserError(f"params key output.dir={out!r} cannot hold the run ({e.strerror}); "
+                            f"choose another folder or free space there.") from None
         print(f"{model.num_parameters():,} parameters, {K} classes, {len(loaders.train)} batches/epoch, "
               f"effective batch {t['batch_size'] * t['grad_accum'] * d.world_size}, lr {base_lr:.3g}, "
               f"data {loaders.report.get('loader')}, run folder {out}")
@@ -273,7 +282,12 @@ def loop(run, stop):
         if (epoch + 1) % params["output"]["save_every"] == 0 or is_last or stopping:
             save(last_path)
         if d.is_main:
-            write_history(metrics_path, history)  # after the checkpoint: a line never outlives its epoch's state
+            try:
+                write_history(metrics_path, history)  # after the checkpoint: a line never outlives its epoch's state
+            except OSError as e:  # resuming rebuilds metrics.jsonl from the checkpoint's records
+                then = (f"{last_path} is saved, so free space and resume with --resume" if os.path.isfile(last_path)
+                        else "no checkpoint was saved yet, so free space and start again")
+                raise UserError(f"could not write {metrics_path} ({e.strerror}); {then}.") from None
             plots.plot_curves(history, os.path.join(out, "curves.png"))
         if stopping:  # after the last epoch too: resuming then only writes the end-of-run report
             print(f"stopped after epoch {epoch + 1}; saved {last_path}. Resume with: {run.resume_hint}")

@@ -118,11 +118,12 @@ def _worker_init(worker_id):
 
 
 class WorkerLoader:
-    """Iterable of (x, y) on `device`; `.skipped` counts files dropped this epoch, `report` the total."""
+    """Iterable of (x, y) on `device`; `.skipped` counts files dropped this epoch, `report` each file once."""
 
     def __init__(self, dataset, batch_sampler, *, device, workers, report):
         self.batch_sampler, self.device, self.report = batch_sampler, torch.device(device), report
         self.skipped = 0
+        self.dropped = set()  # messages (they name the file) already reported: every pass meets them again
         self.loader = DataLoader(
             dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_drop_bad,
             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
@@ -140,11 +141,14 @@ class WorkerLoader:
         self.skipped = 0
         for x, y, bad in self.loader:
             for message in bad:
+                if message in self.dropped:
+                    continue
+                self.dropped.add(message)
                 warnings.warn(f"skipped an image that failed to decode: {message}", stacklevel=2)
                 if len(self.report["dropped_files"]) < MAX_LISTED:
                     self.report["dropped_files"].append(message)
+                self.report["dropped_at_load"] += 1
             self.skipped += len(bad)
-            self.report["dropped_at_load"] += len(bad)
             if x is None:  # a whole batch of broken files: nothing to train on
                 continue
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -65,8 +65,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, folder, 
 @pytest.mark.parametrize("at", [
     pytest.param("replace:3", marks=pytest.mark.xfail(strict=True, reason=(
         "vit/checkpoint.py save_hf: os.replace(tmp, directory) is outside the try, so ENOSPC there escapes as a traceback"))),
-    pytest.param("history:2", marks=pytest.mark.xfail(strict=True, reason=(
-        "main.py write_history: an OSError (ENOSPC) writing metrics.jsonl escapes as a traceback"))),
+    "history:2",
 ])
 def test_disk_full_outside_the_checkpoint_stops_cleanly(tmp_path, folder, at):
     run_dir = tmp_path / "run"
@@ -84,8 +83,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, folder, ref
     fu.record("disk", "NaN loss at step 6: stopped, epoch 1 checkpoint intact, exact resume", 1)
 
 
-@pytest.mark.xfail(strict=True, reason="vit/engine.py train_one_epoch does not close its tqdm bar when it raises: "
-                                        "the error line is glued to the progress bar on stderr")
 def test_nan_message_is_on_its_own_line(tmp_path, folder):
     params = fu.write_params(tmp_path / "params.json", fu.tiny_params(folder, tmp_path / "run", epochs=1))
     r = fu.run(["--params", params], tmp_path, nan_at=2)

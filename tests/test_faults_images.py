@@ -105,9 +105,7 @@ def test_unusual_images_decode_to_what_a_person_sees(tmp_path):
     assert gray.max() > 100, "16-bit values were clipped or scaled to black"
 
 
-@pytest.mark.parametrize("in_memory", [True, pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
-    "data/worker_loader.py WorkerLoader.__iter__ adds a broken file to report['dropped_at_load'] on every pass: "
-    "a truncated val image is counted twice (epoch eval + end-of-run report)")))])  # decoded up front / by the loader
+@pytest.mark.parametrize("in_memory", [True, False])  # decoded up front / by the loader
 def test_training_on_a_folder_of_bad_and_odd_images_finishes_and_counts(tmp_path, in_memory):
     data_dir = tmp_path / "data"
     build_folder(data_dir)

@@ -111,14 +111,9 @@ def test_fuzzed_params_that_validate_hold_only_finite_numbers(fuzzed):
     assert not bad, f"{len(bad)} validated case(s) hold NaN or Infinity, e.g. {bad[:5]}"
 
 
-NON_FINITE = "vit/params.py validate accepts NaN and Infinity (json.loads parses them) where a rule is only a bound"
-
-
 @pytest.mark.parametrize("override", [
-    pytest.param(o, marks=pytest.mark.xfail(strict=True, reason=NON_FINITE)) for o in
-    ["train.lr=Infinity", "train.weight_decay=Infinity", "model.layer_norm_eps=Infinity", "data.mean=[NaN,0.5,0.5]",
-     "data.std=[Infinity,1,1]", "train.clip_grad=Infinity"]
-] + ["train.lr=NaN", "train.hflip=NaN", "train.min_lr=-Infinity"])
+    "train.lr=Infinity", "train.weight_decay=Infinity", "model.layer_norm_eps=Infinity", "data.mean=[NaN,0.5,0.5]",
+    "data.std=[Infinity,1,1]", "train.clip_grad=Infinity", "train.lr=NaN", "train.hflip=NaN", "train.min_lr=-Infinity"])
 def test_non_finite_numbers_are_refused(tmp_path, override):
     path = fu.write_params(tmp_path / "params.json", base_params(tmp_path))
     with pytest.raises(UserError) as e:
@@ -177,13 +172,12 @@ def test_a_sample_of_valid_fuzzed_params_trains(fuzzed, tmp_path):
 CRAFTED = {
     "preset with patch 0": (["--set", "model.preset=S/0", "model.patch_size=null", "model.hidden_size=null",
                              "model.num_hidden_layers=null", "model.num_attention_heads=null", "model.intermediate_size=null"],
-                            "vit/params.py _check_cross: int(preset.split('/')[1]) == 0 -> ZeroDivisionError in image_size % patch"),
-    "params file not UTF-8": (None, "vit/params.py read_json: f.read() with encoding utf-8 raises UnicodeDecodeError outside the try"),
-    "output.dir empty": (["--set", "output.dir="], "main.py train: os.makedirs('') raises FileNotFoundError"),
-    "output.dir is a file": (["--set", "output.dir=FILE"], "main.py train: os.makedirs(<a file>) raises FileExistsError"),
+                            None),
+    "params file not UTF-8": (None, None),
+    "output.dir empty": (["--set", "output.dir="], None),
+    "output.dir is a file": (["--set", "output.dir=FILE"], None),
     "seed too large": (["--set", f"train.seed={2**70}"], None),
-    "lr Infinity": (["--set", "train.lr=Infinity"], NON_FINITE + "; the run starts, stops at batch 2 with NaN, "
-                    "and engine.py leaves the tqdm bar open so the error line is glued to it"),
+    "lr Infinity": (["--set", "train.lr=Infinity"], None),
     "unknown --set section": (["--set", "optimizer.lr=1"], None),
     "--set without =": (["--set", "train.epochs"], None),
 }

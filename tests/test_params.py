@@ -76,6 +76,11 @@ def test_unknown_key_is_named_with_a_suggestion_and_the_valid_keys():
     ("data.dataset=folder", ["data.train_dir", "folder"]),
     ("model.pretrained=x.npz", ["model.patch_size", "null"]),
     ("train.layer_decay=1.5", ["train.layer_decay", "at most 1"]),
+    ("train.lr=Infinity", ["train.lr", "Infinity", "finite"]),
+    ("data.mean=[NaN]", ["data.mean", "NaN", "finite"]),
+    ("model.preset=\"S/0\"", ["model.preset", "positive patch size"]),
+    ("data.image_size=1000000", ["data.image_size", "between 1 and 4096"]),
+    ("output.dir=", ["output.dir", "empty"]),
 ])
 def test_impossible_values_are_refused_by_name(override, words):
     msg = error_of(override)
@@ -89,6 +94,14 @@ def test_invalid_json_names_file_line_and_column(tmp_path):
     with pytest.raises(UserError) as e:
         P.load(str(path))
     assert str(path) in str(e.value) and "line 2" in str(e.value) and "column" in str(e.value)
+
+
+def test_a_params_file_not_in_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.json"
+    path.write_bytes('{"_doc": "résumé"}'.encode("latin-1"))
+    with pytest.raises(UserError) as e:
+        P.load(str(path))
+    assert str(path) in str(e.value) and "save it as UTF-8" in str(e.value)
 
 
 def test_a_doc_key_is_allowed_but_must_be_text(tmp_path):

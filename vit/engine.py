@@ -80,7 +80,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
     bar = tqdm(total=n, initial=skip, desc=desc, disable=not d.is_main, dynamic_ncols=True, leave=False)
     step_in_epoch, interrupted = start_step, False
     t0, seen = time.time(), 0
-    with oom_hint(train):
+    with bar, oom_hint(train):  # the bar closes on errors too, so an error line starts on a line of its own
         for i, (x, y) in enumerate(loader):
             if i < skip:
                 continue  # resuming mid-epoch: the loader's order is a pure function of the epoch
@@ -129,7 +129,6 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
             if last_micro and i + 1 < n and distributed.any_rank(should_stop(), d):
                 interrupted = True
                 break
-    bar.close()
     elapsed = max(time.time() - t0, 1e-9)
     total = distributed.all_reduce_sum(
         torch.tensor([sums["loss"], sums["correct"], sums["count"], seen], dtype=torch.float64, device=device), d
@@ -157,8 +156,9 @@ def evaluate(model, loader, *, num_classes, device, d, precision="fp32", train=N
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     wrong = []
     t0 = time.time()
-    with oom_hint(train or {"batch_size": 0, "grad_accum": 1}):
-        for x, y in tqdm(loader, desc="eval", disable=not d.is_main, leave=False, dynamic_ncols=True):
+    bar = tqdm(loader, desc="eval", disable=not d.is_main, leave=False, dynamic_ncols=True)
+    with bar, oom_hint(train or {"batch_size": 0, "grad_accum": 1}):
+        for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(x).logits.float()  # (B, K)

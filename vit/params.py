@@ -9,6 +9,7 @@ free-text note (command, expected runtime, expected accuracy) in any section; it
 import copy
 import difflib
 import json
+import math
 import os
 import re
 
@@ -20,7 +21,8 @@ DATASETS = ("fashion_mnist", "folder")
 
 # each leaf: (default, allowed types, rule). rule is None, a tuple of choices, or a string:
 #   ">0"  strictly positive     ">=0"  non-negative     "(0,1)"  open unit interval
-#   "[0,1]"  closed unit interval     "[0,1)"  half-open     "preset" / "scale" / "floats": see _check_rule
+#   "[0,1]"  closed unit interval     "[0,1)"  half-open     "(0,4096]"  a side length in pixels
+#   "path"  a non-empty string     "preset" / "scale" / "floats": see _check_rule
 SCHEMA = {
     "model": {
         "preset": (None, (str, type(None)), "preset"),  # "Ti/16", "B/16", ...; null: explicit sizes
@@ -42,7 +44,7 @@ SCHEMA = {
         "val_dir": (None, (str, type(None)), None),  # null: split val_split off train_dir
         "val_split": (0.1, NUMBER, "(0,1)"),
         "split_seed": (0, int, ">=0"),
-        "image_size": (28, int, ">0"),
+        "image_size": (28, int, "(0,4096]"),  # the bound refuses sizes no memory holds
         "channels": (1, int, (1, 3)),
         "mean": ([0.286], list, "floats"),
         "std": ([0.353], list, "floats"),
@@ -74,7 +76,7 @@ SCHEMA = {
         "eval_every": (1, int, ">0"),
     },
     "output": {
-        "dir": ("runs/fashion_mnist", str, None),
+        "dir": ("runs/fashion_mnist", str, "path"),
         "save_every": (1, int, ">0"),  # epochs between `last` checkpoints (the final epoch always saves)
         "misclassified": (32, int, ">=0"),  # images in the end-of-run grid
     },
@@ -104,8 +106,11 @@ def read_json(path):
     """The JSON object in `path`, or a UserError naming the file, line and column."""
     if not os.path.isfile(path):
         raise UserError(f"params file {path} does not exist; pass an existing file to --params.")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded); save it as UTF-8.") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -178,6 +183,10 @@ def validate(params):
             ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _as_tuple(types))
             if not ok:
                 raise UserError(f"params key {name} must be {_type_names(types)}, got {json.dumps(value)}.")
+            # json.loads reads NaN and Infinity, and NaN slips past every bound (all comparisons are false)
+            numbers = value if isinstance(value, list) else [value]
+            if not all(math.isfinite(v) for v in numbers if isinstance(v, float)):
+                raise UserError(f"params key {name} is {json.dumps(value)}; NaN and Infinity are not allowed, use finite numbers.")
             if value is not None and rule is not None:
                 _check_rule(name, value, rule)
     _check_cross(params)
@@ -206,11 +215,15 @@ def _check_rule(name, value, rule):
         "[0,1]": (lambda v: 0 <= v <= 1, "between 0 and 1"),
         "[0,1)": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
         "(0,1]": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
+        "(0,4096]": (lambda v: 0 < v <= 4096, "between 1 and 4096"),
     }
     if rule in bounds:
         test, words = bounds[rule]
         if not test(value):
             raise UserError(f"params key {name} is {json.dumps(value)}; it must be {words}.")
+    elif rule == "path":
+        if not value.strip():
+            raise UserError(f"params key {name} is empty; set it to a folder, e.g. \"runs/my_run\".")
     elif rule == "floats":
         if not value or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in value):
             raise UserError(f"params key {name} must be a non-empty list of numbers, got {json.dumps(value)}.")
@@ -219,10 +232,10 @@ def _check_rule(name, value, rule):
                 or not 0 < value[0] <= value[1] <= 1):
             raise UserError(f"params key {name} must be [lo, hi] with 0 < lo <= hi <= 1, got {json.dumps(value)}.")
     elif rule == "preset":
-        if not re.fullmatch(r"(?:ViT-)?(Ti|S|B|L|H)/\d+", value.strip()):
+        if not re.fullmatch(r"(?:ViT-)?(Ti|S|B|L|H)/[1-9]\d*", value.strip()):
             raise UserError(
                 f"params key {name} is {value!r}, not a known preset; use a size from Ti, S, B, L, H and a "
-                f"patch size, e.g. \"B/16\" or \"S/4\", or null with explicit sizes."
+                f"positive patch size, e.g. \"B/16\" or \"S/4\", or null with explicit sizes."
             )
     elif rule == "randaugment":
         if not re.fullmatch(r"rand(-[a-z]+[\d.]*)*", value):
