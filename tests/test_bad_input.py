@@ -109,6 +109,31 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["last.pt"]  # no temp file left
 
 
+def test_disk_full_while_swapping_the_hf_folder_keeps_the_previous_one(tmp_path, monkeypatch):
+    from vit.model import ViTConfig, ViTForImageClassification
+
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                intermediate_size=64, image_size=16, patch_size=4, num_labels=3))
+    directory = str(tmp_path / "best_hf")
+    checkpoint.save_hf(model, directory, [0.5] * 3, [0.5] * 3)
+    before = open(os.path.join(directory, "model.safetensors"), "rb").read()
+    real_replace = os.replace
+
+    def full(src, dst):  # the new folder's rename fails, after the previous one was moved aside
+        if src.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    with pytest.raises(UserError) as e:
+        checkpoint.save_hf(model, directory, [0.5] * 3, [0.5] * 3)
+    assert "No space left on device" in str(e.value) and "previous" in str(e.value) and "kept intact" in str(e.value)
+    assert open(os.path.join(directory, "model.safetensors"), "rb").read() == before
+    assert os.listdir(tmp_path) == ["best_hf"]  # no .tmp or .old folder left
+
+
 def test_unsafe_or_corrupt_checkpoints_are_refused(tmp_path):
     import pickle
 

@@ -159,17 +159,6 @@ def build_cases(root):
     return cases
 
 
-# cases that the code refuses today only by luck or not at all are marked with the bug they show
-KNOWN_BUGS = {
-    "other_width.pt": "vit/checkpoint.py load_for_inference: model.load_state_dict's RuntimeError escapes as a traceback",
-    "random_dict.pt": "vit/checkpoint.py load_for_inference: model.load_state_dict's RuntimeError escapes as a traceback",
-    "hf_patch_size": "vit/loading.py: an HF folder whose config.json patch_size contradicts its kernel is resampled "
-                     "silently instead of refused",
-    "hf_num_labels": "vit/loading.py: an HF folder whose config.json num_labels contradicts its classifier gets a fresh "
-                     "zero head silently (predict then prints uniform probabilities)",
-}
-
-
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
     return build_cases(tmp_path_factory.mktemp("faults_ckpt"))
@@ -197,13 +186,7 @@ NAMES = ["truncated.safetensors", "flip_length.safetensors", "flip_header.safete
          "hf_patch_size", "hf_num_labels", "hf_model_type", "hf_truncated_weights", "hf_bad_json"]
 
 
-def param(name):
-    if name in KNOWN_BUGS:
-        return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[name]))
-    return name
-
-
-@pytest.mark.parametrize("name", [param(n) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_bad_checkpoint_is_refused_by_the_loader_and_by_predict(cases, image, tmp_path, name):
     path = str(cases[name])
     # the library: a UserError naming the file, on one line

@@ -63,8 +63,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, folder, 
 
 
 @pytest.mark.parametrize("at", [
-    pytest.param("replace:3", marks=pytest.mark.xfail(strict=True, reason=(
-        "vit/checkpoint.py save_hf: os.replace(tmp, directory) is outside the try, so ENOSPC there escapes as a traceback"))),
+    "replace:3",
     "history:2",
 ])
 def test_disk_full_outside_the_checkpoint_stops_cleanly(tmp_path, folder, at):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vit.errors import UserError
+from vit.loading import copy_weights
 from vit.model import ViTConfig, ViTForImageClassification
 
 LAST, BEST, HF_DIR = "last.pt", "best.pt", "best_hf"
@@ -75,10 +76,13 @@ def save(path, payload):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        kept = f"the previous {path} is kept intact" if os.path.exists(path) else f"no earlier {path} exists"
-        raise UserError(
-            f"could not write checkpoint {path} ({e.strerror or e}); {kept}; free disk space and resume with --resume."
-        ) from None
+        raise _write_failed(path, e) from None
+
+
+def _write_failed(path, e):
+    """The one-sentence error for a failed save of `path` (a file or a folder), saying what is left of it."""
+    kept = f"the previous {path} is kept intact" if os.path.exists(path) else f"no earlier {path} exists"
+    return UserError(f"could not write checkpoint {path} ({e.strerror or e}); {kept}; free disk space and resume with --resume.")
 
 
 def _fsync_dir(directory):
@@ -125,12 +129,14 @@ def save_hf(model, directory, mean, std):
         model.save_pretrained(tmp)
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
             json.dump(processor, f, indent=2)
+        if os.path.isdir(directory):
+            os.replace(directory, old)
+        os.replace(tmp, directory)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write {directory} ({e.strerror or e}); the previous folder is kept.") from None
-    if os.path.isdir(directory):
-        os.replace(directory, old)
-    os.replace(tmp, directory)
+        if os.path.isdir(old) and not os.path.isdir(directory):
+            os.replace(old, directory)  # the swap failed halfway: put the previous folder back
+        raise _write_failed(directory, e) from None
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -147,7 +153,7 @@ def read(path):
     except Exception as e:  # corrupt zip, truncated file, or a pickle asking for code: all refused
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} cannot be loaded safely ({first[:200]}); it is corrupt or not a training checkpoint.") from None
-    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
+    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("model", "config")):
         raise UserError(f"checkpoint {path} is not a training checkpoint of this project (no model/config entries).")
     return ckpt
 
@@ -180,10 +186,15 @@ def load_for_inference(path, device):
         path = os.path.join(path, BEST if os.path.isfile(os.path.join(path, BEST)) else LAST)
     if os.path.isfile(path) and path.endswith(".pt"):
         ckpt = read(path)
-        config = ViTConfig.from_hf_dict(ckpt["config"])
+        try:
+            config = ViTConfig.from_hf_dict(ckpt["config"])
+        except UserError as e:
+            raise UserError(f"checkpoint {path} has an invalid config: {e}") from None
         config.drop_path_rate = 0.0
         model = ViTForImageClassification(config)
-        model.load_state_dict(clean_state_dict(ckpt["model"]))
+        unused = copy_weights(model, clean_state_dict(ckpt["model"]), path)[2]
+        if unused:
+            raise UserError(f"checkpoint {path} has tensor {unused[0]!r}, which the model built from its config lacks; its config does not match its weights.")
         info = {"classes": ckpt["classes"], "mean": ckpt["mean"], "std": ckpt["std"]}
     elif os.path.exists(path):
         model = ViTForImageClassification.from_pretrained(path)

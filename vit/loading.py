@@ -139,6 +139,10 @@ def read_hf_folder(path):
         state.update(read_torch_file(os.path.join(path, name)))
     state = strip_prefixes(state, ("vit.",))
     kw = {f.name: getattr(config, f.name) for f in fields(config)}
+    # a config.json that contradicts the tensors would otherwise be "fixed" by resampling or a fresh head
+    for key, value in infer_config(state, path).items():
+        if key != "num_attention_heads" and kw[key] != value:  # heads: the shapes only guess them
+            raise UserError(f"folder {path}: config.json has {key}={kw[key]!r} but the weights have {key}={value!r}; fix config.json to match the weights.")
     return state, kw, "Hugging Face folder"
 
 
@@ -374,30 +378,40 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
             was = f"the checkpoint's head has {head_rows} classes" if head_rows else "the checkpoint has no head"
             report.notes.append(f"new classifier for num_labels={config.num_labels} ({was}): zero-initialised, needs training")
 
-    # the copy loop: every tensor the model wants, shape-checked
+    # the copy loop: only the pooler and the head may start fresh, and a head that does not fit does
+    optional, skip = ("classifier.", "pooler.", "vit.pooler."), () if keep_head else ("classifier.",)
+    report.mapped, report.fresh, report.ignored = copy_weights(model, state, path, optional, skip)
+    model.load_report = report
+    print(report)
+    return model
+
+
+def copy_weights(model, state, path, optional=(), skip=()):
+    """The copy loop: every tensor the model wants, shape-checked, from `state` into `model`.
+
+    Keys under `optional` may be absent and keys under `skip` are not copied: both start fresh.
+    Returns the keys mapped, the keys left fresh, and the checkpoint's keys left unused.
+    """
     target = model.state_dict()
-    optional = ("classifier.", "pooler.", "vit.pooler.")  # the only parts allowed to start fresh
     missing = [k for k in target if k not in state and not k.startswith(optional)]
     if missing:
         raise UserError(
             f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]!r}; "
-            f"check num_hidden_layers and other overrides against the checkpoint."
+            f"check its config (num_hidden_layers, ...) and any overrides against the weights."
         )
+    mapped, fresh = [], []
     with torch.no_grad():
         for key, dst in target.items():
-            if key not in state or (key.startswith("classifier.") and not keep_head):
-                report.fresh.append(key)
+            if key not in state or key.startswith(skip):
+                fresh.append(key)
                 continue
             src = state[key]
             if src.shape != dst.shape:
                 raise UserError(
                     f"checkpoint {path}: tensor {key!r} has shape {tuple(src.shape)} but the model expects "
-                    f"{tuple(dst.shape)}; check the overrides (hidden_size, num_channels, ...) against the checkpoint."
+                    f"{tuple(dst.shape)}; check its config (hidden_size, num_channels, ...) and any overrides against the weights."
                 )
             dst.copy_(src)
-            report.mapped.append(key)
-    report.ignored = sorted(k for k in state if k not in target or (k.startswith("classifier.") and not keep_head))
-    assert len(report.mapped) + len(report.fresh) == len(target)
-    model.load_report = report
-    print(report)
-    return model
+            mapped.append(key)
+    ignored = sorted(k for k in state if k not in target or k.startswith(skip))
+    return mapped, fresh, ignored
