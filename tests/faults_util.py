@@ -18,7 +18,6 @@ Self-inflicted faults land at the same instruction every time, so the kill tests
 each test also adds a few kills from the parent after seeded random delays.
 """
 
-import atexit
 import errno
 import io
 import json
@@ -255,21 +254,18 @@ def record(group, what, n):
     print(f"\nFAULTS {group}: {what} = {n}")
 
 
-def _print_summary():
-    """At the end of a pytest session that ran fault tests: the README's reliability figures."""
+def summary_line():
+    """The README's reliability figures, or None when no fault test ran (printed by conftest.py)."""
     if not SUMMARY:
-        return
+        return None
     total = {}
     for group, what, n in SUMMARY:
         total[group] = total.get(group, 0) + n
     bad_images = sum(n for g, w, n in SUMMARY if g == "images" and w.startswith("bad"))
-    print(f"\nFAULTS SUMMARY: kills survived {total.get('kill', 0)}, signals tested {total.get('signals', 0)}, "
-          f"bad images tried {bad_images}, bad checkpoints refused {total.get('checkpoints', 0)}, "
-          f"params cases {total.get('params', 0)}, disk/NaN faults {total.get('disk', 0)}, "
-          f"resumed runs bit-exact {total.get('exact', 0)}, data lost {len(LOST)}", file=sys.__stdout__)
-
-
-atexit.register(_print_summary)
+    return (f"FAULTS SUMMARY: kills survived {total.get('kill', 0)}, signals tested {total.get('signals', 0)}, "
+            f"bad images tried {bad_images}, bad checkpoints refused {total.get('checkpoints', 0)}, "
+            f"params cases {total.get('params', 0)}, disk/NaN faults {total.get('disk', 0)}, "
+            f"resumed runs bit-exact {total.get('exact', 0)}, data lost {len(LOST)}")
 
 
 # -----------------------------------------------------------------------------
