@@ -139,7 +139,7 @@ def train(args):
     params = P.load(args.params, args.set)
     d = distributed.init()
     t, out = params["train"], params["output"]["dir"]
-    last_path, best_path = os.path.join(out, checkpoint.LAST), os.path.join(out, checkpoint.BEST)
+    last_path = os.path.join(out, checkpoint.LAST)
     if args.resume and not os.path.isfile(last_path):
         raise UserError(f"--resume found no checkpoint at {last_path}; start without --resume or set output.dir.")
     if not args.resume and os.path.isfile(last_path):

@@ -29,9 +29,9 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from functools import partial
 
-import numpy as np
-from PIL import Image
+import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY = []  # (group, what, n) of every fault case that passed; totals printed at exit
@@ -42,17 +42,8 @@ LOST = []  # resumed runs that did not match the uninterrupted one (a test faile
 # tiny inputs
 
 
-def make_folder(root, classes=3, per_class=16, size=20, seed=0):
-    """root/<class>/*.png where the dominant colour channel is the class: learnable in a few steps."""
-    rng = np.random.default_rng(seed)
-    names = [f"class_{c}" for c in range(classes)]
-    for c, name in enumerate(names):
-        os.makedirs(os.path.join(root, name), exist_ok=True)
-        for i in range(per_class):
-            a = (rng.random((size, size, 3)) * 60).astype(np.uint8)
-            a[:, :, c % 3] += 150
-            Image.fromarray(a).save(os.path.join(root, name, f"{i}.png"))
-    return names
+# the training tests' folder, with more images per class so kills can land at many steps
+make_folder = partial(helpers.make_folder, per_class=16)
 
 
 def tiny_params(folder, out_dir, **train):
@@ -196,7 +187,6 @@ def assert_clean_refusal(proc, *words):
 def load_state(path):
     """The model tensors of a training checkpoint, read safely."""
     import torch
-    from torch.optim.optimizer import register_optimizer_step_post_hook
 
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 

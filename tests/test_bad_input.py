@@ -10,12 +10,12 @@ import os
 import pytest
 import torch
 
-from test_train_utils import make_folder, one_thread, run_main, tiny_params  # noqa: F401
+from helpers import make_folder, run_main, tiny_params
 from vit import checkpoint, distributed, engine
 from vit.errors import UserError
 
 
-def test_broken_files_are_skipped_and_counted(tmp_path, capsys, one_thread):  # noqa: F811
+def test_broken_files_are_skipped_and_counted(tmp_path, capsys):
     make_folder(tmp_path / "images", classes=3, per_class=10)
     bad = tmp_path / "images" / "class_0"
     (bad / "zero.png").write_bytes(b"")
@@ -40,7 +40,7 @@ def test_empty_class_folder_is_refused_by_name(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "run" / "last.pt")
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch, one_thread):  # noqa: F811
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     make_folder(tmp_path / "images", classes=3, per_class=10)
     real, calls = engine.loss_fn, []
 

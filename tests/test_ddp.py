@@ -5,7 +5,7 @@ import json
 import os
 import re
 
-from test_train_utils import make_folder, run_subprocess, tiny_params
+from helpers import make_folder, run_subprocess, tiny_params
 from vit.checkpoint import load_for_inference
 
 LAYOUT = {"params.json", "metrics.jsonl", "curves.png", "confusion.png", "misclassified.png",

@@ -5,7 +5,6 @@ The per-function checks of open_image live in test_data_images.py; here the whol
 """
 
 import io
-import os
 import re
 import struct
 import zlib

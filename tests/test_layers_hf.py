@@ -9,6 +9,7 @@ equal to transformers' own "ViTModel" entry in conversion_mapping.py.
 import pytest
 import torch
 import transformers
+from helpers import assert_close
 from google_npz import randomize_
 from safetensors.torch import load_file
 from transformers.models.vit import modeling_vit as hf
@@ -52,13 +53,6 @@ def copy_into_hf(ours, theirs, where="", hf_where=None):
     assert set(state) == set(theirs.state_dict()), f"keys differ: {set(state) ^ set(theirs.state_dict())}"
     theirs.load_state_dict(state, strict=True)
     return theirs.eval()
-
-
-def assert_close(ours, ref, what, tol=1e-5):
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
-    diff = (ours - ref).abs().max().item()
-    rel = diff / ref.abs().max().clamp_min(1e-12).item()
-    assert rel <= tol, f"{what}: max abs diff {diff:.2e}, rel {rel:.2e}"
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -5,6 +5,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn as nn
+from helpers import assert_close
 from google_npz import randomize_, timm_vit
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Attention, Block
@@ -27,13 +28,6 @@ def ours_from_timm(module, timm_prefix, our_prefix, ours):
     state = rename({timm_prefix + k: v for k, v in module.state_dict().items()}, TIMM_RENAMES, "test")
     ours.load_state_dict({k[len(our_prefix):]: v for k, v in state.items()}, strict=True)
     return ours.eval()
-
-
-def assert_close(ours, ref, what, tol=1e-5):
-    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
-    diff = (ours - ref).abs().max().item()
-    rel = diff / ref.abs().max().clamp_min(1e-12).item()
-    assert rel <= tol, f"{what}: max abs diff {diff:.2e}, rel {rel:.2e}"
 
 
 @pytest.mark.parametrize("size", SIZES)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from test_train_utils import ROOT, run_main
+from helpers import ROOT, run_main
 from vit import optim
 from vit import params as P
 from vit.errors import UserError

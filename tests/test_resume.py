@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main
-from test_train_utils import make_folder, one_thread, run_main, tiny_params  # noqa: F401
+from helpers import make_folder, run_main, tiny_params
 from vit import engine
 from vit.checkpoint import read
 
@@ -59,7 +59,7 @@ def assert_same_run(a, b):
 
 
 @pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
-def test_interrupted_and_resumed_equals_uninterrupted(reference, where, tmp_path, capsys, monkeypatch, one_thread):  # noqa: F811
+def test_interrupted_and_resumed_equals_uninterrupted(reference, where, tmp_path, capsys, monkeypatch):
     make_folder(tmp_path / "images", classes=3, per_class=10)
     argv = ["--params", tiny_params(tmp_path, tmp_path / "images", **NOISY), "--set", "model.hidden_dropout_prob=0.1"]
     with monkeypatch.context() as m:

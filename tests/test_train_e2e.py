@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from test_train_utils import make_folder, one_thread, run_main, tiny_params  # noqa: F401
+from helpers import make_folder, run_main, tiny_params
 from vit.checkpoint import load_for_inference, read
 
 LINE = re.compile(r"^Epoch : (\d+) - loss : \d\.\d{4} - acc: \d\.\d{4} - val_loss : \d\.\d{4} - val_acc: \d\.\d{4}"
@@ -64,7 +64,7 @@ def test_checkpoints_hold_everything_and_load_with_weights_only(trained):
         assert not model.training
 
 
-def test_per_epoch_line_is_printed(tmp_path, capsys, one_thread):  # noqa: F811
+def test_per_epoch_line_is_printed(tmp_path, capsys):
     classes = make_folder(tmp_path / "images", classes=6, per_class=6)
     code, out, err = run_main(["--params", tiny_params(tmp_path, tmp_path / "images", epochs=1)], capsys)
     assert code == 0, err
@@ -75,7 +75,7 @@ def test_per_epoch_line_is_printed(tmp_path, capsys, one_thread):  # noqa: F811
     assert code == 2 and "--resume" in err
 
 
-def test_eval_and_predict_commands(trained, capsys, one_thread):  # noqa: F811
+def test_eval_and_predict_commands(trained, capsys):
     tmp, classes, _, _ = trained
     code, out, err = run_main(["eval", "--checkpoint", str(tmp / "run"), "--data-dir", str(tmp / "images")], capsys)
     assert code == 0, err
@@ -96,7 +96,7 @@ def test_eval_and_predict_commands(trained, capsys, one_thread):  # noqa: F811
     assert code == 1 and "missing.png: cannot read" in err
 
 
-def test_linear_probe_from_the_best_hf_folder(trained, tmp_path, capsys, one_thread):  # noqa: F811
+def test_linear_probe_from_the_best_hf_folder(trained, tmp_path, capsys):
     """model.pretrained + freeze_backbone: only the new head changes, the backbone stays bit-identical."""
     tmp, classes, _, _ = trained
     make_folder(tmp_path / "images", classes=3, per_class=8, seed=1)
@@ -112,7 +112,7 @@ def test_linear_probe_from_the_best_hf_folder(trained, tmp_path, capsys, one_thr
     assert after["classifier.weight"].shape == (3, 32) and after["classifier.weight"].abs().sum() > 0
 
 
-def test_attention_and_inspect_commands_write_pngs(trained, capsys, one_thread):  # noqa: F811
+def test_attention_and_inspect_commands_write_pngs(trained, capsys):
     tmp, classes, _, _ = trained
     image = str(tmp / "images" / classes[0] / "1.png")
     code, out, err = run_main(["attention", "--checkpoint", str(tmp / "run"), image], capsys)

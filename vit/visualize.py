@@ -14,7 +14,6 @@ run. Attentions are the model's `output_attentions=True` probabilities: a list w
 import math
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 

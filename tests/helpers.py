@@ -1,4 +1,4 @@
-"""Helpers for the training tests (no tests here): tiny image folders, tiny params files, running main.
+"""Helpers shared by the tests (no tests here): tiny image folders and params files, running main, closeness.
 
 Everything is tiny (width 32, depth 2, 16x16 images) so that a whole run takes a few seconds on CPU.
 """
@@ -9,8 +9,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
-import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,10 +59,9 @@ def run_subprocess(args, timeout=240, **kw):
                           timeout=timeout, **kw)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on 2 shared cores, 2 threads spin against each other and tiny models crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def assert_close(ours, ref, what, tol=1e-5):
+    """Same shape and max |ours - ref| / max |ref| <= tol, reporting both differences on failure."""
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(ref.shape)}"
+    diff = (ours - ref).abs().max().item()
+    rel = diff / ref.abs().max().clamp_min(1e-12).item()
+    assert rel <= tol, f"{what}: max abs diff {diff:.2e}, rel {rel:.2e}"
