@@ -10,7 +10,8 @@
     torchrun --nproc_per_node=2 main.py ...          # DDP, same results layout
 
 This file only sets up (DeiT's main.py): params, processes, data, model, optimizer, resume; then the
-epoch loop of train / evaluate / checkpoint / log. The work itself lives in vit/.
+epoch loop of train / evaluate / checkpoint / log. The work itself lives in vit/; the commands that
+use a finished model (eval, predict, attention, inspect) in vit/commands.py.
 """
 
 import argparse
@@ -26,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from vit import checkpoint, distributed, engine, optim
+from vit import checkpoint, commands, distributed, engine, optim
 from vit import params as P
 from vit.errors import UserError
 from vit.model import ViTConfig, ViTForImageClassification
@@ -315,94 +316,13 @@ def report(model, loaders, eval_kw, out, n_mistakes, d):
                              [classes[p] for _, _, p in wrong], os.path.join(out, "misclassified.png"))
 
 
-def evaluate_command(args):
-    """Accuracy of a checkpoint on --data-dir (a folder of class folders), or on the run's own val data."""
-    import data
-
-    d = distributed.init()
-    model, info = checkpoint.load_for_inference(args.checkpoint, d.device)
-    run_params = _checkpoint_params(args.checkpoint)
-    data_params = dict(run_params["data"])
-    batch_size = args.batch_size or run_params["train"]["batch_size"]
-    if args.data_dir:
-        from data.folder import scan_folder
-
-        # the folder serves as both splits; files are read lazily, and only the val side is iterated
-        data_params.update(dataset="folder", train_dir=args.data_dir, val_dir=args.data_dir, in_memory=False)
-        batch_size = min(batch_size, scan_folder(args.data_dir, args.data_dir).report["train_files"])
-    data_params.update(image_size=info["image_size"], channels=info["channels"], mean=info["mean"], std=info["std"])
-    train_params = {**run_params["train"], "batch_size": batch_size, "randaugment": None}
-    loaders = data.build_loaders(data_params, train_params, d.device, d.rank, d.world_size)
-    if info["classes"] is not None and loaders.classes != info["classes"]:
-        raise UserError(f"the classes in {args.data_dir} {loaders.classes} differ from the checkpoint's {info['classes']}.")
-    val = engine.evaluate(model, loaders.val, num_classes=len(loaders.classes), device=d.device, d=d)
-    print(" - ".join(f"{k}: {v:.4f}" for k, v in val.items()))
-    return 0
-
-
-def _checkpoint_params(path):
-    """The params a training checkpoint was made with, or the defaults for other sources."""
-    for name in (checkpoint.BEST, checkpoint.LAST):
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, name)):
-            path = os.path.join(path, name)
-    if path.endswith(".pt"):
-        return checkpoint.read(path)["params"]
-    return P.defaults()
-
-
-def predict_command(args):
-    """Print the top-k class names with probabilities for each image."""
-    from data.images import BadImage, open_image
-    from data.transforms import eval_transform
-
-    device = distributed.init().device
-    model, info = checkpoint.load_for_inference(args.checkpoint, device)
-    tf = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
-    classes = info["classes"] or [str(i) for i in range(model.config.num_labels)]
-    failed = 0
-    for path in args.images:
-        try:
-            x = tf(open_image(path, info["channels"]))[None].to(device)  # (1, C, H, W)
-        except (BadImage, OSError) as e:
-            print(f"{path}: cannot read ({e})", file=sys.stderr)
-            failed += 1
-            continue
-        with torch.no_grad():
-            probs = model(x).logits.float().softmax(-1)[0]  # (K,)
-        top = probs.topk(min(args.topk, len(classes)))
-        print(f"{path}: " + ", ".join(f"{classes[i]} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
-    return 1 if failed else 0
-
-
-def attention_command(args):
-    from vit import visualize
-
-    out = args.out or _default_out(args.checkpoint, "attention")
-    visualize.attention_command(args.checkpoint, args.images, out, distributed.init().device)
-    return 0
-
-
-def inspect_command(args):
-    from vit import visualize
-
-    out = args.out or _default_out(args.checkpoint, "inspect")
-    visualize.inspect_command(args.checkpoint, args.data_dir, out, distributed.init().device)
-    return 0
-
-
-def _default_out(checkpoint_path, name):
-    """Next to the checkpoint: <run folder>/<name>."""
-    folder = checkpoint_path if os.path.isdir(checkpoint_path) else os.path.dirname(os.path.abspath(checkpoint_path))
-    return os.path.join(folder, name)
-
-
 # -----------------------------------------------------------------------------
 # command line
 
 
 def parse_args(argv):
-    commands = {"train", "eval", "predict", "attention", "inspect"}
-    if not argv or argv[0] not in commands | {"-h", "--help"}:
+    names = {"train", "eval", "predict", "attention", "inspect"}
+    if not argv or argv[0] not in names | {"-h", "--help"}:
         argv = ["train", *argv]  # plain `python main.py [--params ...]` trains
     parser = argparse.ArgumentParser(description="Train and use a Vision Transformer (see params.json).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -415,22 +335,22 @@ def parse_args(argv):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-dir", default=None, help="folder of class folders (default: the run's own val data)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
-    p.set_defaults(fn=evaluate_command)
+    p.set_defaults(fn=commands.evaluate)
     p = sub.add_parser("predict", help="top-k classes for images")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
     p.add_argument("--topk", type=int, default=5)
-    p.set_defaults(fn=predict_command)
+    p.set_defaults(fn=commands.predict)
     p = sub.add_parser("attention", help="attention-rollout maps for images")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
     p.add_argument("--out", default=None)
-    p.set_defaults(fn=attention_command)
+    p.set_defaults(fn=commands.attention)
     p = sub.add_parser("inspect", help="the ViT paper's Figure 7 panels")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
-    p.set_defaults(fn=inspect_command)
+    p.set_defaults(fn=commands.inspect)
     return parser.parse_args(argv)
 
 
