@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from vit.errors import UserError
-from vit.loading import copy_weights
+from vit.loading import copy_weights, strip_prefixes
 from vit.model import ViTConfig, ViTForImageClassification
 
 LAST, BEST, HF_DIR = "last.pt", "best.pt", "best_hf"
@@ -22,12 +22,7 @@ LAST, BEST, HF_DIR = "last.pt", "best.pt", "best_hf"
 
 def clean_state_dict(state_dict):
     """Strip the prefixes torch.compile (`_orig_mod.`) and DDP (`module.`) put on keys."""
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            k = k.replace(prefix, "")
-        out[k] = v
-    return out
+    return strip_prefixes(state_dict, ("_orig_mod.", "module."))
 
 
 # -----------------------------------------------------------------------------
@@ -177,7 +172,8 @@ def resume(path, model, optimizer, scaler):
 
 
 def load_for_inference(path, device):
-    """A ready eval-mode model and its info (classes, mean, std, image_size, channels).
+    """A ready eval-mode model and its info (classes, mean, std, image_size, channels, and the
+    training params, None for a pretrained source).
 
     `path` is a training checkpoint (.pt), a run folder (its best.pt, else last.pt), or any source
     `ViTForImageClassification.from_pretrained` reads (HF folder, timm file, Google .npz).
@@ -195,14 +191,14 @@ def load_for_inference(path, device):
         unused = copy_weights(model, clean_state_dict(ckpt["model"]), path)[2]
         if unused:
             raise UserError(f"checkpoint {path} has tensor {unused[0]!r}, which the model built from its config lacks; its config does not match its weights.")
-        info = {"classes": ckpt["classes"], "mean": ckpt["mean"], "std": ckpt["std"]}
+        info = {"classes": ckpt["classes"], "mean": ckpt["mean"], "std": ckpt["std"], "params": ckpt.get("params")}
     elif os.path.exists(path):
         model = ViTForImageClassification.from_pretrained(path)
         config = model.config
         id2label = config.id2label or {}
         classes = [id2label[i] for i in sorted(id2label)] if id2label else None
         mean, std = _pretrained_norm(path, config.num_channels)
-        info = {"classes": classes, "mean": mean, "std": std}
+        info = {"classes": classes, "mean": mean, "std": std, "params": None}
     else:
         raise UserError(f"checkpoint {path} does not exist; pass a .pt file, a run folder or a pretrained model.")
     info.update(image_size=config.image_size, channels=config.num_channels)

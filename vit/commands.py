@@ -21,7 +21,7 @@ def evaluate(args):
 
     d = distributed.init()
     model, info = checkpoint.load_for_inference(args.checkpoint, d.device)
-    run_params = _checkpoint_params(args.checkpoint)
+    run_params = info["params"] or P.defaults()  # a pretrained source has no run params
     data_params = dict(run_params["data"])
     batch_size = args.batch_size or run_params["train"]["batch_size"]
     if args.data_dir:
@@ -38,16 +38,6 @@ def evaluate(args):
     val = engine.evaluate(model, loaders.val, num_classes=len(loaders.classes), device=d.device, d=d)
     print(" - ".join(f"{k}: {v:.4f}" for k, v in val.items()))
     return 0
-
-
-def _checkpoint_params(path):
-    """The params a training checkpoint was made with, or the defaults for other sources."""
-    for name in (checkpoint.BEST, checkpoint.LAST):
-        if os.path.isdir(path) and os.path.isfile(os.path.join(path, name)):
-            path = os.path.join(path, name)
-    if path.endswith(".pt"):
-        return checkpoint.read(path)["params"]
-    return P.defaults()
 
 
 def predict(args):
