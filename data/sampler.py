@@ -21,8 +21,12 @@ def shard_indices(n, seed, epoch, rank, world_size, shuffle):
     if not shuffle:
         return torch.arange(rank, n, world_size)
     perm = torch.randperm(n, generator=epoch_generator(seed, epoch))
-    per_rank = n // world_size
-    return perm[rank::world_size][:per_rank]
+    return perm[rank::world_size][:shard_size(n, rank, world_size, shuffle)]
+
+
+def shard_size(n, rank, world_size, shuffle):
+    """len(shard_indices(...)) without drawing the permutation."""
+    return n // world_size if shuffle else len(range(rank, n, world_size))
 
 
 def num_batches(n_samples, batch_size, drop_last):

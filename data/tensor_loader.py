@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from data.sampler import epoch_generator, num_batches, shard_indices
+from data.sampler import epoch_generator, num_batches, shard_indices, shard_size
 from data.transforms import resize_size
 
 
@@ -36,12 +36,9 @@ class TensorLoader:
         """Shuffle and augmentation of the next iteration become a pure function of (seed, epoch)."""
         self.epoch = epoch
 
-    def _num_samples(self):
-        n = len(self.images)
-        return n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
-
     def __len__(self):
-        return num_batches(self._num_samples(), self.batch_size, drop_last=self.train)
+        n = shard_size(len(self.images), self.rank, self.world_size, shuffle=self.train)
+        return num_batches(n, self.batch_size, drop_last=self.train)
 
     def __iter__(self):
         n = len(self.images)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.folder import MAX_LISTED
 from data.images import BadImage, open_image
-from data.sampler import epoch_generator, num_batches, shard_indices
+from data.sampler import epoch_generator, num_batches, shard_indices, shard_size
 
 
 class FileSource:
@@ -91,8 +91,7 @@ class EpochBatchSampler:
         self.epoch = 0
 
     def __len__(self):
-        per_rank = self.n // self.world_size if self.shuffle else len(range(self.rank, self.n, self.world_size))
-        return num_batches(per_rank, self.batch_size, self.drop_last)
+        return num_batches(shard_size(self.n, self.rank, self.world_size, self.shuffle), self.batch_size, self.drop_last)
 
     def __iter__(self):
         idx = shard_indices(self.n, self.seed, self.epoch, self.rank, self.world_size, self.shuffle).tolist()
