@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vit.errors import UserError
-from vit.model import ViTConfig
+from vit.model import ViTConfig, resample_pos_embed
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # standard head count per width (the paper's Table 1 and DeiT); anything else needs an override
@@ -256,17 +256,6 @@ def infer_config(state, path):
     if "classifier.weight" in state:
         kw["num_labels"] = state["classifier.weight"].shape[0]
     return kw
-
-
-def resample_pos_embed(posemb, new_grid):
-    """timm's resample_abs_pos_embed defaults: bicubic, antialias, align_corners=False, 1 prefix token."""
-    prefix, patch_pos = posemb[:, :1], posemb[:, 1:]  # (1, 1, D), (1, N, D)
-    old = math.isqrt(patch_pos.shape[1])
-    dim = patch_pos.shape[-1]
-    patch_pos = patch_pos.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)  # (1, D, old, old)
-    patch_pos = F.interpolate(patch_pos, size=(new_grid, new_grid), mode="bicubic", antialias=True, align_corners=False)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim).to(posemb.dtype)  # (1, new_grid^2, D)
-    return torch.cat((prefix, patch_pos), dim=1)
 
 
 def resample_patch_kernel(kernel, new_patch):

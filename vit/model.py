@@ -171,6 +171,21 @@ class PatchEmbeddings(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+def resample_pos_embed(posemb, size, antialias=True):
+    """Bicubic resampling of the patch grid to `size` (an int or (h, w)); the CLS position is kept.
+
+    The defaults are timm's resample_abs_pos_embed (used when loading); transformers'
+    interpolate_pos_encoding is the same without antialias.
+    """
+    cls_pos, patch_pos = posemb[:, :1], posemb[:, 1:]  # (1, 1, D), (1, N, D)
+    old = math.isqrt(patch_pos.shape[1])
+    dim = patch_pos.shape[-1]
+    patch_pos = patch_pos.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)  # (1, D, old, old)
+    patch_pos = F.interpolate(patch_pos, size=size, mode="bicubic", antialias=antialias, align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim).to(posemb.dtype)  # (1, h*w, D)
+    return torch.cat((cls_pos, patch_pos), dim=1)
+
+
 class ViTEmbeddings(nn.Module):
     """CLS token + patch tokens + learned position embeddings; the front of timm's VisionTransformer."""
 
@@ -180,22 +195,14 @@ class ViTEmbeddings(nn.Module):
         self.patch_embeddings = PatchEmbeddings(config)
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.patch_size = config.patch_size
 
     def interpolate_pos_encoding(self, num_tokens, height, width):
-        """Bicubic resampling of the patch grid's position embeddings, as transformers does it."""
+        """Position embeddings for a height x width input, resampled as transformers does it (no antialias)."""
         num_positions = self.position_embeddings.shape[1] - 1
         if num_tokens - 1 == num_positions and height == width:
             return self.position_embeddings
-        cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:]
-        dim = patch_pos.shape[-1]
-        side = int(math.sqrt(num_positions))
-        patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # (1, D, side, side)
-        patch_pos = F.interpolate(
-            patch_pos, size=(height // self.patch_size, width // self.patch_size), mode="bicubic", align_corners=False
-        )
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)  # (1, N, D)
-        return torch.cat((cls_pos, patch_pos), dim=1)
+        p = self.patch_embeddings.patch_size
+        return resample_pos_embed(self.position_embeddings, (height // p, width // p), antialias=False)
 
     def forward(self, pixel_values, interpolate_pos_encoding=False):
         B, _, H, W = pixel_values.shape
