@@ -18,7 +18,7 @@ import torch
 
 from data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from data.fashion_mnist import load_fashion_mnist
-from data.folder import MAX_LISTED, decode_all, scan_folder
+from data.folder import decode_all, record_dropped, scan_folder
 from data.tensor_loader import TensorLoader
 from data.transforms import eval_transform, resize_size, train_transform
 from data.worker_loader import ArraySource, EpochBatchSampler, FileSource, SampleDataset, WorkerLoader
@@ -97,8 +97,7 @@ def _tensor_loader_factory(dataset, data_params, device, report, common):
             x, y, failed = decode_all(samples, channels, resize_size(image_size), max(4, data_params.get("workers", 4)))
             if failed:
                 warnings.warn(f"skipped {len(failed)} image(s) that failed to decode: {'; '.join(failed[:5])}")
-            report["dropped_at_load"] += len(failed)
-            report["dropped_files"] += failed[:MAX_LISTED]
+            record_dropped(report, failed)
             x = torch.from_numpy(x)
         return TensorLoader(x.contiguous().to(device), torch.from_numpy(np.array(y)).to(device), train=train, **aug, **kw)
     return make

@@ -25,6 +25,12 @@ from vit.errors import UserError
 MAX_LISTED = 20  # file names kept in the report per kind; the counts are always complete
 
 
+def record_dropped(report, messages):
+    """Count files dropped at load time in the report, keeping at most MAX_LISTED of their messages."""
+    report["dropped_at_load"] += len(messages)
+    report["dropped_files"] += messages[:max(0, MAX_LISTED - len(report["dropped_files"]))]
+
+
 @dataclass
 class FolderSplit:
     """Scanned and split folder: (path, label) lists and what was skipped."""

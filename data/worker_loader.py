@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data.folder import MAX_LISTED
+from data.folder import record_dropped
 from data.images import BadImage, open_image
 from data.sampler import epoch_generator, num_batches, shard_indices, shard_size
 
@@ -144,9 +144,7 @@ class WorkerLoader:
                     continue
                 self.dropped.add(message)
                 warnings.warn(f"skipped an image that failed to decode: {message}", stacklevel=2)
-                if len(self.report["dropped_files"]) < MAX_LISTED:
-                    self.report["dropped_files"].append(message)
-                self.report["dropped_at_load"] += 1
+                record_dropped(self.report, [message])
             self.skipped += len(bad)
             if x is None:  # a whole batch of broken files: nothing to train on
                 continue
