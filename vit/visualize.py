@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from vit import plots
+from vit.checkpoint import load_for_inference
 from vit.errors import UserError
 
 # -----------------------------------------------------------------------------
@@ -120,21 +121,11 @@ BATCH_SIZE = 16  # images per forward pass in `inspect`
 INSPECT_IMAGES = 64  # images the attention distance is averaged over
 
 
-def _load(checkpoint, device):
-    """(model, backbone, info) in eval mode; backbone is the ViTModel inside a classifier, or the model itself."""
-    from vit.checkpoint import load_for_inference
-
-    model, info = load_for_inference(checkpoint, device)
-    model.eval()
-    backbone = getattr(model, "vit", model)
-    return model, backbone, info
-
-
 def _attentions(model, x):
     """One no-grad forward: (attentions, logits or None when the checkpoint has no head)."""
     with torch.no_grad():
         out = model(x, output_attentions=True)
-    # a ViTModel, or a classifier saved with num_labels=0 (Identity head), predicts no class
+    # a classifier saved with num_labels=0 (e.g. from a bare ViTModel) has an Identity head: no class
     has_head = isinstance(getattr(model, "classifier", None), nn.Linear)
     return out.attentions, out.logits if has_head else None
 
@@ -159,7 +150,7 @@ def attention_command(checkpoint, image_paths, out_dir, device):
     from data import denormalize
     from data.images import BadImage
 
-    model, _, info = _load(checkpoint, device)
+    model, info = load_for_inference(checkpoint, device)
     written = []
     for path in image_paths:
         try:
@@ -235,9 +226,9 @@ def _fashion_mnist_images(info):
     return torch.stack([transform(Image.fromarray(a)) for a in images[::step][:INSPECT_IMAGES]])
 
 
-def dataset_attention_distance(model, backbone, images, device):
+def dataset_attention_distance(model, images, device):
     """Mean attention distance (layers, heads) in pixels over images (n, C, H, W), in batches."""
-    patch = backbone.config.patch_size
+    patch = model.config.patch_size
     grid = (images.shape[2] // patch, images.shape[3] // patch)
     total = 0.0
     for x in images.split(BATCH_SIZE):
@@ -254,8 +245,8 @@ def inspect_command(checkpoint, folder, out_dir, device):
     folder, a checkpoint trained on the embedded Fashion-MNIST default (its class names) uses that
     test set; any other checkpoint skips this figure with a message, as no image set fits them all.
     """
-    model, backbone, info = _load(checkpoint, device)
-    embeddings = backbone.embeddings
+    model, info = load_for_inference(checkpoint, device)
+    embeddings = model.vit.embeddings
     written = []
 
     out = os.path.join(out_dir, "embedding_filters.png")
@@ -275,7 +266,7 @@ def inspect_command(checkpoint, folder, out_dir, device):
               "figure; pass --data-dir with a folder of images to get it")
     else:
         out = os.path.join(out_dir, "attention_distance.png")
-        plots.plot_attention_distance(dataset_attention_distance(model, backbone, images, device).numpy(), out)
+        plots.plot_attention_distance(dataset_attention_distance(model, images, device).numpy(), out)
         print(f"inspect: attention distance averaged over {len(images)} images from {source}")
         written.append(out)
     for out in written:
