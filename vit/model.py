@@ -70,8 +70,7 @@ class ViTConfig:
             raise UserError(f"hidden_act={self.hidden_act!r} is not known; choose one of {sorted(ACT2FN)}.")
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
-            if len(self.id2label) != self.num_labels:
-                self.num_labels = len(self.id2label)
+            self.num_labels = len(self.id2label)  # the class names decide the head's size
 
     @property
     def num_patches(self):
@@ -145,7 +144,6 @@ class PatchEmbeddings(nn.Module):
         self.image_size = config.image_size
         self.patch_size = config.patch_size
         self.num_channels = config.num_channels
-        self.num_patches = config.num_patches
         self.projection = nn.Conv2d(
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
@@ -460,18 +458,15 @@ class ViTForImageClassification(PreTrainedViT):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.num_labels = config.num_labels
         # a pooler only for the first in21k release, whose head sits on its pre_logits layer
         self.vit = ViTModel(config, add_pooling_layer=config.use_pre_logits)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        self.reset_classifier()
+        self.reset_classifier(config.num_labels, config.id2label)
 
-    def reset_classifier(self, num_labels=None, id2label=None):
+    def reset_classifier(self, num_labels, id2label=None):
         """A fresh head: zero-initialised, as big_vision does for fine-tuning, so training starts at uniform."""
-        if num_labels is not None:
-            self.config.num_labels = self.num_labels = num_labels
-            self.config.id2label = id2label
-            self.classifier = nn.Linear(self.config.hidden_size, num_labels) if num_labels > 0 else nn.Identity()
+        self.config.num_labels = num_labels
+        self.config.id2label = id2label
+        self.classifier = nn.Linear(self.config.hidden_size, num_labels) if num_labels > 0 else nn.Identity()
         if isinstance(self.classifier, nn.Linear):
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
