@@ -99,7 +99,7 @@ def _tensor_loader_factory(dataset, data_params, device, report, common):
                 warnings.warn(f"skipped {len(failed)} image(s) that failed to decode: {'; '.join(failed[:5])}")
             record_dropped(report, failed)
             x = torch.from_numpy(x)
-        return TensorLoader(x.contiguous().to(device), torch.from_numpy(np.array(y)).to(device), train=train, **aug, **kw)
+        return TensorLoader(x.contiguous().to(device), torch.from_numpy(np.array(y)), train=train, **aug, **kw)
     return make
 
 
