@@ -3,8 +3,9 @@ the tensor loader.
 
 Eval geometry: resize the shorter side to image_size / crop_pct, then center crop image_size.
 crop_pct is 0.875 (the timm/DeiT default) for image_size >= 96, and 1.0 for smaller images (28x28
-Fashion-MNIST has no border to spare: it is seen whole). The tensor loader stores images at exactly
-that resize-and-crop size, so train and eval see the same framing in both loaders.
+Fashion-MNIST has no border to spare: it is seen whole). The tensor loader stores images resized to
+that shorter side (center square) and takes the same center fraction on the device, so train and eval
+see the same framing in both loaders.
 """
 
 import math
