@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vit.errors import UserError
-from vit.model import ViTConfig, resample_pos_embed
+from vit.model import ViTConfig, ViTForImageClassification, resample_pos_embed
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # standard head count per width (the paper's Table 1 and DeiT); anything else needs an override
@@ -124,7 +124,6 @@ def read_hf_folder(path):
         raise UserError(f"config file {config_path} is not a valid ViT config.json ({e}); re-save it or fix it.")
     if hf_config.get("model_type", "vit") != "vit":
         raise UserError(f"config file {config_path} is for model_type={hf_config['model_type']!r}, not 'vit'.")
-    files = []
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if os.path.isfile(os.path.join(path, index)):
             with open(os.path.join(path, index)) as f:
@@ -337,7 +336,7 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
         kw["image_size"] = image_size
 
     # the head: keep it when it fits, else a fresh zero one, said out loud
-    is_classifier = cls.__name__ == "ViTForImageClassification"
+    is_classifier = issubclass(cls, ViTForImageClassification)
     head_rows = state["classifier.weight"].shape[0] if "classifier.weight" in state else None
     if num_labels is not None:
         kw["num_labels"] = num_labels
