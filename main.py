@@ -22,8 +22,6 @@ import os
 import shlex
 import signal
 import sys
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -114,38 +112,22 @@ def epoch_line(record):
 # commands
 
 
-@dataclass
-class Run:
-    """What the epoch loop works with, built once by `train`."""
-
-    params: dict
-    d: distributed.Dist
-    loaders: object
-    model: ViTForImageClassification  # the plain model: saved, and its parameters optimized
-    runner: torch.nn.Module  # what training's forward runs through: the model, compiled and/or DDP-wrapped
-    evaluator: torch.nn.Module  # the same without DDP: ranks may hold one val batch more or less
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    lr_fn: object  # global optimizer step -> lr
-    mixup_fn: object
-    progress: dict  # epoch, step, step_in_epoch, sums, best_acc: what a checkpoint resumes from
-    rng: Optional[dict]  # RNG state to restore when resuming mid-epoch
-    resume_hint: str
-
-
 def train(args):
-    """The training run: setup, then the epoch loop, then the end-of-run report."""
+    """The training run: setup, then the epoch loop (train, evaluate, checkpoint, log), then the report.
+
+    Returns the exit code: 0, or 128 + the signal that asked it to stop.
+    """
     import data
 
     params = P.load(args.params, args.set)
     d = distributed.init()
-    t, out = params["train"], params["output"]["dir"]
-    last_path = os.path.join(out, checkpoint.LAST)
+    t, out, device = params["train"], params["output"]["dir"], d.device
+    last_path, best_path = os.path.join(out, checkpoint.LAST), os.path.join(out, checkpoint.BEST)
+    metrics_path = os.path.join(out, "metrics.jsonl")
     if args.resume and not os.path.isfile(last_path):
         raise UserError(f"--resume found no checkpoint at {last_path}; start without --resume or set output.dir.")
     if not args.resume and os.path.isfile(last_path):
         raise UserError(f"{out} already holds a run ({last_path}); pass --resume to continue it or set output.dir to a new folder.")
-    device = d.device
     precision = t["precision"] if device.type == "cuda" else "fp32"
     if device.type == "cpu":
         print(f"note: no CUDA device, training on the CPU in fp32 with {torch.get_num_threads()} thread(s) (slow; "
@@ -159,13 +141,14 @@ def train(args):
 
     loaders = data.build_loaders(params["data"], t, device, d.rank, d.world_size)
     classes, K = loaders.classes, len(loaders.classes)
-    model = build_model(params, classes).to(device)
+    model = build_model(params, classes).to(device)  # the plain model: saved, and its parameters optimized
     if t["freeze_backbone"]:
         optim.freeze_backbone(model)
     optimizer = optim.build_optimizer(model, t, device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    # what a checkpoint resumes from; history is the metrics.jsonl records, saved in every checkpoint
     progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "sums": None, "best_acc": -1.0, "history": []}
-    rng = None
+    rng = None  # RNG state to restore when resuming mid-epoch
     if args.resume:
         progress, rngs = checkpoint.resume(last_path, model, optimizer, scaler)
         # each rank continues its own streams and metric sums (another world size cannot be exact anyway)
@@ -174,8 +157,11 @@ def train(args):
         progress["sums"] = progress["sums"][rank] if progress["sums"] else None
         print(f"resuming {last_path}: {progress['epoch']} epoch(s) done"
               + (f", {progress['step_in_epoch']} step(s) into the next" if progress["step_in_epoch"] else ""))
+    history = progress["history"]
+    # evaluation runs without DDP (ranks may hold one val batch more or less); training through it
     evaluator = torch.compile(model) if t["compile"] else model
     runner = distributed.wrap(evaluator, d)
+    eval_kw = dict(num_classes=K, device=device, d=d, precision=precision, train=t)
 
     steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
     base_lr = optim.scaled_lr(t, d.world_size)
@@ -188,12 +174,11 @@ def train(args):
         from timm.data import Mixup
         mixup_fn = Mixup(mixup_alpha=t["mixup"], cutmix_alpha=t["cutmix"], label_smoothing=t["label_smoothing"], num_classes=K)
 
-    metrics_path = os.path.join(out, "metrics.jsonl")
     if d.is_main:
         try:
             os.makedirs(out, exist_ok=True)
             P.save(params, os.path.join(out, "params.json"))
-            write_history(metrics_path, progress["history"])
+            write_history(metrics_path, history)
         except OSError as e:  # output.dir names an existing file, a folder we may not write, a full disk
             raise UserError(f"params key output.dir={out!r} cannot hold the run ({e.strerror}); "
                             f"choose another folder or free space there.") from None
@@ -201,99 +186,84 @@ def train(args):
               f"effective batch {t['batch_size'] * t['grad_accum'] * d.world_size}, lr {base_lr:.3g}, "
               f"data {loaders.report.get('loader')}, run folder {out}")
     again = (["--params", args.params] if args.params != "params.json" else []) + (["--set", *args.set] if args.set else [])
-    hint = shlex.join(["python", "main.py", *again, "--resume"])
-    run = Run(params, d, loaders, model, runner, evaluator, optimizer, scaler, lr_fn, mixup_fn, progress, rng, hint)
-    with StopRequest() as stop:
-        code = loop(run, stop)
-    if code == 0 and loaders.val is not None:
-        report(evaluator, loaders, val_kw(params, K, device, d), out, params["output"]["misclassified"], d)
-    if code == 0 and (loaders.report.get("skipped_at_scan") or loaders.report.get("dropped_at_load")):
-        print(f"bad files: {loaders.report.get('skipped_at_scan', 0)} skipped at scan, "
-              f"{loaders.report.get('dropped_at_load', 0)} dropped at load (see warnings above)")
-    distributed.cleanup(d)
-    return code
-
-
-def val_kw(params, num_classes, device, d):
-    precision = params["train"]["precision"] if device.type == "cuda" else "fp32"
-    return dict(num_classes=num_classes, device=device, d=d, precision=precision, train=params["train"])
-
-
-def loop(run, stop):
-    """The epoch loop: train, evaluate, checkpoint, log. Returns the exit code (0, or 128 + signal)."""
-    from vit import plots
-
-    params, d, loaders, model, progress = run.params, run.d, run.loaders, run.model, run.progress
-    history = progress["history"]  # metrics.jsonl records, saved in every checkpoint
-    t, out, device = params["train"], params["output"]["dir"], d.device
-    last_path, best_path = os.path.join(out, checkpoint.LAST), os.path.join(out, checkpoint.BEST)
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
-    classes, rng = loaders.classes, run.rng
+    resume_hint = shlex.join(["python", "main.py", *again, "--resume"])
 
     def save(path, **extra):
         # rank 0 writes; the others wait so nobody runs ahead of a checkpoint
         rngs = distributed.gather(checkpoint.rng_state(), d)
         if d.is_main:
-            payload = checkpoint.training_payload(model, run.optimizer, run.scaler, {**progress, **extra}, params,
+            payload = checkpoint.training_payload(model, optimizer, scaler, {**progress, **extra}, params,
                                                   classes, loaders.mean, loaders.std, rngs)
             checkpoint.save(path, payload)
         distributed.barrier(d)
 
-    for epoch in range(progress["epoch"], t["epochs"]):
-        if progress["step_in_epoch"] == 0:
-            engine.seed_epoch(t["seed"], epoch, d.rank)
-            rng = None
-        loaders.train.set_epoch(epoch)
-        try:
-            stats = engine.train_one_epoch(
-                run.runner, loaders.train, run.optimizer, run.scaler, run.lr_fn, epoch, train=t, device=device, d=d,
-                mixup_fn=run.mixup_fn, start_step=progress["step_in_epoch"], sums=progress["sums"], rng=rng,
-                should_stop=stop, backbone=model.vit if t["freeze_backbone"] else None,
-                desc=f"epoch {epoch + 1}/{t['epochs']}")
-        except engine.NonFiniteLoss as e:
-            kept = (f"the last good checkpoint {last_path} ({progress['epoch']} epoch(s)) is intact"
-                    if os.path.isfile(last_path) else "no checkpoint was saved yet")
-            raise UserError(f"{e} Stopped: {kept}; lower train.lr or set train.clip_grad, then resume with --resume.") from None
-        progress["step"] = epoch * steps_per_epoch + stats["step_in_epoch"]
-        if stats["interrupted"]:
-            save(last_path, step_in_epoch=stats["step_in_epoch"], sums=distributed.gather(stats["sums"], d))
-            print(f"stopped in epoch {epoch + 1} after {stats['step_in_epoch']}/{steps_per_epoch} steps; "
-                  f"saved {last_path}. Resume with: {run.resume_hint}")
-            return 128 + (stop.signum or signal.SIGINT)
+    from vit import plots  # matplotlib loads only once a run really starts
 
-        record = {"epoch": epoch + 1, "loss": stats["loss"], "acc": stats["acc"]}
-        is_last = epoch + 1 == t["epochs"]
-        if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
-            val = engine.evaluate(run.evaluator, loaders.val, **val_kw(params, len(classes), device, d))
-            record.update({f"val_{k}": v for k, v in val.items() if k != "images_per_s"})
-        record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped)
-        print(epoch_line(record))
-        history.append(record)
-        progress.update(epoch=epoch + 1, step_in_epoch=0, sums=None)
-        is_best = record.get("val_acc", -1.0) > progress["best_acc"]
-        if is_best:
-            progress["best_acc"] = record["val_acc"]
-        stopping = distributed.any_rank(stop(), d)
-        # best before last: a kill in between redoes this epoch on resume, which rewrites best identically
-        if is_best:
-            save(best_path)
-            if d.is_main:
-                checkpoint.save_hf(model, os.path.join(out, checkpoint.HF_DIR), loaders.mean, loaders.std)
-        if (epoch + 1) % params["output"]["save_every"] == 0 or is_last or stopping:
-            save(last_path)
-        if d.is_main:
+    code = 0
+    with StopRequest() as stop:
+        for epoch in range(progress["epoch"], t["epochs"]):
+            if progress["step_in_epoch"] == 0:
+                engine.seed_epoch(t["seed"], epoch, d.rank)
+                rng = None
+            loaders.train.set_epoch(epoch)
             try:
-                write_history(metrics_path, history)  # after the checkpoint: a line never outlives its epoch's state
-            except OSError as e:  # resuming rebuilds metrics.jsonl from the checkpoint's records
-                then = (f"{last_path} is saved, so free space and resume with --resume" if os.path.isfile(last_path)
-                        else "no checkpoint was saved yet, so free space and start again")
-                raise UserError(f"could not write {metrics_path} ({e.strerror}); {then}.") from None
-            plots.plot_curves(history, os.path.join(out, "curves.png"))
-        if stopping:  # after the last epoch too: resuming then only writes the end-of-run report
-            print(f"stopped after epoch {epoch + 1}; saved {last_path}. Resume with: {run.resume_hint}")
-            return 128 + (stop.signum or signal.SIGINT)
-    return 0
+                stats = engine.train_one_epoch(
+                    runner, loaders.train, optimizer, scaler, lr_fn, epoch, train=t, device=device, d=d,
+                    mixup_fn=mixup_fn, start_step=progress["step_in_epoch"], sums=progress["sums"], rng=rng,
+                    should_stop=stop, backbone=model.vit if t["freeze_backbone"] else None,
+                    desc=f"epoch {epoch + 1}/{t['epochs']}")
+            except engine.NonFiniteLoss as e:
+                kept = (f"the last good checkpoint {last_path} ({progress['epoch']} epoch(s)) is intact"
+                        if os.path.isfile(last_path) else "no checkpoint was saved yet")
+                raise UserError(f"{e} Stopped: {kept}; lower train.lr or set train.clip_grad, then resume with --resume.") from None
+            progress["step"] = epoch * steps_per_epoch + stats["step_in_epoch"]
+            if stats["interrupted"]:
+                save(last_path, step_in_epoch=stats["step_in_epoch"], sums=distributed.gather(stats["sums"], d))
+                print(f"stopped in epoch {epoch + 1} after {stats['step_in_epoch']}/{steps_per_epoch} steps; "
+                      f"saved {last_path}. Resume with: {resume_hint}")
+                code = 128 + (stop.signum or signal.SIGINT)
+                break
+
+            record = {"epoch": epoch + 1, "loss": stats["loss"], "acc": stats["acc"]}
+            is_last = epoch + 1 == t["epochs"]
+            if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
+                val = engine.evaluate(evaluator, loaders.val, **eval_kw)
+                record.update({f"val_{k}": v for k, v in val.items() if k != "images_per_s"})
+            record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped)
+            print(epoch_line(record))
+            history.append(record)
+            progress.update(epoch=epoch + 1, step_in_epoch=0, sums=None)
+            is_best = record.get("val_acc", -1.0) > progress["best_acc"]
+            if is_best:
+                progress["best_acc"] = record["val_acc"]
+            stopping = distributed.any_rank(stop(), d)
+            # best before last: a kill in between redoes this epoch on resume, which rewrites best identically
+            if is_best:
+                save(best_path)
+                if d.is_main:
+                    checkpoint.save_hf(model, os.path.join(out, checkpoint.HF_DIR), loaders.mean, loaders.std)
+            if (epoch + 1) % params["output"]["save_every"] == 0 or is_last or stopping:
+                save(last_path)
+            if d.is_main:
+                try:
+                    write_history(metrics_path, history)  # after the checkpoint: a line never outlives its epoch's state
+                except OSError as e:  # resuming rebuilds metrics.jsonl from the checkpoint's records
+                    then = (f"{last_path} is saved, so free space and resume with --resume" if os.path.isfile(last_path)
+                            else "no checkpoint was saved yet, so free space and start again")
+                    raise UserError(f"could not write {metrics_path} ({e.strerror}); {then}.") from None
+                plots.plot_curves(history, os.path.join(out, "curves.png"))
+            if stopping:  # after the last epoch too: resuming then only writes the end-of-run report
+                print(f"stopped after epoch {epoch + 1}; saved {last_path}. Resume with: {resume_hint}")
+                code = 128 + (stop.signum or signal.SIGINT)
+                break
+
+    if code == 0 and loaders.val is not None:
+        report(evaluator, loaders, eval_kw, out, params["output"]["misclassified"], d)
+    if code == 0 and (loaders.report.get("skipped_at_scan") or loaders.report.get("dropped_at_load")):
+        print(f"bad files: {loaders.report.get('skipped_at_scan', 0)} skipped at scan, "
+              f"{loaders.report.get('dropped_at_load', 0)} dropped at load (see warnings above)")
+    distributed.cleanup(d)
+    return code
 
 
 def report(model, loaders, eval_kw, out, n_mistakes, d):
