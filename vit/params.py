@@ -202,6 +202,11 @@ def _type_names(types):
     return " or ".join(dict.fromkeys(names[t] for t in _as_tuple(types)))
 
 
+def _all_numbers(values):
+    """Every item an int or float (bool is an int in Python, but true is not a number here)."""
+    return all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in values)
+
+
 def _check_rule(name, value, rule):
     """One leaf's rule from SCHEMA."""
     if isinstance(rule, tuple):
@@ -225,11 +230,10 @@ def _check_rule(name, value, rule):
         if not value.strip():
             raise UserError(f"params key {name} is empty; set it to a folder, e.g. \"runs/my_run\".")
     elif rule == "floats":
-        if not value or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in value):
+        if not value or not _all_numbers(value):
             raise UserError(f"params key {name} must be a non-empty list of numbers, got {json.dumps(value)}.")
     elif rule == "scale":
-        if (len(value) != 2 or not all(isinstance(v, NUMBER) and not isinstance(v, bool) for v in value)
-                or not 0 < value[0] <= value[1] <= 1):
+        if len(value) != 2 or not _all_numbers(value) or not 0 < value[0] <= value[1] <= 1:
             raise UserError(f"params key {name} must be [lo, hi] with 0 < lo <= hi <= 1, got {json.dumps(value)}.")
     elif rule == "preset":
         if not re.fullmatch(r"(?:ViT-)?(Ti|S|B|L|H)/[1-9]\d*", value.strip()):
