@@ -121,3 +121,23 @@ def test_attention_and_inspect_commands_write_pngs(trained, capsys):
     code, out, err = run_main(["inspect", "--checkpoint", str(tmp / "run" / "best.pt"), "--out", str(tmp / "fig7")], capsys)
     assert code == 0, err
     assert {"embedding_filters.png", "position_similarity.png"} <= set(os.listdir(tmp / "fig7"))
+
+
+def test_predict_takes_a_timm_state_dict_saved_as_pt(tmp_path, capsys):
+    """A .pt that is not a training checkpoint goes to from_pretrained: same logits as timm's model."""
+    import timm
+
+    # width 192 is ViT-Ti's, so the loader knows its head count (3) without a config
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, depth=1,
+                            num_classes=3).eval()
+    torch.nn.init.normal_(ref.head.weight)
+    torch.save(ref.state_dict(), tmp_path / "timm_vit.pt")
+    model, info = load_for_inference(str(tmp_path / "timm_vit.pt"), torch.device("cpu"))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, ref(x), atol=1e-5)
+    assert info["params"] is None and info["image_size"] == 16
+    Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(tmp_path / "img.png")
+    code, out, err = run_main(["predict", "--checkpoint", str(tmp_path / "timm_vit.pt"), str(tmp_path / "img.png")], capsys)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1].startswith(str(tmp_path / "img.png") + ": ")  # after the load report

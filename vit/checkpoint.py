@@ -139,16 +139,25 @@ def save_hf(model, directory, mean, std):
 # loading
 
 
-def read(path):
+def _load(path):
     """torch.load(weights_only=True) with one-sentence errors for missing, corrupt or unsafe files."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt zip, truncated file, or a pickle asking for code: all refused
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} cannot be loaded safely ({first[:200]}); it is corrupt or not a training checkpoint.") from None
-    if not isinstance(ckpt, dict) or not all(isinstance(ckpt.get(k), dict) for k in ("model", "config")):
+
+
+def _is_training_checkpoint(ckpt):
+    return isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "config"))
+
+
+def read(path):
+    """A training checkpoint of this project, safely loaded; anything else is refused in one sentence."""
+    ckpt = _load(path)
+    if not _is_training_checkpoint(ckpt):
         raise UserError(f"checkpoint {path} is not a training checkpoint of this project (no model/config entries).")
     return ckpt
 
@@ -176,12 +185,13 @@ def load_for_inference(path, device):
     training params, None for a pretrained source).
 
     `path` is a training checkpoint (.pt), a run folder (its best.pt, else last.pt), or any source
-    `ViTForImageClassification.from_pretrained` reads (HF folder, timm file, Google .npz).
+    `ViTForImageClassification.from_pretrained` reads (HF folder, timm file, Google .npz); a .pt that
+    is not a training checkpoint (a timm state dict, say) goes to from_pretrained too.
     """
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in (BEST, LAST)):
         path = os.path.join(path, BEST if os.path.isfile(os.path.join(path, BEST)) else LAST)
-    if os.path.isfile(path) and path.endswith(".pt"):
-        ckpt = read(path)
+    ckpt = _load(path) if os.path.isfile(path) and path.endswith(".pt") else None
+    if _is_training_checkpoint(ckpt):
         try:
             config = ViTConfig.from_hf_dict(ckpt["config"])
         except UserError as e:
