@@ -161,7 +161,7 @@ def train(args):
     # evaluation runs without DDP (ranks may hold one val batch more or less); training through it
     evaluator = torch.compile(model) if t["compile"] else model
     runner = distributed.wrap(evaluator, d)
-    eval_kw = dict(num_classes=K, device=device, d=d, precision=precision, train=t)
+    eval_kw = dict(num_classes=K, device=device, d=d, precision=precision, oom_advice=engine.train_oom_advice(t))
 
     steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
     base_lr = optim.scaled_lr(t, d.world_size)

@@ -89,8 +89,9 @@ def test_out_of_memory_suggests_smaller_batch_or_accumulation():
                                train=train, device=torch.device("cpu"), d=distributed.Dist())
     msg = str(e.value)
     assert "out of memory" in msg and "train.batch_size=64" in msg and "train.grad_accum" in msg
-    with pytest.raises(UserError, match="out of memory"):
-        engine.evaluate(model, loader, num_classes=3, device=torch.device("cpu"), d=distributed.Dist(), train=train)
+    with pytest.raises(UserError, match="out of memory; pass a smaller --batch-size than 2"):
+        engine.evaluate(model, loader, num_classes=3, device=torch.device("cpu"), d=distributed.Dist(),
+                        oom_advice="pass a smaller --batch-size than 2.")
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

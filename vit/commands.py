@@ -35,7 +35,8 @@ def evaluate(args):
     loaders = data.build_loaders(data_params, train_params, d.device, d.rank, d.world_size)
     if info["classes"] is not None and loaders.classes != info["classes"]:
         raise UserError(f"the classes in {args.data_dir} {loaders.classes} differ from the checkpoint's {info['classes']}.")
-    val = engine.evaluate(model, loaders.val, num_classes=len(loaders.classes), device=d.device, d=d)
+    val = engine.evaluate(model, loaders.val, num_classes=len(loaders.classes), device=d.device, d=d,
+                          oom_advice=f"pass a smaller --batch-size than {batch_size}.")
     print(" - ".join(f"{k}: {v:.4f}" for k, v in val.items()))
     return 0
 

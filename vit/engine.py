@@ -34,16 +34,19 @@ def autocast(device, precision):
 
 
 @contextmanager
-def oom_hint(train):
-    """Turn CUDA's out-of-memory error into advice about batch size and accumulation."""
+def oom_hint(advice):
+    """Turn CUDA's out-of-memory error into one sentence ending with `advice`."""
     try:
         yield
     except torch.OutOfMemoryError:
-        bs, ga = train["batch_size"], train["grad_accum"]
-        raise UserError(
-            f"CUDA ran out of memory at train.batch_size={bs}; lower it (e.g. --set train.batch_size={max(1, bs // 2)}) "
-            f"and raise train.grad_accum (e.g. {ga * 2}) to keep the same effective batch."
-        ) from None
+        raise UserError(f"CUDA ran out of memory; {advice}") from None
+
+
+def train_oom_advice(train):
+    """What to change in params.json when a training step runs out of memory."""
+    bs, ga = train["batch_size"], train["grad_accum"]
+    return (f"lower train.batch_size={bs} (e.g. --set train.batch_size={max(1, bs // 2)}) and raise "
+            f"train.grad_accum (e.g. {ga * 2}) to keep the same effective batch.")
 
 
 def loss_fn(logits, targets, label_smoothing):
@@ -80,7 +83,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
     bar = tqdm(total=n, initial=skip, desc=desc, disable=not d.is_main, dynamic_ncols=True, leave=False)
     step_in_epoch, interrupted = start_step, False
     t0, seen = time.time(), 0
-    with bar, oom_hint(train):  # the bar closes on errors too, so an error line starts on a line of its own
+    with bar, oom_hint(train_oom_advice(train)):  # the bar closes on errors too, so an error line starts on a line of its own
         for i, (x, y) in enumerate(loader):
             if i < skip:
                 continue  # resuming mid-epoch: the loader's order is a pure function of the epoch
@@ -145,7 +148,8 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, num_classes, device, d, precision="fp32", train=None, mistakes=0, denormalize=None):
+def evaluate(model, loader, *, num_classes, device, d, precision="fp32", oom_advice="use a smaller batch.",
+             mistakes=0, denormalize=None):
     """Loss, accuracy, top-5 (when > 5 classes) and images/s over `loader`; plain CE, no smoothing.
 
     With mistakes > 0, also returns `confusion` (K, K) rows = true class, and up to `mistakes`
@@ -157,7 +161,7 @@ def evaluate(model, loader, *, num_classes, device, d, precision="fp32", train=N
     wrong = []
     t0 = time.time()
     bar = tqdm(loader, desc="eval", disable=not d.is_main, leave=False, dynamic_ncols=True)
-    with bar, oom_hint(train or {"batch_size": 0, "grad_accum": 1}):
+    with bar, oom_hint(oom_advice):
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device, precision):
