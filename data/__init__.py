@@ -5,7 +5,9 @@ Which loader serves a dataset:
   folders with data.in_memory true, or "auto" when train+val decoded at the eval resize size take
   less than IN_MEMORY_LIMIT bytes;
 - WorkerLoader (DataLoader workers decode files): everything else, and any dataset when
-  train.randaugment is set (RandAugment runs on PIL images, one at a time).
+  train.randaugment is set (RandAugment runs on PIL images, one at a time);
+- DeviceDecodeLoader (workers read bytes, the batch is decoded and augmented on the device): folders
+  that stay on disk when data.decode is "device".
 train.batch_size is per rank (the DeiT convention): a DDP run sees world_size * batch_size per step.
 """
 
@@ -18,6 +20,7 @@ import torch
 
 from data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from data.fashion_mnist import load_fashion_mnist
+from data.device_decode import CropPlan, DeviceDecodeLoader, DeviceDecoder, EncodedSource, collate_encoded
 from data.folder import decode_all, record_dropped, scan_folder
 from data.tensor_loader import TensorLoader
 from data.transforms import eval_transform, resize_size, train_transform
@@ -52,6 +55,10 @@ def build_loaders(data_params, train_params, device, rank=0, world_size=1):
                         "or train.randaugment to null.")
     report = {"dropped_at_load": 0, "dropped_files": []}
     dataset = data_params.get("dataset", "fashion_mnist")
+    decode = data_params.get("decode", "workers")
+    if decode == "device" and (dataset != "folder" or randaugment):
+        raise UserError("data.decode \"device\" decodes JPEG folders on the training device without PIL; it needs "
+                        "data.dataset \"folder\" and train.randaugment null (set data.decode to \"workers\").")
     if dataset == "fashion_mnist":
         classes = list(FASHION_MNIST_CLASSES)
         train_set, val_set = load_fashion_mnist("train"), load_fashion_mnist("val")
@@ -67,13 +74,15 @@ def build_loaders(data_params, train_params, device, rank=0, world_size=1):
         use_tensor = in_memory is True or (in_memory == "auto" and not randaugment and decoded_bytes < IN_MEMORY_LIMIT)
     else:
         raise UserError(f"data.dataset {dataset!r} is not one of \"fashion_mnist\", \"folder\".")
-    report["loader"] = "tensor" if use_tensor else "workers"
+    report["loader"] = "tensor" if use_tensor else "device-decode" if decode == "device" else "workers"
 
     common = dict(batch_size=train_params["batch_size"], seed=train_params.get("seed", 0),
                   rank=rank, world_size=world_size)
     aug = dict(scale=train_params.get("random_resized_crop_scale", (0.35, 1.0)), hflip=train_params.get("hflip", 0.5))
     if use_tensor:
         make = _tensor_loader_factory(dataset, data_params, device, report, common)
+    elif decode == "device":
+        make = _device_decode_factory(data_params, device, report, common)
     else:
         make = _worker_loader_factory(dataset, data_params, device, report, common, randaugment)
     train = make(train_set, train=True, **aug)
@@ -120,6 +129,20 @@ def _worker_loader_factory(dataset, data_params, device, report, common, randaug
         sampler = EpochBatchSampler(len(source), shuffle=train, drop_last=train, **common)
         return WorkerLoader(SampleDataset(source, labels, transform), sampler, device=device,
                             workers=data_params.get("workers", 4), report=report)
+    return make
+
+
+def _device_decode_factory(data_params, device, report, common):
+    """-> make(samples, train, **aug) building a DeviceDecodeLoader over a folder's files."""
+    decoder = DeviceDecoder(data_params["image_size"], data_params["channels"], data_params["mean"], data_params["std"], device)
+
+    def make(samples, train, **aug):
+        source = EncodedSource([p for p, _ in samples], data_params["channels"])
+        plan = CropPlan(data_params["image_size"], train, **aug)
+        sampler = EpochBatchSampler(len(source), shuffle=train, drop_last=train, **common)
+        return DeviceDecodeLoader(SampleDataset(source, [y for _, y in samples], plan), sampler, device=device,
+                                  workers=data_params.get("workers", 4), report=report,
+                                  collate_fn=collate_encoded, finish=decoder)
     return make
 
 

@@ -9,12 +9,14 @@ Policy, decided once for the whole project:
 - Anything that cannot be decoded, including decompression-bomb sizes, raises BadImage.
 """
 
+import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+EXIF_ORIENTATION = 0x0112
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # PIL's own bomb limit (~89 M pixels); above it a file is refused
 
 
@@ -35,6 +37,23 @@ def check_header(path):
         raise
     except Exception as e:  # PIL raises many types on fuzzed headers; any of them means "not an image"
         raise BadImage(f"{path}: {type(e).__name__}: {e}") from e
+
+
+def probe_jpeg(path, data):
+    """Header facts the device decoder needs from a file's bytes: (is a plain JPEG, (H, W) as shown,
+    EXIF orientation 1..8). "Plain" means baseline/progressive "L" or "RGB" that nvjpeg decodes as
+    PIL would; anything else (PNG, CMYK JPEG, ...) goes through open_image. Raises BadImage."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            _check_size(path, im)
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1) if im.format == "JPEG" else 1
+            plain = im.format == "JPEG" and im.mode in ("L", "RGB") and orientation in range(1, 9)
+            w, h = im.size
+    except BadImage:
+        raise
+    except Exception as e:  # as in check_header: any PIL error on a header means "not an image"
+        raise BadImage(f"{path}: {type(e).__name__}: {e}") from e
+    return plain, ((w, h) if orientation in (5, 6, 7, 8) else (h, w)), orientation
 
 
 def open_image(path, channels, size_hint=None):

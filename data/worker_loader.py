@@ -103,12 +103,12 @@ class EpochBatchSampler:
 
 
 def collate_drop_bad(batch):
-    """Stack the good samples; return the messages of the bad ones. x, y are None if none was good."""
+    """-> ((x stacked, y), messages of the bad samples); the batch part is None if none was good."""
     good = [s for s in batch if not isinstance(s, str)]
     bad = [s for s in batch if isinstance(s, str)]
     if not good:
-        return None, None, bad
-    return torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good]), bad
+        return None, bad
+    return (torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good])), bad
 
 
 def _worker_init(worker_id):
@@ -117,14 +117,19 @@ def _worker_init(worker_id):
 
 
 class WorkerLoader:
-    """Iterable of (x, y) on `device`; `.skipped` counts files dropped this epoch, `report` each file once."""
+    """Iterable of (x, y) on `device`; `.skipped` counts files dropped this epoch, `report` each file once.
 
-    def __init__(self, dataset, batch_sampler, *, device, workers, report):
+    collate_fn runs in the workers and gives (batch or None, bad messages); `finish` runs in the trainer
+    and turns a collated batch into (x, y, more bad messages) on the device (data.device_decode decodes there).
+    """
+
+    def __init__(self, dataset, batch_sampler, *, device, workers, report, collate_fn=collate_drop_bad, finish=None):
         self.batch_sampler, self.device, self.report = batch_sampler, torch.device(device), report
+        self.finish = finish or self._to_device
         self.skipped = 0
         self.dropped = set()  # messages (they name the file) already reported: every pass meets them again
         self.loader = DataLoader(
-            dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_drop_bad,
+            dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
             prefetch_factor=4 if workers > 0 else None, persistent_workers=workers > 0,
         )
@@ -138,7 +143,7 @@ class WorkerLoader:
 
     def __iter__(self):
         self.skipped = 0
-        for x, y, bad in self.loader:
+        for x, y, bad in self._finished():
             for message in bad:
                 if message in self.dropped:
                     continue
@@ -148,4 +153,14 @@ class WorkerLoader:
             self.skipped += len(bad)
             if x is None:  # a whole batch of broken files: nothing to train on
                 continue
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield x, y
+
+    def _finished(self):
+        """(x, y, bad) per batch, x and y on the device (None when nothing in the batch was good)."""
+        for batch, bad in self.loader:
+            x, y, late = self.finish(batch) if batch is not None else (None, None, [])
+            yield x, y, bad + late
+
+    def _to_device(self, batch):
+        x, y = batch
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), []

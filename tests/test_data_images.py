@@ -131,14 +131,14 @@ def _folder_params(tmp_path, **kw):
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-@pytest.mark.parametrize("in_memory", [False, True])
-def test_folder_policy_counts_every_kind(tmp_path, in_memory):
+@pytest.mark.parametrize("in_memory,decode", [(False, "workers"), (True, "workers"), (False, "device")])
+def test_folder_policy_counts_every_kind(tmp_path, in_memory, decode):
     write(tmp_path / "train" / "a", {**SCAN_BAD, **LOAD_BAD, **odd_but_good()})
     write(tmp_path / "train" / "b", {f"{i}.png": encoded(noise(seed=i), "PNG") for i in range(3)})
     (tmp_path / "train" / "a" / ".DS_Store").write_bytes(b"\x00\x01")  # hidden: ignored, not counted
     n_good, n_files = 6 + 3, 6 + 3 + len(LOAD_BAD)
     with pytest.warns(UserWarning) as caught:
-        loaders = build_loaders(_folder_params(tmp_path, in_memory=in_memory),
+        loaders = build_loaders(_folder_params(tmp_path, in_memory=in_memory, decode=decode),
                                 {"batch_size": n_good if in_memory else n_files, "seed": 0}, "cpu")
     report, messages = loaders.report, [str(w.message) for w in caught]
     assert any(m.startswith(f"skipped {len(SCAN_BAD)} file(s) that are not usable") for m in messages), messages
@@ -146,7 +146,8 @@ def test_folder_policy_counts_every_kind(tmp_path, in_memory):
     assert report["skipped_at_scan"] == len(SCAN_BAD)
     assert sorted(m.split(":")[0].rsplit("/", 1)[1] for m in report["skipped_files"]) == sorted(SCAN_BAD)
     assert report["train_files"] == n_files and loaders.val is None
-    assert report["loader"] == ("tensor" if in_memory else "workers")
+    assert report["loader"] == {(True, "workers"): "tensor", (False, "workers"): "workers",
+                                (False, "device"): "device-decode"}[in_memory, decode]
     if in_memory:  # decoded up front: the two truncated files are dropped at build time
         assert report["dropped_at_load"] == len(LOAD_BAD)
         assert len(loaders.train.images) == n_good

@@ -104,12 +104,13 @@ def test_unusual_images_decode_to_what_a_person_sees(tmp_path):
     assert gray.max() > 100, "16-bit values were clipped or scaled to black"
 
 
-@pytest.mark.parametrize("in_memory", [True, False])  # decoded up front / by the loader
-def test_training_on_a_folder_of_bad_and_odd_images_finishes_and_counts(tmp_path, in_memory):
+# decoded up front / by PIL in the loader's workers / by the device decoder (bytes from the workers)
+@pytest.mark.parametrize("in_memory,decode", [(True, "workers"), (False, "workers"), (False, "device")])
+def test_training_on_a_folder_of_bad_and_odd_images_finishes_and_counts(tmp_path, in_memory, decode):
     data_dir = tmp_path / "data"
     build_folder(data_dir)
     params = fu.tiny_params(data_dir, tmp_path / "run", epochs=1)
-    params["data"]["in_memory"] = in_memory
+    params["data"].update(in_memory=in_memory, decode=decode)
     r = fu.run(["--params", fu.write_params(tmp_path / "params.json", params)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
@@ -123,8 +124,8 @@ def test_training_on_a_folder_of_bad_and_odd_images_finishes_and_counts(tmp_path
     assert len(named) >= 5, f"the skip warning names only {named}"  # it lists the first five, then "..."
     lines = fu.read_metrics(tmp_path / "run")
     assert len(lines) == 1 and lines[0]["acc"] >= 0
-    fu.record("images", f"bad files tried (in_memory={in_memory})", len(SCAN_BAD) + len(LOAD_BAD))
-    fu.record("images", f"unusual good files trained on (in_memory={in_memory})", len(UNUSUAL))
+    fu.record("images", f"bad files tried (in_memory={in_memory}, decode={decode})", len(SCAN_BAD) + len(LOAD_BAD))
+    fu.record("images", f"unusual good files trained on (in_memory={in_memory}, decode={decode})", len(UNUSUAL))
 
 
 def test_the_odd_images_are_trained_on_not_dropped(tmp_path):

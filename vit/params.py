@@ -50,6 +50,7 @@ SCHEMA = {
         "std": ([0.353], list, "floats"),
         "workers": (4, int, ">=0"),
         "in_memory": ("auto", (str, bool), ("auto", True, False)),
+        "decode": ("workers", str, ("workers", "device")),  # JPEG folders read from disk: PIL in workers, or nvjpeg
     },
     "train": {
         "epochs": (60, int, ">0"),
