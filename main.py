@@ -22,6 +22,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 
 import torch
 
@@ -119,6 +120,7 @@ def train(args):
     """
     import data
 
+    started = time.perf_counter()  # elapsed_s in metrics.jsonl: time to accuracy, start-up included
     params = P.load(args.params, args.set)
     d = distributed.init()
     t, out, device = params["train"], params["output"]["dir"], d.device
@@ -206,6 +208,7 @@ def train(args):
                 engine.seed_epoch(t["seed"], epoch, d.rank)
                 rng = None
             loaders.train.set_epoch(epoch)
+            epoch_start = time.perf_counter()
             try:
                 stats = engine.train_one_epoch(
                     runner, loaders.train, optimizer, scaler, lr_fn, epoch, train=t, device=device, d=d,
@@ -229,7 +232,9 @@ def train(args):
             if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
                 val = engine.evaluate(evaluator, loaders.val, **eval_kw)
                 record.update({f"val_{k}": v for k, v in val.items() if k != "images_per_s"})
-            record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped)
+            now = time.perf_counter()  # epoch_s: this epoch's training + evaluation; elapsed_s: since this process began
+            record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped,
+                          epoch_s=round(now - epoch_start, 2), elapsed_s=round(now - started, 2))
             print(epoch_line(record))
             history.append(record)
             progress.update(epoch=epoch + 1, step_in_epoch=0, sums=None)

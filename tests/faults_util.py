@@ -223,6 +223,9 @@ def assert_same_as(ref, run_dir, tag):
     SUMMARY.append(("exact", "resumed runs equal to the uninterrupted one", 1))
 
 
+TIMINGS = {"images_per_s", "epoch_s", "elapsed_s"}  # metrics.jsonl keys that measure the machine, not the run
+
+
 def _compare(ref, run_dir, tag):
     import torch
 
@@ -234,7 +237,7 @@ def _compare(ref, run_dir, tag):
     epochs = len(ref["metrics"])
     assert [h["epoch"] for h in metrics] == list(range(1, epochs + 1)), f"{tag}: {[h['epoch'] for h in metrics]}"
     for got, want in zip(metrics, ref["metrics"]):
-        for key in want.keys() - {"images_per_s"}:
+        for key in want.keys() - TIMINGS:
             assert got[key] == want[key], f"{tag}: epoch {want['epoch']} {key} {got[key]} != {want[key]}"
 
 

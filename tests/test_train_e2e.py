@@ -41,7 +41,8 @@ def test_run_writes_the_whole_results_layout(trained):
             assert im.format == "PNG" and im.size[0] > 100
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2]
-    assert all({"loss", "acc", "val_loss", "val_acc", "val_top5", "lr", "images_per_s"} <= set(h) for h in history)
+    assert all({"loss", "acc", "val_loss", "val_acc", "val_top5", "lr", "images_per_s", "epoch_s", "elapsed_s"} <= set(h) for h in history)
+    assert 0 < history[0]["epoch_s"] <= history[0]["elapsed_s"] < history[1]["elapsed_s"]  # the clock runs on
     per_class = json.loads((run / "per_class_accuracy.json").read_text())
     assert list(per_class) == classes and all(0 <= a <= 1 for a in per_class.values())
     saved = json.loads((run / "params.json").read_text())
