@@ -4,8 +4,9 @@ what to do."""
 
 import errno
 import hashlib
-import re
 import os
+import re
+import types
 
 import pytest
 import torch
@@ -66,6 +67,45 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert len(saved) == 1 and hashlib.sha256(last.read_bytes()).hexdigest() == saved[0]  # epoch 1's, untouched
     assert checkpoint.read(str(last))["epoch"] == 1
     assert len(open(tmp_path / "run" / "metrics.jsonl").read().splitlines()) == 1
+
+
+class _Linear(torch.nn.Module):
+    """A classifier small enough to run 25 steps in no time; returns an object with `.logits` like ours."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(12, 3)
+
+    def forward(self, x):
+        return types.SimpleNamespace(logits=self.fc(x.flatten(1)))
+
+
+def test_nan_between_syncs_stops_at_the_next_sync_and_names_its_first_batch(monkeypatch):
+    real, calls, consumed = engine.loss_fn, [], []
+
+    def loss_fn(*args):  # batch 3 goes NaN; later ones are whatever NaN weights give
+        calls.append(1)
+        return real(*args) * float("nan") if len(calls) == 3 else real(*args)
+
+    monkeypatch.setattr(engine, "loss_fn", loss_fn)
+    model = _Linear()
+    opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr_scale": 1.0}])
+    train = {"batch_size": 4, "grad_accum": 1, "precision": "fp32", "label_smoothing": 0.0, "clip_grad": 1.0}
+    batches = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0])) for _ in range(25)]
+
+    class Loader:  # len() for the bar, and a record of how far the loop read
+        def __len__(self):
+            return len(batches)
+
+        def __iter__(self):
+            for k, b in enumerate(batches):
+                consumed.append(k)
+                yield b
+
+    with pytest.raises(engine.NonFiniteLoss, match=r"became nan at epoch 1, batch 3/25 \(lr 0.001\)"):
+        engine.train_one_epoch(model, Loader(), opt, torch.amp.GradScaler("cuda", enabled=False), lambda s: 1e-3, 0,
+                               train=train, device=torch.device("cpu"), d=distributed.Dist())
+    assert len(consumed) == engine.SYNC_EVERY + 1  # caught at the first sync after it (batch index 10)
 
 
 class _OOMModel(torch.nn.Module):

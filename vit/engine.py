@@ -3,7 +3,9 @@
 The loop: per-iteration lr, AMP (bf16, or fp16 with a GradScaler) on CUDA, gradient accumulation
 with DDP syncing only on the last micro-step, clipping, Mixup/CutMix, a tqdm bar on rank 0.
 It stops cleanly when asked to (Ctrl-C, SIGTERM) at an optimizer-step boundary, and refuses to go on
-when the loss is not finite.
+when the loss is not finite: that check runs every SYNC_EVERY batches and before the epoch (or an
+interrupted part of it) returns, so the weights a NaN reached are never saved, and the message names
+the first bad batch.
 """
 
 import math
@@ -20,6 +22,9 @@ from vit import distributed
 from vit.checkpoint import set_rng_state
 from vit.errors import UserError
 from vit.optim import set_lr
+
+
+SYNC_EVERY = 10  # training batches between host syncs (progress bar, NaN check)
 
 
 class NonFiniteLoss(UserError):
@@ -76,13 +81,29 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
     n = len(loader)
     steps_per_epoch = math.ceil(n / ga)
     sums = dict(sums or {"loss": 0.0, "correct": 0.0, "count": 0.0})
+    # the running sums stay on the device and reach the host every SYNC_EVERY batches (bar, NaN check):
+    # a sync per step would leave the GPU idle while the host queues the next step. float64, added in
+    # the same order as on the host, so resumed epochs add up bit for bit
+    running = torch.tensor([sums["loss"], sums["correct"]], dtype=torch.float64, device=device)
+    first_bad = torch.zeros(2, dtype=torch.float64, device=device)  # (batch number, loss) of the first non-finite loss
+
+    def pull(i):
+        """Sync: the sums to the host, and stop if a loss up to batch i was not finite (before any save)."""
+        loss_sum, correct, bad_at, bad_loss = torch.cat([running, first_bad]).tolist()
+        if distributed.any_rank(bad_at > 0, d):
+            where = (f"{bad_loss} at epoch {epoch + 1}, batch {int(bad_at)}/{n} "
+                     f"(lr {lr_fn(epoch * steps_per_epoch + (int(bad_at) - 1) // ga):.3g})" if bad_at > 0
+                     else f"non-finite on another rank in epoch {epoch + 1}, by batch {i + 1}/{n}")
+            raise NonFiniteLoss(f"the training loss became {where}.")
+        sums.update(loss=loss_sum, correct=correct)
+
     model.train()
     if backbone is not None:
         backbone.eval()
     skip = start_step * ga
     bar = tqdm(total=n, initial=skip, desc=desc, disable=not d.is_main, dynamic_ncols=True, leave=False)
     step_in_epoch, interrupted = start_step, False
-    t0, seen = time.time(), 0
+    t0, seen, i = time.time(), 0, skip - 1
     with bar, oom_hint(train_oom_advice(train)):  # the bar closes on errors too, so an error line starts on a line of its own
         for i, (x, y) in enumerate(loader):
             if i < skip:
@@ -103,12 +124,10 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
                     logits = model(x).logits  # (B, num_labels)
                 loss = loss_fn(logits, targets, train["label_smoothing"])
                 scaler.scale(loss / ga).backward()
-            loss_value, correct = torch.stack([loss.detach(), (logits.argmax(-1) == y).sum().float()]).tolist()
-            if distributed.any_rank(not math.isfinite(loss_value), d):
-                raise NonFiniteLoss(
-                    f"the training loss became {loss_value} at epoch {epoch + 1}, batch {i + 1}/{n} "
-                    f"(lr {optimizer.param_groups[0]['lr']:.3g})."
-                )
+            loss = loss.detach().double()
+            running += torch.stack([loss * len(y), (logits.argmax(-1) == y).sum().double()])
+            fresh = ~torch.isfinite(loss) & (first_bad[0] == 0)
+            first_bad.copy_(torch.where(fresh, torch.stack([torch.full_like(loss, i + 1), loss]), first_bad))
             if last_micro:
                 if train["clip_grad"] is not None:
                     scaler.unscale_(optimizer)
@@ -119,12 +138,11 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step_in_epoch += 1
-            sums["loss"] += loss_value * len(y)
-            sums["correct"] += correct
             sums["count"] += len(y)
             seen += len(y)
             bar.update(1)
-            if i % 10 == 0 or i + 1 == n:
+            if i % SYNC_EVERY == 0:
+                pull(i)
                 rate = seen * d.world_size / max(time.time() - t0, 1e-9)
                 bar.set_postfix(loss=f"{sums['loss'] / sums['count']:.4f}",
                                 acc=f"{sums['correct'] / sums['count']:.4f}", img_s=f"{rate:.0f}", refresh=False)
@@ -132,6 +150,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
             if last_micro and i + 1 < n and distributed.any_rank(should_stop(), d):
                 interrupted = True
                 break
+        pull(i)  # the epoch's (or the interrupted part's) last batches, before anything is saved
     elapsed = max(time.time() - t0, 1e-9)
     total = distributed.all_reduce_sum(
         torch.tensor([sums["loss"], sums["correct"], sums["count"], seen], dtype=torch.float64, device=device), d
