@@ -31,7 +31,7 @@ from torchvision.transforms import functional as TF
 
 from data.images import BadImage, open_image, probe_jpeg
 from data.transforms import resize_size
-from data.worker_loader import WorkerLoader
+from data.worker_loader import WorkerLoader, split_bad
 
 PREFETCH = 2  # batches decoded ahead of the training step
 BICUBIC = InterpolationMode.BICUBIC
@@ -86,8 +86,7 @@ class CropPlan:
 
 def collate_encoded(batch):
     """-> ((list of Encoded, labels (B,)), messages of the bad samples), as collate_drop_bad does."""
-    good = [s for s in batch if not isinstance(s, str)]
-    bad = [s for s in batch if isinstance(s, str)]
+    good, bad = split_bad(batch)
     if not good:
         return None, bad
     return ([e for e, _ in good], torch.tensor([y for _, y in good])), bad

@@ -102,10 +102,14 @@ class EpochBatchSampler:
             yield list(zip(idx[sl], seeds[sl]))
 
 
+def split_bad(batch):
+    """Samples -> (the good (x, y) pairs, the messages of the bad ones)."""
+    return [s for s in batch if not isinstance(s, str)], [s for s in batch if isinstance(s, str)]
+
+
 def collate_drop_bad(batch):
     """-> ((x stacked, y), messages of the bad samples); the batch part is None if none was good."""
-    good = [s for s in batch if not isinstance(s, str)]
-    bad = [s for s in batch if isinstance(s, str)]
+    good, bad = split_bad(batch)
     if not good:
         return None, bad
     return (torch.stack([x for x, _ in good]), torch.tensor([y for _, y in good])), bad
