@@ -10,6 +10,7 @@ Policy, decided once for the whole project:
 """
 
 import io
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,35 +25,38 @@ class BadImage(Exception):
     """A file that is not a decodable image; the message names the file and the reason."""
 
 
+@contextmanager
+def _as_bad_image(path):
+    """Any error while reading `path` becomes BadImage naming it: a broken or fuzzed file can make PIL
+    raise almost any exception type, and all of them mean "not a usable image"."""
+    try:
+        yield
+    except BadImage:
+        raise
+    except Exception as e:
+        raise BadImage(f"{path}: {type(e).__name__}: {e}") from e
+
+
 def check_header(path):
     """Cheap scan-time check (no pixel decode): non-empty, a known format, and not bomb-sized."""
     path = Path(path)
-    try:
+    with _as_bad_image(path):
         if path.stat().st_size == 0:
             raise BadImage(f"{path}: zero-byte file")
         with Image.open(path) as im:
             _check_size(path, im)
             return im.size
-    except BadImage:
-        raise
-    except Exception as e:  # PIL raises many types on fuzzed headers; any of them means "not an image"
-        raise BadImage(f"{path}: {type(e).__name__}: {e}") from e
 
 
 def probe_jpeg(path, data):
     """Header facts the device decoder needs from a file's bytes: (is a plain JPEG, (H, W) as shown,
     EXIF orientation 1..8). "Plain" means baseline/progressive "L" or "RGB" that nvjpeg decodes as
     PIL would; anything else (PNG, CMYK JPEG, ...) goes through open_image. Raises BadImage."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            _check_size(path, im)
-            orientation = im.getexif().get(EXIF_ORIENTATION, 1) if im.format == "JPEG" else 1
-            plain = im.format == "JPEG" and im.mode in ("L", "RGB") and orientation in range(1, 9)
-            w, h = im.size
-    except BadImage:
-        raise
-    except Exception as e:  # as in check_header: any PIL error on a header means "not an image"
-        raise BadImage(f"{path}: {type(e).__name__}: {e}") from e
+    with _as_bad_image(path), Image.open(io.BytesIO(data)) as im:
+        _check_size(path, im)
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1) if im.format == "JPEG" else 1
+        plain = im.format == "JPEG" and im.mode in ("L", "RGB") and orientation in range(1, 9)
+        w, h = im.size
     return plain, ((w, h) if orientation in (5, 6, 7, 8) else (h, w)), orientation
 
 
@@ -63,18 +67,13 @@ def open_image(path, channels, size_hint=None):
     """
     assert channels in (1, 3), channels
     path = Path(path)
-    try:
-        with Image.open(path) as im:
-            _check_size(path, im)
-            if size_hint is not None and im.format == "JPEG":
-                im.draft(im.mode, (size_hint, size_hint))
-            im.load()  # decode now, inside the try: truncated data fails here
-            im = ImageOps.exif_transpose(im)
-            return _to_mode(im, "L" if channels == 1 else "RGB")
-    except BadImage:
-        raise
-    except Exception as e:  # a broken file can make PIL raise almost anything; all mean "bad image"
-        raise BadImage(f"{path}: {type(e).__name__}: {e}") from e
+    with _as_bad_image(path), Image.open(path) as im:
+        _check_size(path, im)
+        if size_hint is not None and im.format == "JPEG":
+            im.draft(im.mode, (size_hint, size_hint))
+        im.load()  # decode now, inside the with: truncated data fails here
+        im = ImageOps.exif_transpose(im)
+        return _to_mode(im, "L" if channels == 1 else "RGB")
 
 
 def _check_size(path, im):
