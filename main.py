@@ -120,7 +120,7 @@ def train(args):
     """
     import data
 
-    started = time.perf_counter()  # elapsed_s in metrics.jsonl: time to accuracy, start-up included
+    started = time.perf_counter()  # elapsed_s in metrics.jsonl: data, model and compile count; Python imports don't
     params = P.load(args.params, args.set)
     d = distributed.init()
     t, out, device = params["train"], params["output"]["dir"], d.device
@@ -232,7 +232,7 @@ def train(args):
             if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
                 val = engine.evaluate(evaluator, loaders.val, **eval_kw)
                 record.update({f"val_{k}": v for k, v in val.items() if k != "images_per_s"})
-            now = time.perf_counter()  # epoch_s: this epoch's training + evaluation; elapsed_s: since this process began
+            now = time.perf_counter()  # epoch_s: this epoch's training + evaluation; elapsed_s: since the run's set-up began
             record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped,
                           epoch_s=round(now - epoch_start, 2), elapsed_s=round(now - started, 2))
             print(epoch_line(record))
