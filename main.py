@@ -63,15 +63,7 @@ def build_model(params, classes):
 def write_history(path, history):
     """Rewrite metrics.jsonl atomically from the records the checkpoint carries: one line per
     finished epoch, no duplicate after a resume and no gap after a kill between save and log."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
-        os.replace(tmp, path)
-    except OSError:  # e.g. a full disk: leave no half-written temp file; the caller says what to do
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    checkpoint.atomic_write(path, lambda f: f.writelines(json.dumps(h) + "\n" for h in history), mode="w")
 
 
 class StopRequest:

@@ -55,22 +55,28 @@ def set_rng_state(state):
 # saving
 
 
-def save(path, payload):
-    """torch.save to a temp file in the same folder, fsync, then os.replace: never a half-written `path`.
-
-    An OSError (disk full, permissions) leaves the previous file untouched and says so.
-    """
+def atomic_write(path, write, mode="wb"):
+    """Call `write(f)` on a temp file in the same folder, fsync, then os.replace: never a half-written
+    `path`. An OSError (disk full, permissions) removes the temp file and leaves `path` as it was."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except OSError as e:
+    except OSError:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+
+
+def save(path, payload):
+    """torch.save through atomic_write; a failure says the previous file is kept and how to go on."""
+    try:
+        atomic_write(path, lambda f: torch.save(payload, f))
+    except OSError as e:
         raise _write_failed(path, e) from None
 
 
