@@ -42,14 +42,9 @@ def build_model(params, classes):
     common = dict(image_size=d["image_size"], drop_path_rate=t["drop_path"], hidden_dropout_prob=m["hidden_dropout_prob"],
                   attention_probs_dropout_prob=m["attention_probs_dropout_prob"])
     if m["pretrained"] is not None:
-        model = ViTForImageClassification.from_pretrained(
-            m["pretrained"], num_labels=len(classes), id2label=id2label, **common)
-        if model.config.num_channels != d["channels"]:
-            raise UserError(
-                f"model.pretrained {m['pretrained']} expects {model.config.num_channels} channels but "
-                f"data.channels is {d['channels']}; set data.channels to {model.config.num_channels}."
-            )
-        return model
+        # an RGB checkpoint on gray data (or the reverse) gets its patch kernel adapted, said in the load report
+        return ViTForImageClassification.from_pretrained(
+            m["pretrained"], num_labels=len(classes), id2label=id2label, num_channels=d["channels"], **common)
     sizes = {k: m[k] for k in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size", "layer_norm_eps", "qkv_bias") if m[k] is not None}
     kw = dict(num_channels=d["channels"], num_labels=len(classes), id2label=id2label, **common, **sizes)

@@ -82,7 +82,8 @@ def test_corrupt_files_name_the_file(timm_file, tmp_path, name, damage):
 
 def test_shape_mismatch_names_key_and_shapes(timm_file):
     raises(["'vit.encoder.layer.0.intermediate.dense.weight'", "(128, 32)", "(48, 32)"], load, timm_file[1], num_attention_heads=4, intermediate_size=48)
-    raises(["'vit.embeddings.patch_embeddings.projection.weight'", "(32, 3, 8, 8)", "(32, 1, 8, 8)"], load, timm_file[1], num_attention_heads=4, num_channels=1)
+    raises(["'vit.embeddings.cls_token'", "(1, 1, 32)", "(1, 1, 48)"], load, timm_file[1], num_attention_heads=4, hidden_size=48)
+    raises(["3 input channels", "cannot be adapted to 2", "num_channels=3 or 1"], load, timm_file[1], num_attention_heads=4, num_channels=2)
 
 
 def test_heads_must_divide_width(timm_file):

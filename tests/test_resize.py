@@ -1,14 +1,17 @@
-"""Resizing: position embeddings resampled like timm, interpolate_pos_encoding like transformers, FlexiViT patches."""
+"""Resizing: position embeddings resampled like timm, interpolate_pos_encoding like transformers, FlexiViT
+patches, and the patch kernel adapted to another channel count like timm."""
 
 import pytest
 import torch
 import transformers
 from google_npz import randomize_, timm_vit
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
+from timm.models._manipulate import adapt_input_conv
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from vit import ViTForImageClassification, ViTModel
-from vit.loading import resample_patch_kernel, resample_pos_embed
+from vit.errors import UserError
+from vit.loading import adapt_input_channels, resample_patch_kernel, resample_pos_embed
 
 
 def assert_close(ours, ref, what, tol=1e-5):
@@ -94,3 +97,31 @@ def test_load_with_other_patch_size(timm_file, patch, image):
     out = ours(torch.randn(2, 3, image, image), output_hidden_states=True)
     assert out.logits.shape == (2, 5) and out.hidden_states[0].shape == (2, 1 + grid * grid, 32)
     assert torch.isfinite(out.logits).all()
+
+
+def test_rgb_checkpoint_on_gray_images_matches_timm(timm_file):
+    """RGB weights, 1-channel model: the kernel is timm's adapt_input_conv(1, ...), and a gray image gives
+    the logits the RGB model gives for that image copied onto all three channels."""
+    model, path = timm_file
+    ours = ViTForImageClassification.from_pretrained(path, num_channels=1, num_attention_heads=4).eval()
+    assert "patch kernel adapted 3 -> 1 input channels" in str(ours.load_report)
+    kernel = ours.vit.embeddings.patch_embeddings.projection.weight.detach()
+    assert_close(kernel, adapt_input_conv(1, model.patch_embed.proj.weight.detach()), "adapted kernel")
+    gray = torch.randn(2, 1, 32, 32)
+    assert_close(ours(gray).logits, model.eval()(gray.expand(-1, 3, -1, -1)), "logits")
+
+
+def test_gray_checkpoint_on_rgb_images(tmp_path):
+    """1-channel weights, 3-channel model: an RGB image gives what the gray model gives for its channel mean."""
+    torch.manual_seed(2)
+    gray_model = timm_vit(width=32, depth=2, heads=4, image_size=32, patch=8, classes=5, in_chans=1).eval()
+    torch.save(gray_model.state_dict(), tmp_path / "gray.pth")
+    ours = ViTForImageClassification.from_pretrained(tmp_path / "gray.pth", num_channels=3, num_attention_heads=4).eval()
+    assert "patch kernel adapted 1 -> 3 input channels" in str(ours.load_report)
+    rgb = torch.randn(2, 3, 32, 32)
+    assert_close(ours(rgb).logits, gray_model(rgb.mean(dim=1, keepdim=True)), "logits")
+
+
+def test_channel_counts_that_cannot_be_adapted_are_refused():
+    with pytest.raises(UserError, match="3 input channels and cannot be adapted to 2"):
+        adapt_input_channels(torch.zeros(8, 3, 4, 4), 2, "x.pth")

@@ -113,6 +113,22 @@ def test_linear_probe_from_the_best_hf_folder(trained, tmp_path, capsys):
     assert after["classifier.weight"].shape == (3, 32) and after["classifier.weight"].abs().sum() > 0
 
 
+def test_rgb_pretrained_fine_tunes_on_gray_images(trained, tmp_path, capsys):
+    """model.pretrained with 3 channels and data.channels=1: the patch kernel is adapted, not refused."""
+    tmp, _, _, _ = trained
+    make_folder(tmp_path / "images", classes=3, per_class=8, seed=2)
+    params = tiny_params(tmp_path, tmp_path / "images", epochs=1)
+    sizes = ["model.patch_size=null", "model.hidden_size=null", "model.num_hidden_layers=null",
+             "model.num_attention_heads=null", "model.intermediate_size=null"]
+    gray = ["data.channels=1", "data.mean=[0.5]", "data.std=[0.25]"]
+    code, out, err = run_main(["--params", params, "--set", f"model.pretrained={tmp / 'run' / 'best_hf'}", *sizes, *gray], capsys)
+    assert code == 0, err
+    assert "patch kernel adapted 3 -> 1 input channels" in out
+    rgb_kernel = read(str(tmp / "run" / "best.pt"))["model"]["vit.embeddings.patch_embeddings.projection.weight"]
+    assert read(str(tmp_path / "run" / "last.pt"))["model"]["vit.embeddings.patch_embeddings.projection.weight"].shape == (32, 1, 4, 4)
+    assert rgb_kernel.shape == (32, 3, 4, 4)
+
+
 def test_attention_and_inspect_commands_write_pngs(trained, capsys):
     tmp, classes, _, _ = trained
     image = str(tmp / "images" / classes[0] / "1.png")

@@ -5,7 +5,7 @@ names, without the `vit.` prefix) by a rename table plus explicit transpose rule
 loop, nanoGPT-style, checks every shape and reports what was mapped, initialised fresh or ignored.
 
 References: timm's `_load_weights` and `checkpoint_filter_fn` (models/vision_transformer.py),
-`resample_abs_pos_embed` and `resample_patch_embed` (timm.layers); transformers'
+`resample_abs_pos_embed` and `resample_patch_embed` (timm.layers), `adapt_input_conv`; transformers'
 `convert_vit_timm_to_pytorch.py`; big_vision's models/vit.py for the `params/` naming.
 """
 
@@ -271,6 +271,21 @@ def resample_patch_kernel(kernel, new_patch):
     return new.reshape(out_ch, in_ch, new_patch, new_patch).to(kernel.dtype)
 
 
+def adapt_input_channels(kernel, channels, path):
+    """The patch kernel for another number of input channels (RGB weights for gray images, say).
+
+    To 1 channel, as timm's adapt_input_conv: sum over the old channels, so a gray image gives what
+    its copy on every RGB channel gave. From 1 channel: repeat and divide by the new count, so a
+    C-channel image gives what the mean of its channels gave.
+    """
+    old = kernel.shape[1]  # (D, C, p, p)
+    if channels == 1:
+        return kernel.sum(dim=1, keepdim=True)
+    if old == 1:
+        return kernel.repeat(1, channels, 1, 1) / channels
+    raise UserError(f"checkpoint {path} has {old} input channels and cannot be adapted to {channels}; use num_channels={old} or 1.")
+
+
 # -----------------------------------------------------------------------------
 # the load itself
 
@@ -349,8 +364,11 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     kw["use_pre_logits"] = is_classifier and keep_head and "pooler.dense.weight" in state
     config = ViTConfig(**kw)
 
-    # resample what the new image or patch size needs
+    # adapt and resample what the new channel count, patch or image size needs
     kernel_key = "embeddings.patch_embeddings.projection.weight"
+    if state[kernel_key].shape[1] != config.num_channels:
+        report.notes.append(f"patch kernel adapted {state[kernel_key].shape[1]} -> {config.num_channels} input channels (timm's adapt_input_conv)")
+        state[kernel_key] = adapt_input_channels(state[kernel_key], config.num_channels, path)
     if state[kernel_key].shape[-1] != config.patch_size:
         report.notes.append(f"patch kernel resampled {state[kernel_key].shape[-1]} -> {config.patch_size} (FlexiViT)")
         state[kernel_key] = resample_patch_kernel(state[kernel_key], config.patch_size)
