@@ -161,3 +161,23 @@ def test_signal_saves_exits_cleanly_and_resumes_exactly(tmp_path, folder, refere
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == where, "the checkpoint is not where the signal stopped the run"
     fu.assert_same_as(reference, run_dir, signal.Signals(signum).name)
     fu.record("signals", f"{signal.Signals(signum).name} at {fault['at']} (saved, exit {128 + signum}, exact resume)", 1)
+
+
+@pytest.mark.parametrize("left", ["best_hf and best_hf.old", "best_hf.old only"])
+def test_best_hf_swap_killed_midway_is_repaired_by_the_next_save(tmp_path, left):
+    """A kill inside save_hf's swap leaves best_hf.old beside best_hf, or alone; the next save of the
+    best model must still succeed (os.replace onto a non-empty folder fails) and leave one whole folder."""
+    import shutil
+
+    from vit.model import ViTConfig, ViTForImageClassification
+
+    model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                 intermediate_size=64, image_size=16, patch_size=4, num_labels=3))
+    folder = str(tmp_path / checkpoint.HF_DIR)
+    checkpoint.save_hf(model, folder, [0.5] * 3, [0.25] * 3)
+    shutil.copytree(folder, folder + ".old")
+    if left == "best_hf.old only":
+        shutil.rmtree(folder)
+    checkpoint.save_hf(model, folder, [0.5] * 3, [0.25] * 3)
+    assert sorted(os.listdir(tmp_path)) == [checkpoint.HF_DIR]
+    checkpoint.load_for_inference(folder, torch.device("cpu"))

@@ -122,6 +122,11 @@ def save_hf(model, directory, mean, std):
     swap it in, so `directory` is always whole."""
     tmp, old = directory + ".tmp", directory + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.isdir(old):  # an earlier save was killed mid-swap: keep the whole copy, drop the other
+        if os.path.isdir(directory):
+            shutil.rmtree(old)
+        else:
+            os.replace(old, directory)
     size = model.config.image_size
     processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
                  "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
