@@ -113,6 +113,20 @@ def test_linear_probe_from_the_best_hf_folder(trained, tmp_path, capsys):
     assert after["classifier.weight"].shape == (3, 32) and after["classifier.weight"].abs().sum() > 0
 
 
+def test_a_training_checkpoint_is_a_pretrained_source_with_its_own_config(trained):
+    """best.pt as model.pretrained: its config (width 32 with 4 heads, eps 1e-6) comes along, so the
+    model equals the run's own."""
+    tmp, _, _, _ = trained
+    from vit import ViTForImageClassification
+
+    model = ViTForImageClassification.from_pretrained(str(tmp / "run" / "best.pt")).eval()
+    ref, _ = load_for_inference(str(tmp / "run" / "best.pt"), "cpu")
+    assert model.load_report.source == "training checkpoint"
+    assert model.config.layer_norm_eps == ref.config.layer_norm_eps == 1e-6
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(model(x).logits, ref(x).logits)
+
+
 def test_rgb_pretrained_fine_tunes_on_gray_images(trained, tmp_path, capsys):
     """model.pretrained with 3 channels and data.channels=1: the patch kernel is adapted, not refused."""
     tmp, _, _, _ = trained

@@ -135,18 +135,24 @@ def read_hf_folder(path):
         raise UserError(f"folder {path} has no model.safetensors or pytorch_model.bin; the weights are missing.")
     state = {}
     for name in files:
-        state.update(read_torch_file(os.path.join(path, name)))
+        state.update(read_torch_file(os.path.join(path, name))[0])
     state = strip_prefixes(state, ("vit.",))
+    return state, config_fields(config, state, path, f"folder {path}: config.json"), "Hugging Face folder"
+
+
+def config_fields(config, state, path, where):
+    """The config's fields, refused where they contradict the tensors: a wrong config would otherwise
+    be "fixed" by resampling or a fresh head."""
     kw = {f.name: getattr(config, f.name) for f in fields(config)}
-    # a config.json that contradicts the tensors would otherwise be "fixed" by resampling or a fresh head
     for key, value in infer_config(state, path).items():
         if key != "num_attention_heads" and kw[key] != value:  # heads: the shapes only guess them
-            raise UserError(f"folder {path}: config.json has {key}={kw[key]!r} but the weights have {key}={value!r}; fix config.json to match the weights.")
-    return state, kw, "Hugging Face folder"
+            raise UserError(f"{where} has {key}={kw[key]!r} but the weights have {key}={value!r}; fix the config to match the weights.")
+    return kw
 
 
 def read_torch_file(path):
-    """A flat dict of tensors from a .safetensors file, or a .pth/.pt/.bin read without running code."""
+    """A flat dict of tensors from a .safetensors file, or a .pth/.pt/.bin read without running code,
+    and the config dict a training checkpoint of this project carries next to its weights (else None)."""
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -159,12 +165,13 @@ def read_torch_file(path):
         unsafe = "Weights only load failed" in str(e)
         reason = "it holds pickled objects that could run code" if unsafe else "it is corrupt, truncated or not a checkpoint"
         raise UserError(f"cannot read checkpoint {path}: {reason} ({type(e).__name__}); use a state-dict file saved with torch.save or safetensors.")
+    config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
     for wrapper in ("model", "state_dict"):  # training checkpoints wrap the weights
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead.")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, config
 
 
 def strip_prefixes(state, prefixes):
@@ -178,11 +185,18 @@ def strip_prefixes(state, prefixes):
 
 
 def read_state_file(path):
-    """A timm (or HF-named) state-dict file; the key names tell which."""
-    state = strip_prefixes(read_torch_file(path), ("module.", "_orig_mod."))
+    """A timm (or HF-named) state-dict file, or this project's training checkpoint; the keys tell which."""
+    state, config = read_torch_file(path)
+    state = strip_prefixes(state, ("module.", "_orig_mod."))
     if "patch_embed.proj.weight" in state:
         return rename(state, TIMM_RENAMES, path), {"layer_norm_eps": 1e-6}, "timm state dict"
     state = strip_prefixes(state, ("vit.",))
+    if "embeddings.patch_embeddings.projection.weight" in state and config is not None:
+        try:
+            known = ViTConfig.from_hf_dict(config)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"checkpoint {path} carries a config this model cannot read ({e}); pass its best_hf folder instead.") from None
+        return state, config_fields(known, state, path, f"checkpoint {path}: its config"), "training checkpoint"
     if "embeddings.patch_embeddings.projection.weight" in state:
         return state, {}, "HF-named state dict"  # no config: HF's own eps default (1e-12) stands
     raise UserError(
