@@ -166,3 +166,10 @@ def test_freeze_backbone_leaves_only_the_head():
     groups = optim.param_groups(model, 0.05)
     assert sum(p.numel() for g in groups for p in g["params"]) == 32 * 3 + 3
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("key,value", [("layer_norm_eps", "1e-5"), ("qkv_bias", "false")])
+def test_architecture_keys_beside_pretrained_are_refused_not_ignored(key, value):
+    sizes = [f"model.{k}=null" for k in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")]
+    msg = error_of("model.pretrained=x.npz", *sizes, f"model.{key}={value}")
+    assert f"model.{key}" in msg and "model.pretrained decides the architecture" in msg

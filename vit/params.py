@@ -264,7 +264,7 @@ def _check_cross(params):
         raise UserError(f"params key data.std must be positive, got {d['std']}.")
     sizes = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     if m["pretrained"] is not None:
-        given = [k for k in sizes if m[k] is not None] + (["preset"] if m["preset"] else [])
+        given = [k for k in (*sizes, "layer_norm_eps", "qkv_bias") if m[k] is not None] + (["preset"] if m["preset"] else [])
         if given:
             raise UserError(
                 f"params key model.{given[0]} is set but model.pretrained decides the architecture; "
