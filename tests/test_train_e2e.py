@@ -172,3 +172,7 @@ def test_predict_takes_a_timm_state_dict_saved_as_pt(tmp_path, capsys):
     code, out, err = run_main(["predict", "--checkpoint", str(tmp_path / "timm_vit.pt"), str(tmp_path / "img.png")], capsys)
     assert code == 0, err
     assert out.strip().splitlines()[-1].startswith(str(tmp_path / "img.png") + ": ")  # after the load report
+    # eval of that 3-class timm file on the 6-class folder: one sentence, not a shape error from inside
+    make_folder(tmp_path / "six", classes=6, per_class=2)
+    code, out, err = run_main(["eval", "--checkpoint", str(tmp_path / "timm_vit.pt"), "--data-dir", str(tmp_path / "six")], capsys)
+    assert code == 2 and "head for 3 classes" in err and "6 class folders" in err, err
