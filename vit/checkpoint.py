@@ -185,7 +185,8 @@ def resume(path, model, optimizer, scaler):
             f"checkpoint {path} does not fit the model or optimizer built from the current params ({first[:200]}); "
             f"resume with the params the run was started with."
         ) from None
-    scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["scaler"] and scaler.is_enabled():  # empty when saved without fp16: a switch to fp16 starts a fresh scale
+        scaler.load_state_dict(ckpt["scaler"])
     progress = {k: ckpt[k] for k in ("epoch", "step_in_epoch", "sums", "best_acc", "history")}
     progress["step"] = ckpt["scheduler"]["step"]
     return progress, ckpt["rng"]
