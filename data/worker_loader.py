@@ -72,7 +72,7 @@ class _seeded:
 
     def __enter__(self):
         self.state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        torch.manual_seed(self.seed)
+        torch.default_generator.manual_seed(self.seed)  # the CPU stream only: torch.manual_seed would reseed the GPU's too
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)
 
