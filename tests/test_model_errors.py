@@ -138,3 +138,19 @@ def test_pickle_that_runs_code_is_refused(timm_file, tmp_path, where):
             path = path.parent
     raises(words, load, path, num_attention_heads=4)
     assert not marker.exists(), "the pickle ran code"
+
+
+def test_broken_shard_index_and_processor_config_are_named(tmp_path):
+    from vit.checkpoint import load_for_inference
+
+    folder = tmp_path / "hf"
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                         image_size=16, patch_size=8, num_labels=3)).save_pretrained(folder)
+    index = folder / "model.safetensors.index.json"
+    index.write_text("{")
+    raises([str(index), "not valid"], load, folder)
+    index.write_text(json.dumps({"weight_map": {"vit.embeddings.cls_token": "model-00002-of-00002.safetensors"}}))
+    raises([str(folder), "model-00002-of-00002.safetensors", "copy the whole model folder"], load, folder)
+    index.unlink()
+    (folder / "preprocessor_config.json").write_text("{")
+    raises(["preprocessor_config.json", "not valid JSON"], load_for_inference, str(folder), "cpu")

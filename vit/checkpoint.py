@@ -129,7 +129,7 @@ def save_hf(model, directory, mean, std):
             os.replace(old, directory)
     size = model.config.image_size
     processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
-                 "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+                 "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,  # 3: bicubic, as our eval
                  "image_mean": list(mean), "image_std": list(std)}
     try:
         model.save_pretrained(tmp)
@@ -228,11 +228,16 @@ def load_for_inference(path, device):
 
 
 def _pretrained_norm(path, channels):
-    """mean/std from an HF folder's preprocessor_config.json, else 0.5/0.5 (the Google checkpoints' scaling to [-1, 1])."""
+    """mean/std from an HF folder's preprocessor_config.json, else 0.5/0.5 (the Google checkpoints'
+    scaling to [-1, 1]; timm's ImageNet-1k DeiT-style files use other values), said out loud."""
     pre = os.path.join(path, "preprocessor_config.json") if os.path.isdir(path) else None
     if pre and os.path.isfile(pre):
-        with open(pre) as f:
-            cfg = json.load(f)
-        if "image_mean" in cfg and "image_std" in cfg:
+        try:
+            with open(pre) as f:
+                cfg = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"file {pre} is not valid JSON ({e}); fix it or delete it to use mean/std 0.5.") from None
+        if isinstance(cfg, dict) and "image_mean" in cfg and "image_std" in cfg:
             return list(cfg["image_mean"])[:channels], list(cfg["image_std"])[:channels]
+    print(f"{path} states no normalization: assuming mean 0.5 and std 0.5 per channel (the Google checkpoints')")
     return [0.5] * channels, [0.5] * channels

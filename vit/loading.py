@@ -120,14 +120,20 @@ def read_hf_folder(path):
         with open(config_path) as f:
             hf_config = json.load(f)
         config = ViTConfig.from_hf_dict(hf_config)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError, ValueError) as e:
         raise UserError(f"config file {config_path} is not a valid ViT config.json ({e}); re-save it or fix it.")
     if hf_config.get("model_type", "vit") != "vit":
-        raise UserError(f"config file {config_path} is for model_type={hf_config['model_type']!r}, not 'vit'.")
+        raise UserError(f"config file {config_path} is for model_type={hf_config['model_type']!r}, not 'vit'; pass a ViT model folder.")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if os.path.isfile(os.path.join(path, index)):
-            with open(os.path.join(path, index)) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            try:
+                with open(os.path.join(path, index)) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"shard index {os.path.join(path, index)} is not valid ({type(e).__name__}: {e}); re-save the model folder.") from None
+            missing = [n for n in files if not os.path.isfile(os.path.join(path, n))]
+            if missing:
+                raise UserError(f"folder {path} lacks the shard {missing[0]} that {index} lists; copy the whole model folder.")
             break
     else:
         files = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, n))][:1]
