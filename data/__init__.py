@@ -1,9 +1,9 @@
 """Data for training and evaluation: `build_loaders(...)` gives train/val iterables, classes and a report.
 
 Which loader serves a dataset:
-- TensorLoader (decoded uint8 on the training device, batched crop/flip there): Fashion-MNIST, and
-  folders with data.in_memory true, or "auto" when train+val decoded at the eval resize size take
-  less than IN_MEMORY_LIMIT bytes;
+- TensorLoader (decoded uint8 on the training device, batched crop/flip there): Fashion-MNIST and
+  folders with data.in_memory true, or "auto" (Fashion-MNIST always fits; a folder fits when train+val
+  decoded at the eval resize size take less than IN_MEMORY_LIMIT bytes);
 - WorkerLoader (DataLoader workers decode files): everything else, and any dataset when
   train.randaugment is set (RandAugment runs on PIL images, one at a time);
 - DeviceDecodeLoader (workers read bytes, the batch is decoded and augmented on the device): folders
@@ -25,6 +25,7 @@ from data.folder import decode_all, record_dropped, scan_folder
 from data.tensor_loader import TensorLoader
 from data.transforms import eval_transform, resize_size, train_transform
 from data.worker_loader import ArraySource, EpochBatchSampler, FileSource, SampleDataset, WorkerLoader
+from vit import params as P
 from vit.errors import UserError
 
 IN_MEMORY_LIMIT = 2 * 1024**3  # bytes of decoded uint8 images for in_memory "auto"
@@ -34,7 +35,7 @@ IN_MEMORY_LIMIT = 2 * 1024**3  # bytes of decoded uint8 images for in_memory "au
 class Loaders:
     """What training needs from the data: the two loaders, class names, normalization and a report."""
     train: object
-    val: Optional[object]  # None when there is no val_dir and val_split is 0
+    val: Optional[object]  # None when a val_split leaves no class a validation file
     classes: list
     mean: list
     std: list
@@ -78,7 +79,8 @@ def build_loaders(data_params, train_params, device, rank=0, world_size=1):
 
     common = dict(batch_size=train_params["batch_size"], seed=train_params.get("seed", 0),
                   rank=rank, world_size=world_size)
-    aug = dict(scale=train_params.get("random_resized_crop_scale", (0.35, 1.0)), hflip=train_params.get("hflip", 0.5))
+    aug_defaults = P.defaults()["train"]  # params.json's own defaults, for callers that pass a partial train section
+    aug = {k: train_params.get(key, aug_defaults[key]) for k, key in (("scale", "random_resized_crop_scale"), ("hflip", "hflip"))}
     if use_tensor:
         make = _tensor_loader_factory(dataset, data_params, device, report, common)
     elif decode == "device":
@@ -86,7 +88,7 @@ def build_loaders(data_params, train_params, device, rank=0, world_size=1):
     else:
         make = _worker_loader_factory(dataset, data_params, device, report, common, randaugment)
     train = make(train_set, train=True, **aug)
-    val = make(val_set, train=False) if report["val_files"] else None
+    val = make(val_set, train=False, **aug) if report["val_files"] else None  # aug unused when train=False
     if len(train) == 0:
         raise UserError(f"train.batch_size {common['batch_size']} is more than the training images per rank "
                         f"({report['train_files']} images over {world_size} rank(s)); lower train.batch_size.")

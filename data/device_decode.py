@@ -74,7 +74,7 @@ class EncodedSource:
 class CropPlan:
     """Encoded -> the same with its crop box and flip drawn (runs in the worker under the sample's seed)."""
 
-    def __init__(self, image_size, train, scale=(0.35, 1.0), hflip=0.5):
+    def __init__(self, image_size, train, *, scale, hflip):
         self.image_size, self.train, self.scale, self.hflip = image_size, train, tuple(scale), hflip
 
     def __call__(self, e):

@@ -6,8 +6,9 @@ Policy for bad input (one rule per kind, decided here for the whole project):
 - skipped at scan time, with one warning and a count in the report: files without an image
   extension, zero-byte files, files whose header PIL cannot identify (random bytes, text named .jpg),
   and decompression-bomb sizes. The scan reads headers only (PIL open without load), so it stays fast;
-- dropped at load time, counted in `loader.skipped` and the report: files that pass the header check
-  but fail to decode (truncated or corrupt data). They never stop an epoch.
+- dropped at load time, counted in the report (and, for loaders that decode during the epoch, in
+  `loader.skipped`): files that pass the header check but fail to decode (truncated or corrupt
+  data). They never stop an epoch.
 Hidden files and folders (".DS_Store", "._x.jpg", ".ipynb_checkpoints") are ignored silently.
 """
 

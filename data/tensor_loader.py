@@ -19,7 +19,7 @@ class TensorLoader:
     """Iterable of (x float (B, C, S, S) normalized, y int64 (B,)) on the device of `images`."""
 
     def __init__(self, images, labels, *, batch_size, image_size, mean, std, train, seed=0,
-                 scale=(0.35, 1.0), hflip=0.5, rank=0, world_size=1):
+                 scale, hflip, rank=0, world_size=1):
         assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[2] == images.shape[3], images.shape
         assert images.shape[1] == len(mean) == len(std), (images.shape, mean, std)
         self.images, self.labels = images, labels.to(images.device)  # (N, C, H, H) uint8, (N,) int64

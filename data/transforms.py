@@ -4,8 +4,10 @@ the tensor loader.
 Eval geometry: resize the shorter side to image_size / crop_pct, then center crop image_size.
 crop_pct is 0.875 (the timm/DeiT default) for image_size >= 96, and 1.0 for smaller images (28x28
 Fashion-MNIST has no border to spare: it is seen whole). The tensor loader stores images resized to
-that shorter side (center square) and takes the same center fraction on the device, so train and eval
-see the same framing in both loaders.
+that shorter side (center square) and takes the same center fraction on the device, so eval sees the
+same framing in every loader. Training crops differ slightly: the tensor loader draws its random
+resized crops from that stored center square, the file loaders from the whole original image (the
+same for square images such as Fashion-MNIST's).
 """
 
 import math
@@ -37,7 +39,7 @@ def eval_transform(image_size, channels, mean, std):
     ])
 
 
-def train_transform(image_size, channels, mean, std, scale=(0.35, 1.0), hflip=0.5, randaugment=None):
+def train_transform(image_size, channels, mean, std, *, scale, hflip, randaugment=None):
     """Random resized crop, flip, optional timm RandAugment (e.g. "rand-m9-mstd0.5"), then normalize."""
     ops = [
         _ToChannels(channels),

@@ -100,7 +100,7 @@ def test_tensor_loader_on_cuda_matches_the_cpu():
 
     images = torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8)
     labels = torch.arange(20) % 10
-    kw = dict(batch_size=8, image_size=28, mean=[0.3], std=[0.35], train=True, seed=2)
+    kw = dict(batch_size=8, image_size=28, mean=[0.3], std=[0.35], train=True, seed=2, scale=(0.35, 1.0), hflip=0.5)
     for (x, y), (x_cpu, y_cpu) in zip(TensorLoader(images.to(CUDA), labels, **kw), TensorLoader(images, labels, **kw)):
         assert torch.equal(y.cpu(), y_cpu)
         assert (x.cpu() - x_cpu).abs().max() < 1e-3

@@ -164,7 +164,7 @@ def test_ddp_shards_disjoint_and_equal(tmp_path):
 
 def tensor_loader(images, **kw):
     args = dict(batch_size=8, image_size=images.shape[-1], mean=[0.0] * images.shape[1],
-                std=[1.0] * images.shape[1], train=True, seed=0)
+                std=[1.0] * images.shape[1], train=True, seed=0, scale=(0.35, 1.0), hflip=0.5)
     return TensorLoader(images, torch.arange(len(images)), **{**args, **kw})
 
 

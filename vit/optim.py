@@ -21,7 +21,7 @@ def scaled_lr(train, world_size):
 
 
 def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
-    """Learning rate at optimizer step `step`: linear warm-up from 0, then cosine down to min_lr."""
+    """Learning rate at optimizer step `step`: linear warm-up (base_lr / warmup_steps at step 0), then cosine down to min_lr."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if step >= total_steps:

@@ -22,7 +22,7 @@ DATASETS = ("fashion_mnist", "folder")
 # each leaf: (default, allowed types, rule). rule is None, a tuple of choices, or a string:
 #   ">0"  strictly positive     ">=0"  non-negative     "(0,1)"  open unit interval
 #   "[0,1]"  closed unit interval     "[0,1)"  half-open     "(0,4096]"  a side length in pixels
-#   "path"  a non-empty string     "preset" / "scale" / "floats": see _check_rule
+#   "path"  a non-empty string     "preset" / "scale" / "floats" / "randaugment": see _check_rule
 SCHEMA = {
     "model": {
         "preset": (None, (str, type(None)), "preset"),  # "Ti/16", "B/16", ...; null: explicit sizes
