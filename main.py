@@ -205,7 +205,7 @@ def train(args):
             except engine.NonFiniteLoss as e:
                 kept = (f"the last good checkpoint {last_path} ({progress['epoch']} epoch(s)) is intact"
                         if os.path.isfile(last_path) else "no checkpoint was saved yet")
-                raise UserError(f"{e} Stopped: {kept}; lower train.lr or set train.clip_grad, then resume with --resume.") from None
+                raise UserError(f"{e}, so training stopped: {kept}; lower train.lr or set train.clip_grad, then resume with --resume.") from None
             progress["step"] = epoch * steps_per_epoch + stats["step_in_epoch"]
             if stats["interrupted"]:
                 save(last_path, step_in_epoch=stats["step_in_epoch"], sums=distributed.gather(stats["sums"], d))

@@ -153,7 +153,7 @@ def save_hf(model, directory, mean, std):
 def _load(path):
     """torch.load(weights_only=True) with one-sentence errors for missing, corrupt or unsafe files."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist.")
+        raise UserError(f"checkpoint {path} does not exist; check the path.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt zip, truncated file, or a pickle asking for code: all refused
@@ -169,7 +169,7 @@ def read(path):
     """A training checkpoint of this project, safely loaded; anything else is refused in one sentence."""
     ckpt = _load(path)
     if not _is_training_checkpoint(ckpt):
-        raise UserError(f"checkpoint {path} is not a training checkpoint of this project (no model/config entries).")
+        raise UserError(f"checkpoint {path} is not a training checkpoint of this project (no model/config entries); pass a run's last.pt or best.pt.")
     return ckpt
 
 
@@ -208,7 +208,6 @@ def load_for_inference(path, device):
             config = ViTConfig.from_hf_dict(ckpt["config"])
         except UserError as e:
             raise UserError(f"checkpoint {path} has an invalid config: {e}") from None
-        config.drop_path_rate = 0.0
         model = ViTForImageClassification(config)
         unused = copy_weights(model, clean_state_dict(ckpt["model"]), path)[2]
         if unused:

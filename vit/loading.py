@@ -361,7 +361,7 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     if "num_attention_heads" not in kw and "num_attention_heads" not in overrides:
         raise UserError(
             f"checkpoint {path} has width {kw['hidden_size']}, which has no standard head count; "
-            f"pass num_attention_heads=... to from_pretrained."
+            f"pass num_attention_heads=... to from_pretrained, or load it from an HF folder whose config.json states it."
         )
     if source == "HF-named state dict":
         report.notes.append("no config in the file: layer_norm_eps is HF's default 1e-12 unless overridden")

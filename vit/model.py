@@ -109,10 +109,7 @@ class ViTConfig:
     def from_hf_dict(cls, d):
         """Read an HF config.json body, ignoring the keys this model has no use for."""
         known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        if "id2label" in d and "num_labels" not in d:
-            kw["num_labels"] = len(d["id2label"])
-        return cls(**kw)
+        return cls(**{k: v for k, v in d.items() if k in known})  # num_labels follows id2label in __post_init__
 
 
 # the paper's Table 1 (plus DeiT's Ti and S): width, depth, heads, MLP width
@@ -463,10 +460,13 @@ class ViTForImageClassification(PreTrainedViT):
         self.reset_classifier(config.num_labels, config.id2label)
 
     def reset_classifier(self, num_labels, id2label=None):
-        """A fresh head: zero-initialised, as big_vision does for fine-tuning, so training starts at uniform."""
+        """A fresh head: zero-initialised, as big_vision does for fine-tuning, so training starts at uniform.
+        It lands on the backbone's device and dtype, so it can be called on a model already moved."""
         self.config.num_labels = num_labels
         self.config.id2label = id2label
-        self.classifier = nn.Linear(self.config.hidden_size, num_labels) if num_labels > 0 else nn.Identity()
+        like = self.vit.embeddings.cls_token
+        self.classifier = (nn.Linear(self.config.hidden_size, num_labels, device=like.device, dtype=like.dtype)
+                           if num_labels > 0 else nn.Identity())
         if isinstance(self.classifier, nn.Linear):
             nn.init.zeros_(self.classifier.weight)
             nn.init.zeros_(self.classifier.bias)
