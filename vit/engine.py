@@ -100,6 +100,9 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
     model.train()
     if backbone is not None:
         backbone.eval()
+    # no partial accumulation carries over: a loader that drops an all-broken last batch yields fewer than
+    # len(loader) batches, so `i + 1 == n` below never fires and its gradients would leak into this epoch
+    optimizer.zero_grad(set_to_none=True)
     skip = start_step * ga
     bar = tqdm(total=n, initial=skip, desc=desc, disable=not d.is_main, dynamic_ncols=True, leave=False)
     step_in_epoch, interrupted = start_step, False
