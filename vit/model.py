@@ -79,7 +79,7 @@ class ViTConfig:
     @classmethod
     def from_preset(cls, name, **overrides):
         """'B/16', 'ViT-L/14', ... : the paper's sizes (Table 1) at any patch and image size."""
-        m = re.fullmatch(r"(?:ViT-)?(Ti|S|B|L|H)/(\d+)", name.strip())
+        m = PRESET_RE.fullmatch(name.strip())
         if m is None:
             raise UserError(
                 f"model preset {name!r} is not known; use a size from {list(PRESETS)} and a patch "
@@ -120,6 +120,7 @@ PRESETS = {
     "L": (1024, 24, 16, 4096),
     "H": (1280, 32, 16, 5120),
 }
+PRESET_RE = re.compile(rf"(?:ViT-)?({'|'.join(PRESETS)})/([1-9]\d*)")  # "B/16", "ViT-S/32": size, patch
 
 ACT2FN = {
     "gelu": nn.GELU,

@@ -14,6 +14,7 @@ import os
 import re
 
 from vit.errors import UserError
+from vit.model import PRESET_RE, PRESETS
 
 NUMBER = (int, float)
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -237,9 +238,9 @@ def _check_rule(name, value, rule):
         if len(value) != 2 or not _all_numbers(value) or not 0 < value[0] <= value[1] <= 1:
             raise UserError(f"params key {name} must be [lo, hi] with 0 < lo <= hi <= 1, got {json.dumps(value)}.")
     elif rule == "preset":
-        if not re.fullmatch(r"(?:ViT-)?(Ti|S|B|L|H)/[1-9]\d*", value.strip()):
+        if not PRESET_RE.fullmatch(value.strip()):
             raise UserError(
-                f"params key {name} is {value!r}, not a known preset; use a size from Ti, S, B, L, H and a "
+                f"params key {name} is {value!r}, not a known preset; use a size from {', '.join(PRESETS)} and a "
                 f"positive patch size, e.g. \"B/16\" or \"S/4\", or null with explicit sizes."
             )
     elif rule == "randaugment":
@@ -277,7 +278,7 @@ def _check_cross(params):
                 f"params keys model.{', model.'.join(missing)} are null but there is no model.preset or "
                 f"model.pretrained to take them from; set them or choose a preset such as \"S/16\"."
             )
-    patch = m["patch_size"] or (int(m["preset"].split("/")[1]) if m["preset"] else None)
+    patch = m["patch_size"] or (int(PRESET_RE.fullmatch(m["preset"].strip()).group(2)) if m["preset"] else None)
     if patch is not None and d["image_size"] % patch:
         raise UserError(
             f"params key data.image_size={d['image_size']} is not divisible by the patch size {patch}; "
