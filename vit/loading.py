@@ -197,14 +197,14 @@ def read_state_file(path):
     if "patch_embed.proj.weight" in state:
         return rename(state, TIMM_RENAMES, path), {"layer_norm_eps": 1e-6}, "timm state dict"
     state = strip_prefixes(state, ("vit.",))
-    if "embeddings.patch_embeddings.projection.weight" in state and config is not None:
+    if "embeddings.patch_embeddings.projection.weight" in state:
+        if config is None:
+            return state, {}, "HF-named state dict"  # no config: HF's own eps default (1e-12) stands
         try:
             known = ViTConfig.from_hf_dict(config)
         except (TypeError, ValueError) as e:
             raise UserError(f"checkpoint {path} carries a config this model cannot read ({e}); pass its best_hf folder instead.") from None
         return state, config_fields(known, state, path, f"checkpoint {path}: its config"), "training checkpoint"
-    if "embeddings.patch_embeddings.projection.weight" in state:
-        return state, {}, "HF-named state dict"  # no config: HF's own eps default (1e-12) stands
     raise UserError(
         f"checkpoint {path} is not a recognised ViT state dict (no patch_embed.proj.weight or "
         f"embeddings.patch_embeddings.projection.weight); pass a timm or Hugging Face ViT checkpoint."
