@@ -175,4 +175,4 @@ def test_predict_takes_a_timm_state_dict_saved_as_pt(tmp_path, capsys):
     # eval of that 3-class timm file on the 6-class folder: one sentence, not a shape error from inside
     make_folder(tmp_path / "six", classes=6, per_class=2)
     code, out, err = run_main(["eval", "--checkpoint", str(tmp_path / "timm_vit.pt"), "--data-dir", str(tmp_path / "six")], capsys)
-    assert code == 2 and "head for 3 classes" in err and "6 class folders" in err, err
+    assert code == 2 and "head for 3 classes" in err and "six has 6 classes" in err, err

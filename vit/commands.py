@@ -37,7 +37,7 @@ def evaluate(args):
         raise UserError(f"the classes in {args.data_dir} {loaders.classes} differ from the checkpoint's {info['classes']}.")
     if model.config.num_labels != len(loaders.classes):  # a source without class names can still disagree in count
         raise UserError(f"checkpoint {args.checkpoint} has a head for {model.config.num_labels} classes but "
-                        f"{args.data_dir} has {len(loaders.classes)} class folders; evaluate on a folder with its classes.")
+                        f"{args.data_dir or 'the default dataset'} has {len(loaders.classes)} classes; pass --data-dir with a folder of its classes.")
     val = engine.evaluate(model, loaders.val, num_classes=len(loaders.classes), device=d.device, d=d,
                           oom_advice=f"pass a smaller --batch-size than {batch_size}.")
     print(" - ".join(f"{k}: {v:.4f}" for k, v in val.items()))
