@@ -14,20 +14,30 @@ epoch loop of train / evaluate / checkpoint / log. The work itself lives in vit/
 use a finished model (eval, predict, attention, inspect) in vit/commands.py.
 """
 
+import os
+import time
+
+LAUNCHED = time.perf_counter()  # elapsed_s in metrics.jsonl counts from here: imports, data, model and compile included
+# OpenMP threads that spin while they wait stall when another process shares the cores (a 2-core
+# CPU with two busy neighbours ran 12x slower); waiting passively costs ~7% on an idle machine.
+# libgomp reads this once, when torch loads it: so here, before the import. A user's setting wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
 import argparse
 import functools
 import json
 import math
-import os
 import shlex
 import signal
 import sys
-import time
 
 import torch
+from tqdm import tqdm
 
 from vit import checkpoint, commands, distributed, engine, optim
 from vit import params as P
+from vit import precision as precisions
 from vit.errors import UserError
 from vit.model import ViTConfig, ViTForImageClassification
 
@@ -107,7 +117,6 @@ def train(args):
     """
     import data
 
-    started = time.perf_counter()  # elapsed_s in metrics.jsonl: data, model and compile count; Python imports don't
     params = P.load(args.params, args.set)
     d = distributed.init()
     t, out, device = params["train"], params["output"]["dir"], d.device
@@ -117,13 +126,7 @@ def train(args):
         raise UserError(f"--resume found no checkpoint at {last_path}; start without --resume or set output.dir.")
     if not args.resume and os.path.isfile(last_path):
         raise UserError(f"{out} already holds a run ({last_path}); pass --resume to continue it or set output.dir to a new folder.")
-    precision = t["precision"] if device.type == "cuda" else "fp32"
-    if device.type == "cpu":
-        print(f"note: no CUDA device, training on the CPU in fp32 with {torch.get_num_threads()} thread(s) (slow; "
-              f"train.precision applies to CUDA only; if other jobs share these cores, OMP_NUM_THREADS=1 may be faster).")
-    elif precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise UserError("train.precision is bf16 but this GPU has no bf16; set train.precision to fp16.")
-    else:
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (the loss, the optimizer)
         torch.backends.cudnn.allow_tf32 = True
     engine.seed_epoch(t["seed"], 0, 0)  # model init: the same on every rank (DDP also broadcasts rank 0's)
@@ -134,12 +137,13 @@ def train(args):
     if t["freeze_backbone"]:
         optim.freeze_backbone(model)
     optimizer = optim.build_optimizer(model, t, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    # what a checkpoint resumes from; history is the metrics.jsonl records, saved in every checkpoint
-    progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "sums": None, "best_acc": -1.0, "history": []}
-    rng = None  # RNG state to restore when resuming mid-epoch
+    # what a checkpoint resumes from; history is the metrics.jsonl records, saved in every checkpoint;
+    # elapsed_s the run's time before this process (a resumed run's clock goes on where it stopped)
+    progress = {"epoch": 0, "step": 0, "step_in_epoch": 0, "sums": None, "best_acc": -1.0, "history": [],
+                "precision": None, "elapsed_s": 0.0}
+    rng, scaler_state = None, None  # RNG state to restore when resuming mid-epoch; the fp16 loss scale
     if args.resume:
-        progress, rngs = checkpoint.resume(last_path, model, optimizer, scaler)
+        progress, rngs, scaler_state = checkpoint.resume(last_path, model, optimizer)
         # each rank continues its own streams and metric sums (another world size cannot be exact anyway)
         rank = d.rank if d.rank < len(rngs) else 0
         rng = rngs[rank]
@@ -147,6 +151,15 @@ def train(args):
         print(f"resuming {last_path}: {progress['epoch']} epoch(s) done"
               + (f", {progress['step_in_epoch']} step(s) into the next" if progress["step_in_epoch"] else ""))
     history = progress["history"]
+    sample_shape = (t["batch_size"], params["data"]["channels"], params["data"]["image_size"], params["data"]["image_size"])
+    # every rank trains in rank 0's choice (auto times steps, and two ranks could time them differently)
+    precision, why = distributed.gather(precisions.resolve(t["precision"], device, model, sample_shape,
+                                                           saved=progress["precision"]), d)[0]
+    progress["precision"] = precision
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    if scaler_state and scaler.is_enabled():  # empty when saved without fp16: a switch to fp16 starts a fresh scale
+        scaler.load_state_dict(scaler_state)
+    started = args.launched - progress["elapsed_s"]  # elapsed_s = now - started
     # evaluation runs without DDP (ranks may hold one val batch more or less); training through it
     evaluator = torch.compile(model) if t["compile"] else model
     runner = distributed.wrap(evaluator, d)
@@ -174,11 +187,14 @@ def train(args):
         print(f"{model.num_parameters():,} parameters, {K} classes, {len(loaders.train)} batches/epoch, "
               f"effective batch {t['batch_size'] * t['grad_accum'] * d.world_size}, lr {base_lr:.3g}, "
               f"data {loaders.report.get('loader')}, run folder {out}")
+        where = f"the CPU, {precisions.thread_note()}" if device.type == "cpu" else str(device)
+        print(f"training on {where}; precision {precision} ({why})")
     again = (["--params", args.params] if args.params != "params.json" else []) + (["--set", *args.set] if args.set else [])
     resume_hint = shlex.join(["python", "main.py", *again, "--resume"])
 
     def save(path, **extra):
         # rank 0 writes; the others wait so nobody runs ahead of a checkpoint
+        progress["elapsed_s"] = time.perf_counter() - started
         rngs = distributed.gather(checkpoint.rng_state(), d)
         if d.is_main:
             payload = checkpoint.training_payload(model, optimizer, scaler, {**progress, **extra}, params,
@@ -188,7 +204,13 @@ def train(args):
 
     from vit import plots  # matplotlib loads only once a run really starts
 
-    code = 0
+    def announce_cost(rate):  # once per process, a few dozen steps into its first epoch
+        if d.is_main and not announced:
+            announced.append(rate)
+            tqdm.write(cost_line(rate, len(loaders.train) * t["batch_size"] * d.world_size, loaders.report["val_files"],
+                                 t["eval_every"], t["epochs"], t["epochs"] - epoch, device, precision))
+
+    code, announced, final_val = 0, [], None
     with StopRequest() as stop:
         for epoch in range(progress["epoch"], t["epochs"]):
             if progress["step_in_epoch"] == 0:
@@ -198,10 +220,10 @@ def train(args):
             epoch_start = time.perf_counter()
             try:
                 stats = engine.train_one_epoch(
-                    runner, loaders.train, optimizer, scaler, lr_fn, epoch, train=t, device=device, d=d,
+                    runner, loaders.train, optimizer, scaler, lr_fn, epoch, train=dict(t, precision=precision), device=device, d=d,
                     mixup_fn=mixup_fn, start_step=progress["step_in_epoch"], sums=progress["sums"], rng=rng,
                     should_stop=stop, backbone=model.vit if t["freeze_backbone"] else None,
-                    desc=f"epoch {epoch + 1}/{t['epochs']}")
+                    desc=f"epoch {epoch + 1}/{t['epochs']}", on_rate=announce_cost)
             except engine.NonFiniteLoss as e:
                 kept = (f"the last good checkpoint {last_path} ({progress['epoch']} epoch(s)) is intact"
                         if os.path.isfile(last_path) else "no checkpoint was saved yet")
@@ -214,12 +236,16 @@ def train(args):
                 code = 128 + (stop.signum or signal.SIGINT)
                 break
 
+            if not announced:  # an epoch too short to measure mid-way
+                announce_cost(stats["images_per_s"])
             record = {"epoch": epoch + 1, "loss": stats["loss"], "acc": stats["acc"]}
             is_last = epoch + 1 == t["epochs"]
             if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
-                val = engine.evaluate(evaluator, loaders.val, **eval_kw)
-                record.update({f"val_{k}": v for k, v in val.items() if k != "images_per_s"})
-            now = time.perf_counter()  # epoch_s: this epoch's training + evaluation; elapsed_s: since the run's set-up began
+                # the last epoch's pass also gathers what the end-of-run report shows
+                val = engine.evaluate(evaluator, loaders.val, **eval_kw, **(report_kw(loaders, params) if is_last else {}))
+                final_val = val if is_last else None
+                record.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "acc", "top5")})
+            now = time.perf_counter()  # epoch_s: this epoch's training + evaluation; elapsed_s: since launch
             record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped,
                           epoch_s=round(now - epoch_start, 2), elapsed_s=round(now - started, 2))
             print(epoch_line(record))
@@ -250,21 +276,58 @@ def train(args):
                 break
 
     if code == 0 and loaders.val is not None:
-        report(evaluator, loaders, eval_kw, out, params["output"]["misclassified"], d)
+        if final_val is None:  # resumed after the last epoch: its evaluation ran in the process that stopped
+            final_val = engine.evaluate(evaluator, loaders.val, **eval_kw, **report_kw(loaders, params))
+        report(final_val, loaders, out, params["output"]["misclassified"], d)
     if code == 0 and (loaders.report.get("skipped_at_scan") or loaders.report.get("dropped_at_load")):
         print(f"bad files: {loaders.report.get('skipped_at_scan', 0)} skipped at scan, "
               f"{loaders.report.get('dropped_at_load', 0)} dropped at load (see warnings above)")
+    if code == 0 and d.is_main:
+        print(summary_line(history, time.perf_counter() - started, out))
     distributed.cleanup(d)
     return code
 
 
-def report(model, loaders, eval_kw, out, n_mistakes, d):
-    """End of run: confusion matrix, per-class accuracy (json + printed), misclassified grid."""
+def duration(seconds):
+    """'42 s', '3.5 min' or '2.1 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+def cost_line(rate, train_images, val_images, eval_every, epochs, epochs_left, device, precision):
+    """What the run will cost, from the measured training speed: evaluation is a forward pass only,
+    about a third of a training step per image."""
+    epoch_s = train_images / rate + val_images / (3 * rate) / eval_every
+    where = f"CPU ({torch.get_num_threads()} threads, {precision})" if device.type == "cpu" else f"{device} ({precision})"
+    left = f" ({duration(epoch_s * epochs_left)} left)" if epochs_left < epochs else ""
+    return (f"speed: {rate:,.0f} images/s on the {where}: ≈ {duration(epoch_s)}/epoch with evaluation, "
+            f"≈ {duration(epoch_s * epochs)} for {epochs} epochs{left}")
+
+
+def summary_line(history, elapsed, out):
+    """The run's end: time, best val_acc and its epoch, and the files in the run folder."""
+    files = [checkpoint.BEST, checkpoint.LAST, checkpoint.HF_DIR + "/", "metrics.jsonl", "curves.png",
+             "confusion.png", "per_class_accuracy.json", "misclassified.png", "params.json"]
+    present = [f for f in files if os.path.exists(os.path.join(out, f))]
+    scored = [h for h in history if "val_acc" in h]
+    best = max(scored, key=lambda h: h["val_acc"], default=None)  # the first of equals, as best.pt keeps it
+    result = f"best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}" if best else "no validation data"
+    return f"done: {len(history)} epochs in {duration(elapsed)}, {result}; in {out}: {', '.join(present)}"
+
+
+def report_kw(loaders, params):
+    """evaluate()'s extra arguments for the end-of-run report: the confusion matrix and misclassified images."""
     import data
+
+    return dict(mistakes=max(params["output"]["misclassified"], 1),
+                denormalize=functools.partial(data.denormalize, mean=loaders.mean, std=loaders.std))
+
+
+def report(val, loaders, out, n_mistakes, d):
+    """End of run: confusion matrix, per-class accuracy (json + printed), misclassified grid."""
     from vit import plots
 
-    denorm = functools.partial(data.denormalize, mean=loaders.mean, std=loaders.std)
-    val = engine.evaluate(model, loaders.val, mistakes=max(n_mistakes, 1), denormalize=denorm, **eval_kw)
     if not d.is_main:
         return
     classes, matrix = loaders.classes, val["confusion"]
@@ -316,8 +379,10 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None, launched=None):
+    """Run one command; `launched` is when the process started (elapsed_s counts from it), else now."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.launched = time.perf_counter() if launched is None else launched
     try:
         return args.fn(args)
     except UserError as e:
@@ -329,4 +394,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(launched=LAUNCHED))

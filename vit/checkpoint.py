@@ -109,6 +109,8 @@ def training_payload(model, optimizer, scaler, progress, params, classes, mean, 
         "sums": progress["sums"],  # that epoch's running metric sums, one dict per rank
         "best_acc": progress["best_acc"],
         "history": progress["history"],  # the metrics.jsonl records so far
+        "precision": progress["precision"],  # what train.precision "auto" chose, kept for the resumed run
+        "elapsed_s": progress["elapsed_s"],  # the run's wall time so far, summed over resumes
         "rng": rngs,
         "params": params,
         "classes": list(classes),
@@ -173,8 +175,9 @@ def read(path):
     return ckpt
 
 
-def resume(path, model, optimizer, scaler):
-    """Load a training checkpoint into the live objects; returns the loop's counters and the per-rank RNG states."""
+def resume(path, model, optimizer):
+    """Load a training checkpoint into model and optimizer; returns the loop's counters, the per-rank
+    RNG states and the gradient scaler's state (empty unless the run trained in fp16)."""
     ckpt = read(path)
     try:
         model.load_state_dict(clean_state_dict(ckpt["model"]))
@@ -185,11 +188,11 @@ def resume(path, model, optimizer, scaler):
             f"checkpoint {path} does not fit the model or optimizer built from the current params ({first[:200]}); "
             f"resume with the params the run was started with."
         ) from None
-    if ckpt["scaler"] and scaler.is_enabled():  # empty when saved without fp16: a switch to fp16 starts a fresh scale
-        scaler.load_state_dict(ckpt["scaler"])
     progress = {k: ckpt[k] for k in ("epoch", "step_in_epoch", "sums", "best_acc", "history")}
     progress["step"] = ckpt["scheduler"]["step"]
-    return progress, ckpt["rng"]
+    # checkpoints from before these were saved: the precision is chosen again, the clock starts at 0
+    progress["precision"], progress["elapsed_s"] = ckpt.get("precision"), ckpt.get("elapsed_s", 0.0)
+    return progress, ckpt["rng"], ckpt["scaler"]
 
 
 def load_for_inference(path, device):

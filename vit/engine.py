@@ -22,20 +22,15 @@ from vit import distributed
 from vit.checkpoint import set_rng_state
 from vit.errors import UserError
 from vit.optim import set_lr
+from vit.precision import autocast
 
 
 SYNC_EVERY = 10  # training batches between host syncs (progress bar, NaN check)
+RATE_AFTER = (5, 35)  # the speed an epoch reports to on_rate: measured from batch 5 (past warm-up) to batch 35
 
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or inf; training cannot continue from this state."""
-
-
-def autocast(device, precision):
-    """Mixed precision on CUDA only; the CPU runs fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 @contextmanager
@@ -71,11 +66,13 @@ def seed_epoch(seed, epoch, rank):
 
 
 def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, device, d, mixup_fn=None,
-                    start_step=0, sums=None, rng=None, should_stop=lambda: False, backbone=None, desc=""):
+                    start_step=0, sums=None, rng=None, should_stop=lambda: False, backbone=None, desc="",
+                    on_rate=None):
     """One pass over `loader`. Returns averages plus `interrupted`, `step_in_epoch` and the raw `sums`.
 
     lr_fn(global_step) gives the lr. start_step/sums/rng resume an epoch that was interrupted after
     start_step optimizer steps. `backbone`, when given, is kept in eval mode (linear probe).
+    on_rate(images_per_s), when given, is called once with the speed over batches RATE_AFTER.
     """
     ga = train["grad_accum"]
     n = len(loader)
@@ -144,6 +141,12 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
             sums["count"] += len(y)
             seen += len(y)
             bar.update(1)
+            if on_rate is not None and i - skip in RATE_AFTER:
+                pull(i)  # waits for the device, so the clock sees finished work
+                if i - skip == RATE_AFTER[0]:
+                    rate_t0, rate_seen = time.time(), seen
+                else:
+                    on_rate((seen - rate_seen) * d.world_size / max(time.time() - rate_t0, 1e-9))
             if i % SYNC_EVERY == 0:
                 pull(i)
                 rate = seen * d.world_size / max(time.time() - t0, 1e-9)

@@ -17,7 +17,7 @@ from vit.errors import UserError
 from vit.model import PRESET_RE, PRESETS
 
 NUMBER = (int, float)
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATASETS = ("fashion_mnist", "folder")
 
 # each leaf: (default, allowed types, rule). rule is None, a tuple of choices, or a string:
@@ -68,7 +68,7 @@ SCHEMA = {
         "random_resized_crop_scale": ([0.8, 1.0], list, "scale"),
         "hflip": (0.5, NUMBER, "[0,1]"),
         "drop_path": (0.1, NUMBER, "[0,1)"),
-        "precision": ("bf16", str, PRECISIONS),  # on CUDA; the CPU always runs fp32
+        "precision": ("auto", str, PRECISIONS),  # auto: bf16 on a GPU, and on a CPU where bf16 is faster
         "compile": (False, bool, None),
         "grad_accum": (1, int, ">0"),
         "clip_grad": (1.0, (int, float, type(None)), ">0"),  # max global grad norm; null: no clipping
