@@ -39,7 +39,8 @@ from vit import checkpoint, commands, distributed, engine, optim
 from vit import params as P
 from vit import precision as precisions
 from vit.errors import UserError
-from vit.model import ViTConfig, ViTForImageClassification
+from vit.config import ViTConfig
+from vit.model import ViTForImageClassification
 
 # -----------------------------------------------------------------------------
 # setup

@@ -151,7 +151,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
 
 
 def test_disk_full_while_swapping_the_hf_folder_keeps_the_previous_one(tmp_path, monkeypatch):
-    from vit.model import ViTConfig, ViTForImageClassification
+    from vit import ViTConfig, ViTForImageClassification
 
     model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                 intermediate_size=64, image_size=16, patch_size=4, num_labels=3))

@@ -18,7 +18,7 @@ import torch
 import faults_util as fu
 from vit import checkpoint
 from vit.errors import UserError
-from vit.model import ViTConfig, ViTForImageClassification
+from vit import ViTConfig, ViTForImageClassification
 
 MARKER = "pwned_marker"  # a file the hostile pickles try to create (in the case's folder)
 

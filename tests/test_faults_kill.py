@@ -169,7 +169,7 @@ def test_best_hf_swap_killed_midway_is_repaired_by_the_next_save(tmp_path, left)
     best model must still succeed (os.replace onto a non-empty folder fails) and leave one whole folder."""
     import shutil
 
-    from vit.model import ViTConfig, ViTForImageClassification
+    from vit import ViTConfig, ViTForImageClassification
 
     model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                                  intermediate_size=64, image_size=16, patch_size=4, num_labels=3))

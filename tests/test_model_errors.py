@@ -110,6 +110,18 @@ def test_wrong_channel_count():
 def test_bad_overrides(timm_file):
     raises(["unknown config override", "hiden_size"], load, timm_file[1], hiden_size=32)
     raises(["patch_size=0", "positive integer"], ViTConfig, patch_size=0)
+    raises(["hidden_act='swish'", "gelu"], ViTConfig, hidden_act="swish")
+
+
+def test_every_activation_the_config_accepts_builds():
+    """vit.config lists the activation names without torch; vit.model maps each to a module."""
+    from vit.config import ACTIVATIONS
+    from vit.model import ACT2FN
+
+    assert sorted(ACT2FN) == sorted(ACTIVATIONS)
+    for act in ACTIVATIONS:
+        ViTModel(ViTConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1, intermediate_size=8,
+                           image_size=8, patch_size=4, hidden_act=act))
 
 
 class Evil:

@@ -11,7 +11,7 @@ from helpers import ROOT, run_main
 from vit import optim
 from vit import params as P
 from vit.errors import UserError
-from vit.model import ViTConfig, ViTForImageClassification
+from vit import ViTConfig, ViTForImageClassification
 
 
 def load_with(*overrides):

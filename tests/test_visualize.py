@@ -11,7 +11,7 @@ from PIL import Image
 from data.fashion_mnist import CLASSES
 from vit import plots
 from vit.errors import UserError
-from vit.model import ViTConfig, ViTForImageClassification, ViTModel
+from vit import ViTConfig, ViTForImageClassification, ViTModel
 from vit.visualize import (
     attention_command,
     attention_rollout,

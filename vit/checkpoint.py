@@ -15,7 +15,8 @@ import torch
 
 from vit.errors import UserError
 from vit.loading import copy_weights, strip_prefixes
-from vit.model import ViTConfig, ViTForImageClassification
+from vit.config import ViTConfig
+from vit.model import ViTForImageClassification
 
 LAST, BEST, HF_DIR = "last.pt", "best.pt", "best_hf"
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from vit.errors import UserError
-from vit.model import ViTConfig, ViTForImageClassification, resample_pos_embed
+from vit.config import ViTConfig
+from vit.model import ViTForImageClassification, resample_pos_embed
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # standard head count per width (the paper's Table 1 and DeiT); anything else needs an override

@@ -7,15 +7,14 @@ References:
 3) timm, models/vision_transformer.py: the forward split (`forward_features` / `forward_head`)
    and the numerics (LayerNorm eps 1e-6 for timm and Google checkpoints).
 
-The file reads top to bottom: config and presets, the modules from the patch embedding up, then
-the two models. Checkpoint loading lives in `vit/loading.py`.
+The file reads top to bottom: the modules from the patch embedding up, then the two models. Their
+config and the paper's presets live in `vit/config.py`, checkpoint loading in `vit/loading.py`.
 """
 
 import json
 import math
 import os
-import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -24,104 +23,7 @@ import torch.nn.functional as F
 
 from vit.errors import UserError
 
-# -----------------------------------------------------------------------------
-# config
-
-
-@dataclass
-class ViTConfig:
-    """Hyper-parameters, with Hugging Face's field names so config.json round-trips."""
-
-    hidden_size: int = 768  # width D of every token
-    num_hidden_layers: int = 12  # depth
-    num_attention_heads: int = 12  # heads; head_dim = hidden_size // heads
-    intermediate_size: int = 3072  # MLP width, 4x hidden_size in the paper
-    hidden_act: str = "gelu"  # exact (erf) GELU, as in the paper and all released checkpoints
-    hidden_dropout_prob: float = 0.0
-    attention_probs_dropout_prob: float = 0.0
-    initializer_range: float = 0.02  # std of the truncated normal init
-    layer_norm_eps: float = 1e-12  # HF's default; timm and Google checkpoints use 1e-6
-    image_size: int = 224
-    patch_size: int = 16
-    num_channels: int = 3
-    qkv_bias: bool = True
-    num_labels: int = 1000
-    # not in HF's ViTConfig: training-only or checkpoint-only extras
-    drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth (timm's rule)
-    use_pre_logits: bool = False  # first in21k release: classify from the pooler (dense + tanh)
-    id2label: Optional[dict] = field(default=None, repr=False)  # {int: class name}
-
-    def __post_init__(self):
-        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size", "num_channels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise UserError(f"{name}={value!r} must be a positive integer; fix it in the config or the overrides.")
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise UserError(
-                f"num_attention_heads={self.num_attention_heads} does not divide "
-                f"hidden_size={self.hidden_size}; choose a head count that divides the width."
-            )
-        if self.image_size % self.patch_size != 0:
-            raise UserError(
-                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}; "
-                f"use a multiple of {self.patch_size} such as {self.patch_size * max(1, round(self.image_size / self.patch_size))}."
-            )
-        if self.hidden_act not in ACT2FN:
-            raise UserError(f"hidden_act={self.hidden_act!r} is not known; choose one of {sorted(ACT2FN)}.")
-        if self.id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
-            self.num_labels = len(self.id2label)  # the class names decide the head's size
-
-    @property
-    def num_patches(self):
-        return (self.image_size // self.patch_size) ** 2
-
-    @classmethod
-    def from_preset(cls, name, **overrides):
-        """'B/16', 'ViT-L/14', ... : the paper's sizes (Table 1) at any patch and image size."""
-        m = PRESET_RE.fullmatch(name.strip())
-        if m is None:
-            raise UserError(
-                f"model preset {name!r} is not known; use a size from {list(PRESETS)} and a patch "
-                f"size, e.g. 'B/16' or 'ViT-S/32'."
-            )
-        size, patch = m.group(1), int(m.group(2))
-        width, depth, heads, mlp = PRESETS[size]
-        kw = dict(
-            hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-            intermediate_size=mlp, patch_size=patch, layer_norm_eps=1e-6,
-        )
-        kw.update(overrides)
-        return cls(**kw)
-
-    def to_hf_dict(self):
-        """A config.json body that transformers reads as its own ViTConfig."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "id2label"}
-        names = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
-        d["id2label"] = {str(i): n for i, n in names.items()}
-        d["label2id"] = {n: i for i, n in names.items()}
-        d.pop("num_labels")  # HF derives it from id2label
-        d["model_type"] = "vit"
-        d["encoder_stride"] = self.patch_size
-        return d
-
-    @classmethod
-    def from_hf_dict(cls, d):
-        """Read an HF config.json body, ignoring the keys this model has no use for."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})  # num_labels follows id2label in __post_init__
-
-
-# the paper's Table 1 (plus DeiT's Ti and S): width, depth, heads, MLP width
-PRESETS = {
-    "Ti": (192, 12, 3, 768),
-    "S": (384, 12, 6, 1536),
-    "B": (768, 12, 12, 3072),
-    "L": (1024, 24, 16, 4096),
-    "H": (1280, 32, 16, 5120),
-}
-PRESET_RE = re.compile(rf"(?:ViT-)?({'|'.join(PRESETS)})/([1-9]\d*)")  # "B/16", "ViT-S/32": size, patch
-
+# config.hidden_act -> its module, one entry per name in vit.config.ACTIVATIONS
 ACT2FN = {
     "gelu": nn.GELU,
     "gelu_new": lambda: nn.GELU(approximate="tanh"),

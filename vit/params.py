@@ -14,7 +14,7 @@ import os
 import re
 
 from vit.errors import UserError
-from vit.model import PRESET_RE, PRESETS
+from vit.config import PRESET_RE, PRESETS
 
 NUMBER = (int, float)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
