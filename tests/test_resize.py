@@ -11,7 +11,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from vit import ViTForImageClassification, ViTModel
 from vit.errors import UserError
-from vit.loading import adapt_input_channels, resample_patch_kernel, resample_pos_embed
+from vit.resize import adapt_input_channels, resample_patch_kernel, resample_pos_embed
 
 
 def assert_close(ours, ref, what, tol=1e-5):

@@ -4,9 +4,11 @@ Every source is first turned into one flat dict of torch tensors under *our* key
 names, without the `vit.` prefix) by a rename table plus explicit transpose rules. Then one copy
 loop, nanoGPT-style, checks every shape and reports what was mapped, initialised fresh or ignored.
 
-References: timm's `_load_weights` and `checkpoint_filter_fn` (models/vision_transformer.py),
-`resample_abs_pos_embed` and `resample_patch_embed` (timm.layers), `adapt_input_conv`; transformers'
-`convert_vit_timm_to_pytorch.py`; big_vision's models/vit.py for the `params/` naming.
+A new image, patch or channel count is fitted with `vit/resize.py`. The model classes call in
+through `from_pretrained(path)`, passing themselves: this file builds them, and imports no model.
+
+References: timm's `_load_weights` and `checkpoint_filter_fn` (models/vision_transformer.py);
+transformers' `convert_vit_timm_to_pytorch.py`; big_vision's models/vit.py for the `params/` naming.
 """
 
 import json
@@ -18,11 +20,10 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from vit.errors import UserError
 from vit.config import ViTConfig
-from vit.model import ViTForImageClassification, resample_pos_embed
+from vit.errors import UserError
+from vit.resize import adapt_input_channels, resample_patch_kernel, resample_pos_embed
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 # standard head count per width (the paper's Table 1 and DeiT); anything else needs an override
@@ -252,7 +253,7 @@ def unstack_scanned_blocks(arrays):
 
 
 # -----------------------------------------------------------------------------
-# architecture from shapes, and resampling
+# architecture from shapes
 
 
 def infer_config(state, path):
@@ -276,35 +277,6 @@ def infer_config(state, path):
     if "classifier.weight" in state:
         kw["num_labels"] = state["classifier.weight"].shape[0]
     return kw
-
-
-def resample_patch_kernel(kernel, new_patch):
-    """FlexiViT (Beyer et al. 2023): the kernel whose response to a resized patch equals the old one's.
-
-    With R the (new_p^2, old_p^2) bicubic resize matrix, the new kernel is old @ pinv(R), so that
-    <new, resize(x)> = <old, x> for every patch x (exactly for upsampling).
-    """
-    out_ch, in_ch, old_h, old_w = kernel.shape
-    basis = torch.eye(old_h * old_w).reshape(-1, 1, old_h, old_w)  # one image per old pixel
-    resized = F.interpolate(basis, size=(new_patch, new_patch), mode="bicubic", antialias=True, align_corners=False)
-    resize = resized.reshape(old_h * old_w, -1).t()  # (new_p^2, old_p^2)
-    new = kernel.float().reshape(out_ch, in_ch, -1) @ torch.linalg.pinv(resize)  # (O, C, new_p^2)
-    return new.reshape(out_ch, in_ch, new_patch, new_patch).to(kernel.dtype)
-
-
-def adapt_input_channels(kernel, channels, path):
-    """The patch kernel for another number of input channels (RGB weights for gray images, say).
-
-    To 1 channel, as timm's adapt_input_conv: sum over the old channels, so a gray image gives what
-    its copy on every RGB channel gave. From 1 channel: repeat and divide by the new count, so a
-    C-channel image gives what the mean of its channels gave.
-    """
-    old = kernel.shape[1]  # (D, C, p, p)
-    if channels == 1:
-        return kernel.sum(dim=1, keepdim=True)
-    if old == 1:
-        return kernel.repeat(1, channels, 1, 1) / channels
-    raise UserError(f"checkpoint {path} has {old} input channels and cannot be adapted to {channels}; use num_channels={old} or 1.")
 
 
 # -----------------------------------------------------------------------------
@@ -349,7 +321,8 @@ def read_source(path):
 
 
 def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
-    """Build `cls` (ViTModel or ViTForImageClassification) from a checkpoint; see the module docstring."""
+    """Build `cls` (ViTModel or ViTForImageClassification, whose from_pretrained calls this) from a
+    checkpoint; see the module docstring. `cls.is_classifier` says whether it has a head."""
     path = os.fspath(path)
     state, known, source = read_source(path)
     unknown = set(overrides) - {f.name for f in fields(ViTConfig)}
@@ -372,7 +345,7 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
         kw["image_size"] = image_size
 
     # the head: keep it when it fits, else a fresh zero one, said out loud
-    is_classifier = issubclass(cls, ViTForImageClassification)
+    is_classifier = cls.is_classifier
     head_rows = state["classifier.weight"].shape[0] if "classifier.weight" in state else None
     if num_labels is not None:
         kw["num_labels"] = num_labels

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vit.errors import UserError
+from vit.loading import load_pretrained
+from vit.resize import resample_pos_embed
 
 # config.hidden_act -> its module, one entry per name in vit.config.ACTIVATIONS
 ACT2FN = {
@@ -67,21 +69,6 @@ class PatchEmbeddings(nn.Module):
             )
         x = self.projection(pixel_values)  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
-
-
-def resample_pos_embed(posemb, size, antialias=True):
-    """Bicubic resampling of the patch grid to `size` (an int or (h, w)); the CLS position is kept.
-
-    The defaults are timm's resample_abs_pos_embed (used when loading); transformers'
-    interpolate_pos_encoding is the same without antialias.
-    """
-    cls_pos, patch_pos = posemb[:, :1], posemb[:, 1:]  # (1, 1, D), (1, N, D)
-    old = math.isqrt(patch_pos.shape[1])
-    dim = patch_pos.shape[-1]
-    patch_pos = patch_pos.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)  # (1, D, old, old)
-    patch_pos = F.interpolate(patch_pos, size=size, mode="bicubic", antialias=antialias, align_corners=False)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim).to(posemb.dtype)  # (1, h*w, D)
-    return torch.cat((cls_pos, patch_pos), dim=1)
 
 
 class ViTEmbeddings(nn.Module):
@@ -291,6 +278,8 @@ class ImageClassifierOutput:
 class PreTrainedViT(nn.Module):
     """What both models share: weight init, parameter count, saving and loading."""
 
+    is_classifier = False  # the loader keys a classifier's backbone under `vit.` and fits its head
+
     def _init_weights(self, module):
         # HF's init: truncated normal for matrices and the two learned embeddings, zero biases.
         std = self.config.initializer_range
@@ -323,8 +312,6 @@ class PreTrainedViT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, **overrides):
         """Load an HF folder, a timm state-dict file or a Google .npz; see vit/loading.py."""
-        from vit.loading import load_pretrained
-
         return load_pretrained(cls, path, **overrides)
 
 
@@ -354,6 +341,8 @@ class ViTModel(PreTrainedViT):
 
 class ViTForImageClassification(PreTrainedViT):
     """Backbone + linear head on the CLS token; timm's VisionTransformer with class_token pooling."""
+
+    is_classifier = True
 
     def __init__(self, config):
         super().__init__()

@@ -1,0 +1,57 @@
+"""Resizing pretrained weights for another grid, patch size or channel count: pure torch, used by
+the model (`interpolate_pos_encoding`) and by the loader (a new image_size, patch_size or num_channels).
+
+References: timm's `resample_abs_pos_embed` and `resample_patch_embed` (timm.layers) and
+`adapt_input_conv` (timm.models._manipulate); FlexiViT (Beyer et al. 2023).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from vit.errors import UserError
+
+
+def resample_pos_embed(posemb, size, antialias=True):
+    """Bicubic resampling of the patch grid to `size` (an int or (h, w)); the CLS position is kept.
+
+    The defaults are timm's resample_abs_pos_embed (used when loading); transformers'
+    interpolate_pos_encoding is the same without antialias.
+    """
+    cls_pos, patch_pos = posemb[:, :1], posemb[:, 1:]  # (1, 1, D), (1, N, D)
+    old = math.isqrt(patch_pos.shape[1])
+    dim = patch_pos.shape[-1]
+    patch_pos = patch_pos.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)  # (1, D, old, old)
+    patch_pos = F.interpolate(patch_pos, size=size, mode="bicubic", antialias=antialias, align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim).to(posemb.dtype)  # (1, h*w, D)
+    return torch.cat((cls_pos, patch_pos), dim=1)
+
+
+def resample_patch_kernel(kernel, new_patch):
+    """FlexiViT (Beyer et al. 2023): the kernel whose response to a resized patch equals the old one's.
+
+    With R the (new_p^2, old_p^2) bicubic resize matrix, the new kernel is old @ pinv(R), so that
+    <new, resize(x)> = <old, x> for every patch x (exactly for upsampling).
+    """
+    out_ch, in_ch, old_h, old_w = kernel.shape
+    basis = torch.eye(old_h * old_w).reshape(-1, 1, old_h, old_w)  # one image per old pixel
+    resized = F.interpolate(basis, size=(new_patch, new_patch), mode="bicubic", antialias=True, align_corners=False)
+    resize = resized.reshape(old_h * old_w, -1).t()  # (new_p^2, old_p^2)
+    new = kernel.float().reshape(out_ch, in_ch, -1) @ torch.linalg.pinv(resize)  # (O, C, new_p^2)
+    return new.reshape(out_ch, in_ch, new_patch, new_patch).to(kernel.dtype)
+
+
+def adapt_input_channels(kernel, channels, path):
+    """The patch kernel for another number of input channels (RGB weights for gray images, say).
+
+    To 1 channel, as timm's adapt_input_conv: sum over the old channels, so a gray image gives what
+    its copy on every RGB channel gave. From 1 channel: repeat and divide by the new count, so a
+    C-channel image gives what the mean of its channels gave.
+    """
+    old = kernel.shape[1]  # (D, C, p, p)
+    if channels == 1:
+        return kernel.sum(dim=1, keepdim=True)
+    if old == 1:
+        return kernel.repeat(1, channels, 1, 1) / channels
+    raise UserError(f"checkpoint {path} has {old} input channels and cannot be adapted to {channels}; use num_channels={old} or 1.")
