@@ -13,6 +13,7 @@ import torch
 
 from helpers import make_folder, run_main, tiny_params
 from vit import checkpoint, distributed, engine
+from vit.loading import read_training_checkpoint
 from vit.errors import UserError
 
 
@@ -65,7 +66,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert code == 2 and "nan" in err and "epoch 2" in err and "intact" in err and "--resume" in err
     assert "Traceback" not in err
     assert len(saved) == 1 and hashlib.sha256(last.read_bytes()).hexdigest() == saved[0]  # epoch 1's, untouched
-    assert checkpoint.read(str(last))["epoch"] == 1
+    assert read_training_checkpoint(str(last))["epoch"] == 1
     assert len(open(tmp_path / "run" / "metrics.jsonl").read().splitlines()) == 1
 
 
@@ -184,11 +185,11 @@ def test_unsafe_or_corrupt_checkpoints_are_refused(tmp_path):
 
     evil = tmp_path / "evil.pt"
     evil.write_bytes(pickle.dumps({"model": Evil(), "config": {}}))
-    with pytest.raises(UserError, match="cannot be loaded safely"):
-        checkpoint.read(str(evil))
+    with pytest.raises(UserError, match="could run code"):
+        read_training_checkpoint(str(evil))
     assert not os.path.exists(tmp_path / "pwned")
     good = tmp_path / "good.pt"
     checkpoint.save(str(good), {"model": {}, "config": {}})
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:100])
     with pytest.raises(UserError, match="cut.pt"):
-        checkpoint.read(str(tmp_path / "cut.pt"))
+        read_training_checkpoint(str(tmp_path / "cut.pt"))

@@ -6,7 +6,7 @@ import os
 import re
 
 from helpers import make_folder, run_subprocess, tiny_params
-from vit.checkpoint import load_for_inference
+from vit.commands import load_model
 
 LAYOUT = {"params.json", "metrics.jsonl", "curves.png", "confusion.png", "misclassified.png",
           "per_class_accuracy.json", "last.pt", "best.pt", "best_hf"}
@@ -27,5 +27,5 @@ def test_torchrun_two_cpu_processes(tmp_path):
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2] and all(0 <= h["val_acc"] <= 1 for h in history)
     # the checkpoint is a plain one: no DDP `module.` prefixes, loadable in one process
-    model, info = load_for_inference(str(run), "cpu")
+    model, info = load_model(str(run), "cpu")
     assert info["classes"] == ["class_0", "class_1", "class_2"] and model.config.num_labels == 3

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import faults_util as fu
-from vit import checkpoint
+from vit.commands import load_model
 from vit.errors import UserError
 from vit import ViTConfig, ViTForImageClassification
 
@@ -192,7 +192,7 @@ def test_bad_checkpoint_is_refused_by_the_loader_and_by_predict(cases, image, tm
     # the library: a UserError naming the file, on one line
     with pytest.raises(UserError) as e:
         if path.endswith(".pt"):
-            checkpoint.load_for_inference(path, torch.device("cpu"))
+            load_model(path, torch.device("cpu"))
         else:
             ViTForImageClassification.from_pretrained(path)
     message = str(e.value)

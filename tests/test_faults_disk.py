@@ -14,6 +14,8 @@ import torch
 
 import faults_util as fu
 from vit import checkpoint
+from vit.commands import load_model
+from vit.loading import read_training_checkpoint
 
 EPOCHS = 3  # the same tiny run as test_faults_kill, so the session shares one reference run
 
@@ -42,8 +44,8 @@ def stop_then_resume(tmp_path, folder, reference, fault, words):
     for w in words:
         assert w in m.group(1), f"{w!r} not in {m.group(1)!r}"
     last = os.path.join(run_dir, checkpoint.LAST)
-    assert checkpoint.read(last)["epoch"] == 1, "the last good checkpoint is not epoch 1's"
-    checkpoint.load_for_inference(last, torch.device("cpu"))
+    assert read_training_checkpoint(last)["epoch"] == 1, "the last good checkpoint is not epoch 1's"
+    load_model(last, torch.device("cpu"))
     assert [h["epoch"] for h in fu.read_metrics(run_dir)] == [1], "metrics.jsonl must hold the finished epochs only"
     assert not os.path.exists(last + ".tmp"), "a half-written temp file was left behind"
     r = fu.run(["--params", params, "--resume"], tmp_path)

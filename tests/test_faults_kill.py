@@ -16,6 +16,8 @@ import torch
 
 import faults_util as fu
 from vit import checkpoint
+from vit.commands import load_model
+from vit.loading import read_training_checkpoint
 
 EPOCHS, STEPS = 3, 4  # 36 training images / batch 8 -> 4 steps per epoch; 9 val images -> 2 eval batches
 
@@ -50,11 +52,11 @@ def check_after_kill(run_dir, saved_before, tag):
     if saved_before:
         assert os.path.isfile(last), f"{tag}: last.pt vanished after a kill"
     if os.path.isfile(last):
-        model, info = checkpoint.load_for_inference(last, torch.device("cpu"))  # loadable, whole
+        model, info = load_model(last, torch.device("cpu"))  # loadable, whole
         assert info["classes"] == ["class_0", "class_1", "class_2"], tag
         epochs = metric_epochs(run_dir)
         assert epochs == list(range(1, len(epochs) + 1)), f"{tag}: metrics.jsonl epochs {epochs}"
-        assert len(epochs) <= checkpoint.read(last)["epoch"], f"{tag}: a metrics line outlived its checkpoint"
+        assert len(epochs) <= read_training_checkpoint(last)["epoch"], f"{tag}: a metrics line outlived its checkpoint"
     return os.path.isfile(last)
 
 
@@ -63,7 +65,7 @@ def drive(params, run_dir, log_dir, faults, tag):
     kills, saved, lives = 0, False, []
     for fault in [*faults, {}]:
         resume = os.path.isfile(os.path.join(run_dir, checkpoint.LAST))
-        lives.append((fault.get("at"), checkpoint.read(os.path.join(run_dir, checkpoint.LAST))["epoch"] if resume else None))
+        lives.append((fault.get("at"), read_training_checkpoint(os.path.join(run_dir, checkpoint.LAST))["epoch"] if resume else None))
         r = fu.run(["--params", params] + (["--resume"] if resume else []), log_dir, **fault)
         if r.returncode == 0:
             assert "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -123,8 +125,8 @@ def test_sigkill_around_best_checkpoint_keeps_best(tmp_path, folder, at):
     assert kills == 1
     best = os.path.join(run_dir, checkpoint.BEST)
     assert os.path.isfile(best), f"no best.pt after a kill at {at} and a resume"
-    checkpoint.load_for_inference(best, torch.device("cpu"))
-    checkpoint.load_for_inference(os.path.join(run_dir, checkpoint.HF_DIR), torch.device("cpu"))
+    load_model(best, torch.device("cpu"))
+    load_model(os.path.join(run_dir, checkpoint.HF_DIR), torch.device("cpu"))
     fu.record("kill", f"SIGKILL before a best rename ({at}) survived", kills)
 
 
@@ -145,7 +147,7 @@ def signal_then_resume(tmp_path, folder, fault, signum):
     assert r.returncode == 128 + signum, f"{name}: exit {r.returncode}\n{r.stderr[-3000:]}"
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "--resume" in r.stdout, r.stdout[-2000:]  # it tells how to go on
-    ckpt = checkpoint.read(os.path.join(run_dir, checkpoint.LAST))
+    ckpt = read_training_checkpoint(os.path.join(run_dir, checkpoint.LAST))
     r = fu.run(["--params", params, "--resume"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     return run_dir, ckpt
@@ -180,4 +182,4 @@ def test_best_hf_swap_killed_midway_is_repaired_by_the_next_save(tmp_path, left)
         shutil.rmtree(folder)
     checkpoint.save_hf(model, folder, [0.5] * 3, [0.25] * 3)
     assert sorted(os.listdir(tmp_path)) == [checkpoint.HF_DIR]
-    checkpoint.load_for_inference(folder, torch.device("cpu"))
+    load_model(folder, torch.device("cpu"))

@@ -153,7 +153,7 @@ def test_pickle_that_runs_code_is_refused(timm_file, tmp_path, where):
 
 
 def test_broken_shard_index_and_processor_config_are_named(tmp_path):
-    from vit.checkpoint import load_for_inference
+    from vit.commands import load_model
 
     folder = tmp_path / "hf"
     ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
@@ -165,4 +165,4 @@ def test_broken_shard_index_and_processor_config_are_named(tmp_path):
     raises([str(folder), "model-00002-of-00002.safetensors", "copy the whole model folder"], load, folder)
     index.unlink()
     (folder / "preprocessor_config.json").write_text("{")
-    raises(["preprocessor_config.json", "not valid JSON"], load_for_inference, str(folder), "cpu")
+    raises(["preprocessor_config.json", "not valid JSON"], load_model, str(folder), "cpu")

@@ -12,7 +12,7 @@ import torch
 import main
 from helpers import make_folder, run_main, tiny_params
 from vit import engine
-from vit.checkpoint import read
+from vit.loading import read_training_checkpoint
 
 # dropout, drop path and mixup all draw random numbers: resume must restore or re-derive every stream
 NOISY = dict(epochs=3, mixup=0.4, cutmix=0.4, drop_path=0.2, grad_accum=2, layer_decay=0.9)
@@ -42,7 +42,7 @@ def reference(tmp_path_factory):
 
 
 def assert_same_run(a, b):
-    ca, cb = read(str(a / "last.pt")), read(str(b / "last.pt"))
+    ca, cb = read_training_checkpoint(str(a / "last.pt")), read_training_checkpoint(str(b / "last.pt"))
     assert ca["model"].keys() == cb["model"].keys()
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), f"{k} differs by {(ca['model'][k] - cb['model'][k]).abs().max()}"
@@ -70,7 +70,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(reference, where, tmp_path
         code, out, err = run_main(argv, capsys)
     assert code == 128 + signal.SIGINT, err
     assert "python main.py --params" in out and "--resume" in out and "SIGINT" in err
-    ckpt = read(str(tmp_path / "run" / "last.pt"))
+    ckpt = read_training_checkpoint(str(tmp_path / "run" / "last.pt"))
     assert (ckpt["epoch"], ckpt["step_in_epoch"]) == ((1, 1) if where == "mid_epoch" else (2, 0))
     # what a kill between the checkpoint and the log could leave: a line too many, or one too few
     metrics = tmp_path / "run" / "metrics.jsonl"

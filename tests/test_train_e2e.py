@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from helpers import make_folder, run_main, tiny_params
-from vit.checkpoint import load_for_inference, read
+from vit.commands import load_model
+from vit.loading import read_training_checkpoint
 
 LINE = re.compile(r"^Epoch : (\d+) - loss : \d\.\d{4} - acc: \d\.\d{4} - val_loss : \d\.\d{4} - val_acc: \d\.\d{4}"
                   r" - val_top5: \d\.\d{4}$", re.M)
@@ -51,7 +52,7 @@ def test_run_writes_the_whole_results_layout(trained):
 
 def test_checkpoints_hold_everything_and_load_with_weights_only(trained):
     tmp, classes, _, _ = trained
-    ckpt = read(str(tmp / "run" / "last.pt"))  # weights_only=True inside
+    ckpt = read_training_checkpoint(str(tmp / "run" / "last.pt"))  # weights_only=True inside
     assert ckpt["epoch"] == 2 and ckpt["classes"] == classes and ckpt["mean"] == [0.5, 0.5, 0.5]
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "params", "config"} <= set(ckpt)
     assert len(ckpt["rng"]) == 1 and set(ckpt["rng"][0]) == {"torch", "cuda", "numpy", "python"}  # one per rank
@@ -59,7 +60,7 @@ def test_checkpoints_hold_everything_and_load_with_weights_only(trained):
     config = json.loads((tmp / "run" / "best_hf" / "config.json").read_text())
     assert config["id2label"] == {str(i): c for i, c in enumerate(classes)}
     for source in ("run", "run/best.pt", "run/best_hf"):
-        model, info = load_for_inference(str(tmp / source), "cpu")
+        model, info = load_model(str(tmp / source), "cpu")
         assert info["classes"] == classes and info["image_size"] == 16 and info["channels"] == 3
         assert info["mean"] == [0.5, 0.5, 0.5] and info["std"] == [0.25, 0.25, 0.25]
         assert not model.training
@@ -107,8 +108,8 @@ def test_linear_probe_from_the_best_hf_folder(trained, tmp_path, capsys):
     code, out, err = run_main(["--params", params, "--set", f"model.pretrained={tmp / 'run' / 'best_hf'}", *sizes], capsys)
     assert code == 0, err
     assert "new classifier for num_labels=3" in out
-    before = read(str(tmp / "run" / "best.pt"))["model"]
-    after = read(str(tmp_path / "run" / "last.pt"))["model"]
+    before = read_training_checkpoint(str(tmp / "run" / "best.pt"))["model"]
+    after = read_training_checkpoint(str(tmp_path / "run" / "last.pt"))["model"]
     assert all(torch.equal(before[k], after[k]) for k in after if not k.startswith("classifier."))
     assert after["classifier.weight"].shape == (3, 32) and after["classifier.weight"].abs().sum() > 0
 
@@ -120,7 +121,7 @@ def test_a_training_checkpoint_is_a_pretrained_source_with_its_own_config(traine
     from vit import ViTForImageClassification
 
     model = ViTForImageClassification.from_pretrained(str(tmp / "run" / "best.pt")).eval()
-    ref, _ = load_for_inference(str(tmp / "run" / "best.pt"), "cpu")
+    ref, _ = load_model(str(tmp / "run" / "best.pt"), "cpu")
     assert model.load_report.source == "training checkpoint"
     assert model.config.layer_norm_eps == ref.config.layer_norm_eps == 1e-6
     x = torch.randn(2, 3, 16, 16)
@@ -138,8 +139,8 @@ def test_rgb_pretrained_fine_tunes_on_gray_images(trained, tmp_path, capsys):
     code, out, err = run_main(["--params", params, "--set", f"model.pretrained={tmp / 'run' / 'best_hf'}", *sizes, *gray], capsys)
     assert code == 0, err
     assert "patch kernel adapted 3 -> 1 input channels" in out
-    rgb_kernel = read(str(tmp / "run" / "best.pt"))["model"]["vit.embeddings.patch_embeddings.projection.weight"]
-    assert read(str(tmp_path / "run" / "last.pt"))["model"]["vit.embeddings.patch_embeddings.projection.weight"].shape == (32, 1, 4, 4)
+    rgb_kernel = read_training_checkpoint(str(tmp / "run" / "best.pt"))["model"]["vit.embeddings.patch_embeddings.projection.weight"]
+    assert read_training_checkpoint(str(tmp_path / "run" / "last.pt"))["model"]["vit.embeddings.patch_embeddings.projection.weight"].shape == (32, 1, 4, 4)
     assert rgb_kernel.shape == (32, 3, 4, 4)
 
 
@@ -163,7 +164,7 @@ def test_predict_takes_a_timm_state_dict_saved_as_pt(tmp_path, capsys):
                             num_classes=3).eval()
     torch.nn.init.normal_(ref.head.weight)
     torch.save(ref.state_dict(), tmp_path / "timm_vit.pt")
-    model, info = load_for_inference(str(tmp_path / "timm_vit.pt"), torch.device("cpu"))
+    model, info = load_model(str(tmp_path / "timm_vit.pt"), torch.device("cpu"))
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(model(x).logits, ref(x), atol=1e-5)

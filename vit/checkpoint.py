@@ -1,7 +1,8 @@
-"""Checkpoints: atomic save of `last.pt` / `best.pt`, resume, RNG state, the best model as an HF
-folder, and loading anything (training checkpoint, run folder, pretrained source) for inference.
+"""A run's state on disk: atomic saves of `last.pt` / `best.pt`, resume, RNG state, and the best
+model as an HF folder.
 
-A training checkpoint holds only plain types and tensors, so it loads with
+A training checkpoint holds only plain types and tensors, so vit/loading.py (the one reader of
+weight files, which also turns a run's `best.pt` into a model) reads it with
 `torch.load(weights_only=True)`: nothing in the file can execute code.
 """
 
@@ -14,16 +15,9 @@ import numpy as np
 import torch
 
 from vit.errors import UserError
-from vit.loading import copy_weights, strip_prefixes
-from vit.config import ViTConfig
-from vit.model import ViTForImageClassification
+from vit.loading import BEST, LAST, WRAPPER_PREFIXES, read_training_checkpoint, strip_prefixes
 
-LAST, BEST, HF_DIR = "last.pt", "best.pt", "best_hf"
-
-
-def clean_state_dict(state_dict):
-    """Strip the prefixes torch.compile (`_orig_mod.`) and DDP (`module.`) put on keys."""
-    return strip_prefixes(state_dict, ("_orig_mod.", "module."))
+HF_DIR = "best_hf"  # beside LAST and BEST in the run folder
 
 
 # -----------------------------------------------------------------------------
@@ -100,7 +94,7 @@ def training_payload(model, optimizer, scaler, progress, params, classes, mean, 
     """Everything `resume` needs, in weights_only-loadable types. `progress` is the loop's counters,
     `rngs` every rank's `rng_state()` (a mid-epoch resume continues each rank's streams)."""
     return {
-        "model": clean_state_dict(model.state_dict()),
+        "model": strip_prefixes(model.state_dict(), WRAPPER_PREFIXES),
         "config": model.config.to_hf_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": {"step": progress["step"]},  # the schedule is a pure function of the step
@@ -150,38 +144,15 @@ def save_hf(model, directory, mean, std):
 
 
 # -----------------------------------------------------------------------------
-# loading
-
-
-def _load(path):
-    """torch.load(weights_only=True) with one-sentence errors for missing, corrupt or unsafe files."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; check the path.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt zip, truncated file, or a pickle asking for code: all refused
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} cannot be loaded safely ({first[:200]}); it is corrupt or not a training checkpoint.") from None
-
-
-def _is_training_checkpoint(ckpt):
-    return isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "config"))
-
-
-def read(path):
-    """A training checkpoint of this project, safely loaded; anything else is refused in one sentence."""
-    ckpt = _load(path)
-    if not _is_training_checkpoint(ckpt):
-        raise UserError(f"checkpoint {path} is not a training checkpoint of this project (no model/config entries); pass a run's last.pt or best.pt.")
-    return ckpt
+# resuming
 
 
 def resume(path, model, optimizer):
     """Load a training checkpoint into model and optimizer; returns the loop's counters, the per-rank
     RNG states and the gradient scaler's state (empty unless the run trained in fp16)."""
-    ckpt = read(path)
+    ckpt = read_training_checkpoint(path)
     try:
-        model.load_state_dict(clean_state_dict(ckpt["model"]))
+        model.load_state_dict(strip_prefixes(ckpt["model"], WRAPPER_PREFIXES))
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
@@ -194,53 +165,3 @@ def resume(path, model, optimizer):
     # checkpoints from before these were saved: the precision is chosen again, the clock starts at 0
     progress["precision"], progress["elapsed_s"] = ckpt.get("precision"), ckpt.get("elapsed_s", 0.0)
     return progress, ckpt["rng"], ckpt["scaler"]
-
-
-def load_for_inference(path, device):
-    """A ready eval-mode model and its info (classes, mean, std, image_size, channels, and the
-    training params, None for a pretrained source).
-
-    `path` is a training checkpoint (.pt), a run folder (its best.pt, else last.pt), or any source
-    `ViTForImageClassification.from_pretrained` reads (HF folder, timm file, Google .npz); a .pt that
-    is not a training checkpoint (a timm state dict, say) goes to from_pretrained too.
-    """
-    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in (BEST, LAST)):
-        path = os.path.join(path, BEST if os.path.isfile(os.path.join(path, BEST)) else LAST)
-    ckpt = _load(path) if os.path.isfile(path) and path.endswith(".pt") else None
-    if _is_training_checkpoint(ckpt):
-        try:
-            config = ViTConfig.from_hf_dict(ckpt["config"])
-        except UserError as e:
-            raise UserError(f"checkpoint {path} has an invalid config: {e}") from None
-        model = ViTForImageClassification(config)
-        unused = copy_weights(model, clean_state_dict(ckpt["model"]), path)[2]
-        if unused:
-            raise UserError(f"checkpoint {path} has tensor {unused[0]!r}, which the model built from its config lacks; its config does not match its weights.")
-        info = {"classes": ckpt["classes"], "mean": ckpt["mean"], "std": ckpt["std"], "params": ckpt.get("params")}
-    elif os.path.exists(path):
-        model = ViTForImageClassification.from_pretrained(path)
-        config = model.config
-        id2label = config.id2label or {}
-        classes = [id2label[i] for i in sorted(id2label)] if id2label else None
-        mean, std = _pretrained_norm(path, config.num_channels)
-        info = {"classes": classes, "mean": mean, "std": std, "params": None}
-    else:
-        raise UserError(f"checkpoint {path} does not exist; pass a .pt file, a run folder or a pretrained model.")
-    info.update(image_size=config.image_size, channels=config.num_channels)
-    return model.to(device).eval(), info
-
-
-def _pretrained_norm(path, channels):
-    """mean/std from an HF folder's preprocessor_config.json, else 0.5/0.5 (the Google checkpoints'
-    scaling to [-1, 1]; timm's ImageNet-1k DeiT-style files use other values), said out loud."""
-    pre = os.path.join(path, "preprocessor_config.json") if os.path.isdir(path) else None
-    if pre and os.path.isfile(pre):
-        try:
-            with open(pre) as f:
-                cfg = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"file {pre} is not valid JSON ({e}); fix it or delete it to use mean/std 0.5.") from None
-        if isinstance(cfg, dict) and "image_mean" in cfg and "image_std" in cfg:
-            return list(cfg["image_mean"])[:channels], list(cfg["image_std"])[:channels]
-    print(f"{path} states no normalization: assuming mean 0.5 and std 0.5 per channel (the Google checkpoints')")
-    return [0.5] * channels, [0.5] * channels

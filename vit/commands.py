@@ -1,8 +1,8 @@
 """The commands that use a finished model: eval, predict, attention and inspect (`python main.py CMD`).
 
-Each takes the parsed arguments from main.py and loads its model with
-`vit.checkpoint.load_for_inference`, so a run folder, a training checkpoint and any pretrained source
-(HF folder, timm file, Google .npz) all work.
+Each takes the parsed arguments from main.py and loads its model with `load_model`, that is
+`from_pretrained`, so a run folder, a training checkpoint and any pretrained source (HF folder,
+timm file, Google .npz) all work.
 """
 
 import os
@@ -10,9 +10,18 @@ import sys
 
 import torch
 
-from vit import checkpoint, distributed, engine
+from vit import distributed, engine
 from vit import params as P
 from vit.errors import UserError
+from vit.loading import inference_info
+from vit.model import ViTForImageClassification
+
+
+def load_model(path, device):
+    """An eval-mode classifier on `device` and its `inference_info`, from a run folder, a training
+    checkpoint or any pretrained source."""
+    model = ViTForImageClassification.from_pretrained(path)
+    return model.to(device).eval(), inference_info(model)
 
 
 def evaluate(args):
@@ -20,7 +29,7 @@ def evaluate(args):
     import data
 
     d = distributed.init()
-    model, info = checkpoint.load_for_inference(args.checkpoint, d.device)
+    model, info = load_model(args.checkpoint, d.device)
     run_params = info["params"] or P.defaults()  # a pretrained source has no run params
     data_params = dict(run_params["data"])
     batch_size = args.batch_size or run_params["train"]["batch_size"]
@@ -50,7 +59,7 @@ def predict(args):
     from data.transforms import eval_transform
 
     device = distributed.init().device
-    model, info = checkpoint.load_for_inference(args.checkpoint, device)
+    model, info = load_model(args.checkpoint, device)
     tf = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
     classes = info["classes"] or [str(i) for i in range(model.config.num_labels)]
     failed = 0

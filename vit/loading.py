@@ -110,11 +110,92 @@ def rename(state, table, path):
 
 
 # -----------------------------------------------------------------------------
-# readers: each returns (state dict in our names, config kwargs it knows, source name)
+# the one safe reader of torch files, and this project's own training checkpoints
+
+BEST, LAST = "best.pt", "last.pt"  # a run folder's checkpoints, written by vit/train/checkpoint.py
+TRAINING_CHECKPOINT = "training checkpoint"  # a Source.kind
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, on a wrapped model's keys
+
+
+def read_file(path):
+    """What a .safetensors, .pth, .pt, .bin or .ckpt file holds, read without running code from it:
+    safetensors, or torch.load(weights_only=True). The project's only reader of torch files."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist; check the path.")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    # a corrupt, truncated or hostile file can fail anywhere in the zip / pickle / header layers
+    except Exception as e:  # noqa: BLE001
+        unsafe = "Weights only load failed" in str(e)
+        reason = "it holds pickled objects that could run code" if unsafe else "it is corrupt, truncated or not a checkpoint"
+        raise UserError(f"cannot read checkpoint {path}: {reason} ({type(e).__name__}); use a state-dict file saved with torch.save or safetensors.") from None
+
+
+def is_training_checkpoint(obj):
+    """This project's last.pt / best.pt: the weights under `model`, their config beside them."""
+    return isinstance(obj, dict) and all(isinstance(obj.get(k), dict) for k in ("model", "config"))
+
+
+def read_training_checkpoint(path):
+    """All of a run's last.pt or best.pt (weights, optimizer, RNG states, progress); anything else is refused."""
+    obj = read_file(path)
+    if not is_training_checkpoint(obj):
+        raise UserError(f"checkpoint {path} is not a training checkpoint of this project (no model/config entries); pass a run's last.pt or best.pt.")
+    return obj
+
+
+def run_checkpoint(path):
+    """A run folder stands for its best.pt (else its last.pt); any other path for itself."""
+    if os.path.isdir(path):
+        for name in (BEST, LAST):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+    return path
+
+
+def tensors_of(obj, path):
+    """The flat dict of tensors in what read_file returned: bare, or under `model` / `state_dict`."""
+    for wrapper in ("model", "state_dict"):  # training checkpoints and some timm files wrap the weights
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead.")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def strip_prefixes(state, prefixes):
+    """Drop wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`, HF's `vit.`) wherever they lead."""
+    out = {}
+    for k, v in state.items():
+        while k.startswith(prefixes):
+            k = k[len(next(p for p in prefixes if k.startswith(p))):]
+        out[k] = v
+    return out
+
+
+# -----------------------------------------------------------------------------
+# readers: each turns one kind of file into a Source
+
+
+@dataclass
+class Source:
+    """What a checkpoint path holds: its tensors under our names, the config fields it states, what
+    kind of file it is, and what it carries beyond the weights for inference (`extras`: mean and std,
+    a training run's params)."""
+
+    state: dict
+    config: dict
+    kind: str
+    extras: dict = field(default_factory=dict)
 
 
 def read_hf_folder(path):
-    """config.json plus model.safetensors / pytorch_model.bin (or a sharded index) from transformers."""
+    """config.json plus model.safetensors / pytorch_model.bin (or a sharded index) from transformers,
+    and the normalization its preprocessor_config.json states."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise UserError(f"folder {path} has no config.json; pass a Hugging Face model folder or a checkpoint file.")
@@ -122,8 +203,8 @@ def read_hf_folder(path):
         with open(config_path) as f:
             hf_config = json.load(f)
         config = ViTConfig.from_hf_dict(hf_config)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError, ValueError) as e:
-        raise UserError(f"config file {config_path} is not a valid ViT config.json ({e}); re-save it or fix it.")
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError, ValueError, UserError) as e:
+        raise UserError(f"config file {config_path} is not a valid ViT config.json ({e}); re-save it or fix it.") from None
     if hf_config.get("model_type", "vit") != "vit":
         raise UserError(f"config file {config_path} is for model_type={hf_config['model_type']!r}, not 'vit'; pass a ViT model folder.")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -143,9 +224,26 @@ def read_hf_folder(path):
         raise UserError(f"folder {path} has no model.safetensors or pytorch_model.bin; the weights are missing.")
     state = {}
     for name in files:
-        state.update(read_torch_file(os.path.join(path, name))[0])
+        file = os.path.join(path, name)
+        state.update(tensors_of(read_file(file), file))
     state = strip_prefixes(state, ("vit.",))
-    return state, config_fields(config, state, path, f"folder {path}: config.json"), "Hugging Face folder"
+    return Source(state, config_fields(config, state, path, f"folder {path}: config.json"), "Hugging Face folder",
+                  read_normalization(path))
+
+
+def read_normalization(folder):
+    """{"mean", "std"} from an HF folder's preprocessor_config.json, or {} where it states none."""
+    pre = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(pre):
+        return {}
+    try:
+        with open(pre) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"file {pre} is not valid JSON ({e}); fix it or delete it to use mean/std 0.5.") from None
+    if isinstance(cfg, dict) and "image_mean" in cfg and "image_std" in cfg:
+        return {"mean": list(cfg["image_mean"]), "std": list(cfg["image_std"])}
+    return {}
 
 
 def config_fields(config, state, path, where):
@@ -158,55 +256,24 @@ def config_fields(config, state, path, where):
     return kw
 
 
-def read_torch_file(path):
-    """A flat dict of tensors from a .safetensors file, or a .pth/.pt/.bin read without running code,
-    and the config dict a training checkpoint of this project carries next to its weights (else None)."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj = load_file(path, device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    # a corrupt, truncated or hostile file can fail anywhere in the zip / pickle / header layers
-    except Exception as e:  # noqa: BLE001
-        unsafe = "Weights only load failed" in str(e)
-        reason = "it holds pickled objects that could run code" if unsafe else "it is corrupt, truncated or not a checkpoint"
-        raise UserError(f"cannot read checkpoint {path}: {reason} ({type(e).__name__}); use a state-dict file saved with torch.save or safetensors.")
-    config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("config"), dict) else None
-    for wrapper in ("model", "state_dict"):  # training checkpoints wrap the weights
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict):
-        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict; save model.state_dict() instead.")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, config
-
-
-def strip_prefixes(state, prefixes):
-    """Drop wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`, HF's `vit.`) wherever they lead."""
-    out = {}
-    for k, v in state.items():
-        while k.startswith(prefixes):
-            k = k[len(next(p for p in prefixes if k.startswith(p))):]
-        out[k] = v
-    return out
-
-
 def read_state_file(path):
-    """A timm (or HF-named) state-dict file, or this project's training checkpoint; the keys tell which."""
-    state, config = read_torch_file(path)
-    state = strip_prefixes(state, ("module.", "_orig_mod."))
+    """A timm (or HF-named) state-dict file, or this project's training checkpoint with its config,
+    normalization and params; the keys tell which."""
+    obj = read_file(path)
+    config = obj["config"] if is_training_checkpoint(obj) else None
+    state = strip_prefixes(tensors_of(obj, path), WRAPPER_PREFIXES)
     if "patch_embed.proj.weight" in state:
-        return rename(state, TIMM_RENAMES, path), {"layer_norm_eps": 1e-6}, "timm state dict"
+        return Source(rename(state, TIMM_RENAMES, path), {"layer_norm_eps": 1e-6}, "timm state dict")
     state = strip_prefixes(state, ("vit.",))
     if "embeddings.patch_embeddings.projection.weight" in state:
         if config is None:
-            return state, {}, "HF-named state dict"  # no config: HF's own eps default (1e-12) stands
+            return Source(state, {}, "HF-named state dict")  # no config: HF's own eps default (1e-12) stands
         try:
             known = ViTConfig.from_hf_dict(config)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, UserError) as e:
             raise UserError(f"checkpoint {path} carries a config this model cannot read ({e}); pass its best_hf folder instead.") from None
-        return state, config_fields(known, state, path, f"checkpoint {path}: its config"), "training checkpoint"
+        extras = {k: obj[k] for k in ("mean", "std", "params") if k in obj}
+        return Source(state, config_fields(known, state, path, f"checkpoint {path}: its config"), TRAINING_CHECKPOINT, extras)
     raise UserError(
         f"checkpoint {path} is not a recognised ViT state dict (no patch_embed.proj.weight or "
         f"embeddings.patch_embeddings.projection.weight); pass a timm or Hugging Face ViT checkpoint."
@@ -237,7 +304,7 @@ def read_npz(path):
     if pos is not None and "embeddings.cls_token" in state and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
         # big_vision adds position embeddings before the cls token joins: its position is zero
         state["embeddings.position_embeddings"] = torch.cat((pos.new_zeros(1, 1, pos.shape[2]), pos), dim=1)
-    return state, kw, "Google .npz"
+    return Source(state, kw, "Google .npz")
 
 
 def unstack_scanned_blocks(arrays):
@@ -285,7 +352,8 @@ def infer_config(state, path):
 
 @dataclass
 class LoadReport:
-    """What a load did, kept on the model as `model.load_report` and printed once."""
+    """What a load did, kept on the model as `model.load_report` and printed once; `extras` is what
+    the file carried beyond the weights (see Source), for `inference_info`."""
 
     path: str
     source: str
@@ -293,6 +361,7 @@ class LoadReport:
     fresh: list = field(default_factory=list)
     ignored: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    extras: dict = field(default_factory=dict)
 
     def __str__(self):
         lines = [f"loaded {self.source} {self.path}: {len(self.mapped)} tensors mapped"]
@@ -305,7 +374,7 @@ class LoadReport:
 
 
 def read_source(path):
-    """Dispatch on what the path is: folder, .npz, or a torch/safetensors state-dict file."""
+    """Dispatch on what the path is: HF folder, .npz, or a torch/safetensors file (a run's .pt included)."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; check the path.")
     if os.path.isdir(path):
@@ -323,12 +392,13 @@ def read_source(path):
 def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     """Build `cls` (ViTModel or ViTForImageClassification, whose from_pretrained calls this) from a
     checkpoint; see the module docstring. `cls.is_classifier` says whether it has a head."""
-    path = os.fspath(path)
-    state, known, source = read_source(path)
+    path = run_checkpoint(os.fspath(path))
+    src = read_source(path)
+    state, known, source = src.state, src.config, src.kind
     unknown = set(overrides) - {f.name for f in fields(ViTConfig)}
     if unknown:
         raise UserError(f"unknown config override(s) {sorted(unknown)}; use ViTConfig field names such as num_attention_heads.")
-    report = LoadReport(path, source)
+    report = LoadReport(path, source, extras=src.extras)
 
     # the checkpoint's architecture: its config where it has one, else its shapes
     kw = {**infer_config(state, path), **known}
@@ -382,7 +452,8 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     optional, skip = ("classifier.", "pooler.", "vit.pooler."), () if keep_head else ("classifier.",)
     report.mapped, report.fresh, report.ignored = copy_weights(model, state, path, optional, skip)
     model.load_report = report
-    print(report)
+    if source != TRAINING_CHECKPOINT or report.fresh or report.ignored or report.notes:
+        print(report)  # a run's own checkpoint, loaded as it was saved, has nothing to report
     return model
 
 
@@ -415,3 +486,23 @@ def copy_weights(model, state, path, optional=(), skip=()):
             mapped.append(key)
     ignored = sorted(k for k in state if k not in target or k.startswith(skip))
     return mapped, fresh, ignored
+
+
+def inference_info(model):
+    """What the commands need beyond a loaded model's weights: class names, mean/std, the training
+    run's params (None for a pretrained source), image size and channels.
+
+    mean/std come from the file (a training checkpoint, an HF folder's preprocessor_config.json), else
+    0.5/0.5: the Google checkpoints' scaling to [-1, 1] (timm's ImageNet-1k DeiT-style files use other
+    values), said out loud.
+    """
+    config, report = model.config, model.load_report
+    extras, channels = report.extras, config.num_channels
+    id2label = config.id2label or {}
+    if "mean" in extras and "std" in extras:
+        mean, std = list(extras["mean"])[:channels], list(extras["std"])[:channels]
+    else:
+        print(f"{report.path} states no normalization: assuming mean 0.5 and std 0.5 per channel (the Google checkpoints')")
+        mean, std = [0.5] * channels, [0.5] * channels
+    return {"classes": [id2label[i] for i in sorted(id2label)] if id2label else None, "mean": mean, "std": std,
+            "params": extras.get("params"), "image_size": config.image_size, "channels": channels}

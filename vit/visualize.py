@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 
 from vit import plots
-from vit.checkpoint import load_for_inference
 from vit.errors import UserError
 
 # -----------------------------------------------------------------------------
@@ -150,7 +149,9 @@ def attention_command(checkpoint, image_paths, out_dir, device):
     from data import denormalize
     from data.images import BadImage
 
-    model, info = load_for_inference(checkpoint, device)
+    from vit.commands import load_model
+
+    model, info = load_model(checkpoint, device)
     written = []
     for path in image_paths:
         try:
@@ -245,7 +246,9 @@ def inspect_command(checkpoint, folder, out_dir, device):
     folder, a checkpoint trained on the embedded Fashion-MNIST default (its class names) uses that
     test set; any other checkpoint skips this figure with a message, as no image set fits them all.
     """
-    model, info = load_for_inference(checkpoint, device)
+    from vit.commands import load_model
+
+    model, info = load_model(checkpoint, device)
     embeddings = model.vit.embeddings
     written = []
 
