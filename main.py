@@ -203,7 +203,7 @@ def train(args):
             checkpoint.save(path, payload)
         distributed.barrier(d)
 
-    from vit import plots  # matplotlib loads only once a run really starts
+    from vit.viz import plots  # matplotlib loads only once a run really starts
 
     def announce_cost(rate):  # once per process, a few dozen steps into its first epoch
         if d.is_main and not announced:
@@ -327,7 +327,7 @@ def report_kw(loaders, params):
 
 def report(val, loaders, out, n_mistakes, d):
     """End of run: confusion matrix, per-class accuracy (json + printed), misclassified grid."""
-    from vit import plots
+    from vit.viz import plots
 
     if not d.is_main:
         return
@@ -346,6 +346,16 @@ def report(val, loaders, out, n_mistakes, d):
 # command line
 
 
+def run_attention(args):
+    commands.attention(args.checkpoint, args.images, args.out)  # the PNGs it writes are printed as it goes
+    return 0
+
+
+def run_inspect(args):
+    commands.inspect(args.checkpoint, args.data_dir, args.out)
+    return 0
+
+
 def parse_args(argv):
     names = {"train", "eval", "predict", "attention", "inspect"}
     if not argv or argv[0] not in names | {"-h", "--help"}:
@@ -361,22 +371,22 @@ def parse_args(argv):
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-dir", default=None, help="folder of class folders (default: the run's own val data)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
-    p.set_defaults(fn=commands.evaluate)
+    p.set_defaults(fn=lambda a: commands.evaluate(a.checkpoint, a.data_dir, a.batch_size))
     p = sub.add_parser("predict", help="top-k classes for images")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
     p.add_argument("--topk", type=int, default=5)
-    p.set_defaults(fn=commands.predict)
+    p.set_defaults(fn=lambda a: commands.predict(a.checkpoint, a.images, a.topk))
     p = sub.add_parser("attention", help="attention-rollout maps for images")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
     p.add_argument("--out", default=None)
-    p.set_defaults(fn=commands.attention)
+    p.set_defaults(fn=run_attention)
     p = sub.add_parser("inspect", help="the ViT paper's Figure 7 panels")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
-    p.set_defaults(fn=commands.inspect)
+    p.set_defaults(fn=run_inspect)
     return parser.parse_args(argv)
 
 

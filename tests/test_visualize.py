@@ -9,15 +9,13 @@ import torch
 from PIL import Image
 
 from data.fashion_mnist import CLASSES
-from vit import plots
+from vit import ViTConfig, ViTForImageClassification, ViTModel, commands
 from vit.errors import UserError
-from vit import ViTConfig, ViTForImageClassification, ViTModel
-from vit.visualize import (
-    attention_command,
+from vit.viz import plots
+from vit.viz.analysis import (
     attention_rollout,
     cls_rollout_map,
     embedding_filter_components,
-    inspect_command,
     last_layer_cls_attention,
     mean_attention_distance,
     position_similarity,
@@ -194,7 +192,7 @@ def images(tmp_path):
 
 def test_attention_command(checkpoint, images, tmp_path, capsys):
     kind, path = checkpoint
-    written = attention_command(path, images, str(tmp_path / "out"), "cpu")
+    written = commands.attention(path, images, str(tmp_path / "out"), "cpu")
     assert [p.rsplit("/", 1)[1] for p in written] == ["a_attention.png", "b_attention.png"]
     for p in written:
         assert_png(p, (600, 440))  # 3 columns x 2 in; 1 + ceil(2 heads / 3) rows x 2.2 in
@@ -210,7 +208,7 @@ def test_inspect_command(checkpoint, images, tmp_path, capsys):
     _, path = checkpoint
     folder = tmp_path / "imgs"
     (folder / "b" / "broken.png").write_bytes(b"not a png")
-    written = inspect_command(path, str(folder), str(tmp_path / "fig7"), "cpu")
+    written = commands.inspect(path, str(folder), str(tmp_path / "fig7"), "cpu")
     names = [p.rsplit("/", 1)[1] for p in written]
     assert names == ["embedding_filters.png", "position_similarity.png", "attention_distance.png"]
     assert_png(written[0], (700, 340))  # 16 components (= width), 7 per row, 3 rows of 1 in + title
@@ -223,13 +221,13 @@ def test_inspect_without_folder(tmp_path, capsys):
     # an arbitrary checkpoint: no images to average over, so the distance figure is skipped
     model = ViTForImageClassification(ViTConfig(**TINY, num_labels=2))
     model.save_pretrained(tmp_path / "ckpt")
-    assert len(inspect_command(str(tmp_path / "ckpt"), None, str(tmp_path / "fig7"), "cpu")) == 2
+    assert len(commands.inspect(str(tmp_path / "ckpt"), None, str(tmp_path / "fig7"), "cpu")) == 2
     assert "no --data-dir" in capsys.readouterr().out
     # a Fashion-MNIST checkpoint (its class names): the embedded test set stands in for the folder
     config = ViTConfig(**{**TINY, "image_size": 28, "patch_size": 7, "num_channels": 1},
                        id2label=dict(enumerate(CLASSES)))
     ViTForImageClassification(config).save_pretrained(tmp_path / "fm")
-    written = inspect_command(str(tmp_path / "fm"), None, str(tmp_path / "fig7fm"), "cpu")
+    written = commands.inspect(str(tmp_path / "fm"), None, str(tmp_path / "fig7fm"), "cpu")
     assert_png(written[2], (600, 450))
     assert "64 images from the Fashion-MNIST test set" in capsys.readouterr().out
 
@@ -239,4 +237,4 @@ def test_attention_command_bad_image_is_a_user_error(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(UserError, match="notes.txt"):
-        attention_command(str(tmp_path / "ckpt"), [str(tmp_path / "notes.txt")], str(tmp_path / "out"), "cpu")
+        commands.attention(str(tmp_path / "ckpt"), [str(tmp_path / "notes.txt")], str(tmp_path / "out"), "cpu")

@@ -1,8 +1,9 @@
-"""The commands that use a finished model: eval, predict, attention and inspect (`python main.py CMD`).
+"""The commands that use a finished model: eval, predict, attention and inspect (`vit CMD`, `python main.py CMD`).
 
-Each takes the parsed arguments from main.py and loads its model with `load_model`, that is
-`from_pretrained`, so a run folder, a training checkpoint and any pretrained source (HF folder,
-timm file, Google .npz) all work.
+Each loads its model with `load_model`, that is `from_pretrained`, so a run folder, a training
+checkpoint and any pretrained source (HF folder, timm file, Google .npz) all work. The files they
+read (images, folders) are read here; the numbers come from vit/viz/analysis.py and the figures
+from vit/viz/plots.py.
 """
 
 import os
@@ -16,6 +17,8 @@ from vit.errors import UserError
 from vit.loading import inference_info
 from vit.model import ViTForImageClassification
 
+INSPECT_IMAGES = 64  # images the attention distance is averaged over
+
 
 def load_model(path, device):
     """An eval-mode classifier on `device` and its `inference_info`, from a run folder, a training
@@ -24,46 +27,46 @@ def load_model(path, device):
     return model.to(device).eval(), inference_info(model)
 
 
-def evaluate(args):
-    """Accuracy of a checkpoint on --data-dir (a folder of class folders), or on the run's own val data."""
+def evaluate(checkpoint, data_dir=None, batch_size=None):
+    """Accuracy of a checkpoint on `data_dir` (a folder of class folders), or on the run's own val data."""
     import data
 
     d = distributed.init()
-    model, info = load_model(args.checkpoint, d.device)
+    model, info = load_model(checkpoint, d.device)
     run_params = info["params"] or P.defaults()  # a pretrained source has no run params
     data_params = dict(run_params["data"])
-    batch_size = args.batch_size or run_params["train"]["batch_size"]
-    if args.data_dir:
+    batch_size = batch_size or run_params["train"]["batch_size"]
+    if data_dir:
         from data.folder import scan_folder
 
         # the folder serves as both splits; files are read lazily, and only the val side is iterated
-        data_params.update(dataset="folder", train_dir=args.data_dir, val_dir=args.data_dir, in_memory=False)
-        batch_size = min(batch_size, scan_folder(args.data_dir, args.data_dir).report["train_files"])
+        data_params.update(dataset="folder", train_dir=data_dir, val_dir=data_dir, in_memory=False)
+        batch_size = min(batch_size, scan_folder(data_dir, data_dir).report["train_files"])
     data_params.update(image_size=info["image_size"], channels=info["channels"], mean=info["mean"], std=info["std"])
     train_params = {**run_params["train"], "batch_size": batch_size, "randaugment": None}
     loaders = data.build_loaders(data_params, train_params, d.device, d.rank, d.world_size)
     if info["classes"] is not None and loaders.classes != info["classes"]:
-        raise UserError(f"the classes in {args.data_dir} {loaders.classes} differ from the checkpoint's {info['classes']}.")
+        raise UserError(f"the classes in {data_dir} {loaders.classes} differ from the checkpoint's {info['classes']}.")
     if model.config.num_labels != len(loaders.classes):  # a source without class names can still disagree in count
-        raise UserError(f"checkpoint {args.checkpoint} has a head for {model.config.num_labels} classes but "
-                        f"{args.data_dir or 'the default dataset'} has {len(loaders.classes)} classes; pass --data-dir with a folder of its classes.")
+        raise UserError(f"checkpoint {checkpoint} has a head for {model.config.num_labels} classes but "
+                        f"{data_dir or 'the default dataset'} has {len(loaders.classes)} classes; pass --data-dir with a folder of its classes.")
     val = engine.evaluate(model, loaders.val, num_classes=len(loaders.classes), device=d.device, d=d,
                           oom_advice=f"pass a smaller --batch-size than {batch_size}.")
     print(" - ".join(f"{k}: {v:.4f}" for k, v in val.items()))
     return 0
 
 
-def predict(args):
-    """Print the top-k class names with probabilities for each image."""
+def predict(checkpoint, images, topk=5):
+    """Print the top-k class names with probabilities for each image; 1 when an image could not be read."""
     from data.images import BadImage, open_image
     from data.transforms import eval_transform
 
     device = distributed.init().device
-    model, info = load_model(args.checkpoint, device)
+    model, info = load_model(checkpoint, device)
     tf = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
     classes = info["classes"] or [str(i) for i in range(model.config.num_labels)]
     failed = 0
-    for path in args.images:
+    for path in images:
         try:
             x = tf(open_image(path, info["channels"]))[None].to(device)  # (1, C, H, W)
         except (BadImage, OSError) as e:
@@ -72,30 +75,157 @@ def predict(args):
             continue
         with torch.no_grad():
             probs = model(x).logits.float().softmax(-1)[0]  # (K,)
-        top = probs.topk(min(args.topk, len(classes)))
+        top = probs.topk(min(topk, len(classes)))
         print(f"{path}: " + ", ".join(f"{classes[i]} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
     return 1 if failed else 0
 
 
-def attention(args):
-    """One attention-rollout PNG per image (vit/visualize.py)."""
-    from vit import visualize
+def attention(checkpoint, images, out=None, device=None):
+    """Write <out>/<image stem>_attention.png per image (default out: <run folder>/attention): the
+    rollout overlay, the last layer's heads and the prediction. Returns the paths written."""
+    from data import denormalize
+    from data.images import BadImage
+    from vit.viz import analysis, plots
 
-    out = args.out or _default_out(args.checkpoint, "attention")
-    visualize.attention_command(args.checkpoint, args.images, out, distributed.init().device)
-    return 0
+    device = distributed.init().device if device is None else device
+    out_dir = out or _default_out(checkpoint, "attention")
+    model, info = load_model(checkpoint, device)
+    written = []
+    for path in images:
+        try:
+            x = _preprocess(path, info).to(device)  # (1, C, H, W)
+        except BadImage as e:
+            raise UserError(f"cannot read image {e}; pass an image file (jpg, png, ...).") from e
+        attentions, logits = analysis.attentions_and_logits(model, x)
+        rollout = analysis.cls_rollout_map(attentions)[0].cpu().numpy()  # (gh, gw)
+        heads = analysis.last_layer_cls_attention(attentions)[0].cpu().numpy()  # (heads, gh, gw)
+        image = denormalize(x.cpu(), info["mean"], info["std"])[0]  # (H, W, C) uint8, what the model saw
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if logits is None:
+            verdict = "no classification head, attention maps only"
+        else:
+            prob, index = logits.float().softmax(dim=-1)[0].max(dim=0)
+            verdict = f"predicted {_class_name(info, index.item())} ({prob.item():.1%})"
+        png, k = os.path.join(out_dir, f"{stem}_attention.png"), 1
+        while png in written:  # two inputs with one file name, e.g. a/img.png and b/img.png
+            png, k = os.path.join(out_dir, f"{stem}_{k}_attention.png"), k + 1
+        plots.plot_attention(image, rollout, heads, png, f"{stem}: {verdict}")
+        print(f"{path}: {verdict}; wrote {png}")
+        written.append(png)
+    return written
 
 
-def inspect(args):
-    """The ViT paper's Figure 7 panels for the checkpoint (vit/visualize.py)."""
-    from vit import visualize
+def inspect(checkpoint, data_dir=None, out=None, device=None):
+    """Write the ViT paper's Figure 7 panels into `out` (default: <run folder>/inspect):
+    embedding_filters.png, position_similarity.png and attention_distance.png. Returns the paths written.
 
-    out = args.out or _default_out(args.checkpoint, "inspect")
-    visualize.inspect_command(args.checkpoint, args.data_dir, out, distributed.init().device)
-    return 0
+    The attention distance is averaged over up to INSPECT_IMAGES images from `data_dir`. Without one,
+    a checkpoint trained on the embedded Fashion-MNIST default (its class names) uses that test set;
+    any other checkpoint skips this figure with a message, as no image set fits them all.
+    """
+    from vit.viz import analysis, plots
+
+    device = distributed.init().device if device is None else device
+    out_dir = out or _default_out(checkpoint, "inspect")
+    model, info = load_model(checkpoint, device)
+    embeddings = model.vit.embeddings
+    written = []
+
+    png = os.path.join(out_dir, "embedding_filters.png")
+    plots.plot_embedding_filters(analysis.embedding_filter_components(embeddings.patch_embeddings.projection.weight), png)
+    written.append(png)
+
+    png = os.path.join(out_dir, "position_similarity.png")
+    plots.plot_position_similarity(analysis.position_similarity(embeddings.position_embeddings), png)
+    written.append(png)
+
+    if data_dir is not None:
+        images, source = _folder_images(data_dir, info), data_dir
+    else:
+        images, source = _fashion_mnist_images(info), "the Fashion-MNIST test set"
+    if images is None:
+        print("inspect: no --data-dir given (and the checkpoint is not a Fashion-MNIST one), so no attention-distance "
+              "figure; pass --data-dir with a folder of images to get it")
+    else:
+        png = os.path.join(out_dir, "attention_distance.png")
+        plots.plot_attention_distance(analysis.dataset_attention_distance(model, images, device).numpy(), png)
+        print(f"inspect: attention distance averaged over {len(images)} images from {source}")
+        written.append(png)
+    for png in written:
+        print(f"wrote {png}")
+    return written
+
+
+# -----------------------------------------------------------------------------
+# reading images for the commands
 
 
 def _default_out(checkpoint_path, name):
     """Next to the checkpoint: <run folder>/<name>."""
     folder = checkpoint_path if os.path.isdir(checkpoint_path) else os.path.dirname(os.path.abspath(checkpoint_path))
     return os.path.join(folder, name)
+
+
+def _preprocess(path, info):
+    """Decode and eval-transform one image to (1, C, H, W); data.images.BadImage if unreadable."""
+    from data.images import open_image
+    from data.transforms import eval_transform
+
+    image = open_image(path, info["channels"])
+    transform = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
+    return transform(image).unsqueeze(0)
+
+
+def _class_name(info, index):
+    classes = info.get("classes")
+    return classes[index] if classes else str(index)
+
+
+def _image_files(folder):
+    """Up to INSPECT_IMAGES image files under folder, spread evenly over its sorted listing (so over classes)."""
+    from data.images import IMAGE_EXTENSIONS
+
+    if not os.path.isdir(folder):
+        raise UserError(f"--data-dir {folder} is not a folder; pass a folder of images (class subfolders are fine).")
+    files = sorted(
+        os.path.join(root, f)
+        for root, _, names in os.walk(folder)
+        for f in names
+        if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not files:
+        raise UserError(f"--data-dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of images.")
+    step = max(1, len(files) // INSPECT_IMAGES)
+    return files[::step][:INSPECT_IMAGES]
+
+
+def _folder_images(folder, info):
+    """Eval-transformed images from a folder, (n, C, H, W); unreadable files are skipped with a count."""
+    from data.images import BadImage
+
+    images, skipped = [], 0
+    for path in _image_files(folder):
+        try:
+            images.append(_preprocess(path, info))
+        except BadImage:
+            skipped += 1
+    if skipped:
+        print(f"inspect: skipped {skipped} unreadable image(s) in {folder}")
+    if not images:
+        raise UserError(f"none of the images in --data-dir {folder} could be read; pass a folder of readable images.")
+    return torch.cat(images)
+
+
+def _fashion_mnist_images(info):
+    """The embedded default's test images, (n, C, H, W), when the checkpoint was trained on it (same classes); else None."""
+    from PIL import Image
+
+    from data.fashion_mnist import CLASSES, load_fashion_mnist
+    from data.transforms import eval_transform
+
+    if info.get("classes") != CLASSES:
+        return None
+    images, _ = load_fashion_mnist("val")  # (10000, 28, 28) uint8
+    transform = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
+    step = len(images) // INSPECT_IMAGES
+    return torch.stack([transform(Image.fromarray(a)) for a in images[::step][:INSPECT_IMAGES]])

@@ -4,8 +4,8 @@ images, attention maps and the ViT paper's Figure 7 panels.
 Figures are built as `matplotlib.figure.Figure` objects on an Agg canvas, never through pyplot,
 so no global figure state is created or leaked and nothing needs a display. Each function saves
 a PNG of exactly figsize * DPI pixels (no tight bounding box) and returns that (width, height).
-The numbers come from main.py (training report) and vit/visualize.py (attention, Figure 7);
-this file only draws.
+The numbers come from the training run (curves and the end-of-run report) and from
+vit/viz/analysis.py through vit/commands.py (attention maps, Figure 7); this file only draws.
 """
 
 import math
