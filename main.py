@@ -116,7 +116,7 @@ def train(args):
 
     Returns the exit code: 0, or 128 + the signal that asked it to stop.
     """
-    import data
+    from vit import data
 
     params = P.load(args.params, args.set)
     d = distributed.init()
@@ -319,7 +319,7 @@ def summary_line(history, elapsed, out):
 
 def report_kw(loaders, params):
     """evaluate()'s extra arguments for the end-of-run report: the confusion matrix and misclassified images."""
-    import data
+    from vit import data
 
     return dict(mistakes=max(params["output"]["misclassified"], 1),
                 denormalize=functools.partial(data.denormalize, mean=loaders.mean, std=loaders.std))

@@ -29,7 +29,7 @@ from PIL import Image
 
 from common import ROOT, Logits, build_model, cpu_threads, environment, make_optimizer, sync, train_step
 
-import data  # noqa: E402  (common put the repository root on sys.path)
+from vit import data  # noqa: E402  (common put the repository root on sys.path)
 import main as trainer  # noqa: E402
 from vit import params as vit_params  # noqa: E402
 
@@ -203,10 +203,11 @@ def main():
     report = {"env": environment(device), "args": vars(args), "jpegs": jpegs, "cases": []}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     print(f"JPEG folder {args.dir}: {report['jpegs']}", flush=True)
-    jpeg_data = {"dataset": "folder", "train_dir": args.dir, "val_dir": None, "val_split": 0.0, "split_seed": 0,
-                 "image_size": 224, "channels": 3, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "workers": args.workers}
-    jpeg_train = {"batch_size": args.batch, "seed": 0, "randaugment": None,
-                  "random_resized_crop_scale": [0.08, 1.0], "hflip": 0.5}
+    defaults = vit_params.defaults()  # build_loaders takes whole sections
+    jpeg_data = dict(defaults["data"], dataset="folder", train_dir=args.dir, val_dir=None, val_split=0.0, split_seed=0,
+                     image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=args.workers)
+    jpeg_train = dict(defaults["train"], batch_size=args.batch, seed=0, randaugment=None,
+                      random_resized_crop_scale=[0.08, 1.0], hflip=0.5)
     for kind in args.loaders:
         def fn(kind=kind):
             torch.manual_seed(0)

@@ -135,7 +135,7 @@ def _context():
     """The forkserver, preloaded once per test session with everything main.py imports."""
     if not _CTX:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["faults_util", "main", "data", "vit.checkpoint", "vit.loading", "vit.viz.plots",
+        ctx.set_forkserver_preload(["faults_util", "main", "vit.data", "vit.checkpoint", "vit.loading", "vit.viz.plots",
                                     "timm.data", "safetensors.torch"])
         _CTX.append(ctx)
     return _CTX[0]

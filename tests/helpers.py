@@ -43,6 +43,14 @@ def tiny_params(tmp_path, folder, **train):
     return str(path)
 
 
+def section(name, **keys):
+    """params.json's defaults for one section with `keys` changed: the whole section that
+    build_loaders takes (it restates no default)."""
+    from vit import params as P
+
+    return {**P.defaults()[name], **keys}
+
+
 def run_main(argv, capsys):
     """main.main(argv) in this process; returns (exit code, stdout, stderr)."""
     import main

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from google_npz import timm_vit
-from helpers import assert_close, make_folder, run_subprocess, tiny_params
+from helpers import assert_close, make_folder, run_subprocess, section, tiny_params
 from vit import ViTForImageClassification
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and VIT_TEST_GPU=1")
@@ -78,13 +78,13 @@ def _jpeg_folder(root, n=6):
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_device_decoder_on_cuda_matches_the_cpu(tmp_path, split):
-    from data import build_loaders
+    from vit.data import build_loaders
 
     _jpeg_folder(tmp_path)
-    data = {"dataset": "folder", "train_dir": str(tmp_path), "val_dir": None, "val_split": 0.3, "split_seed": 0,
-            "image_size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3, "workers": 2,
-            "in_memory": False, "decode": "device"}
-    train = {"batch_size": 4, "seed": 1}
+    data = section("data", dataset="folder", train_dir=str(tmp_path), val_dir=None, val_split=0.3, split_seed=0,
+                   image_size=32, channels=3, mean=[0.5] * 3, std=[0.25] * 3, workers=2, in_memory=False,
+                   decode="device")
+    train = section("train", batch_size=4, seed=1)
     on_gpu = list(getattr(build_loaders(data, train, CUDA), split))
     on_cpu = list(getattr(build_loaders(data, train, "cpu"), split))
     assert len(on_gpu) == len(on_cpu) > 0
@@ -96,7 +96,7 @@ def test_device_decoder_on_cuda_matches_the_cpu(tmp_path, split):
 
 
 def test_tensor_loader_on_cuda_matches_the_cpu():
-    from data.tensor_loader import TensorLoader
+    from vit.data.tensor_loader import TensorLoader
 
     images = torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8)
     labels = torch.arange(20) % 10

@@ -5,18 +5,19 @@ import pytest
 import torch
 from PIL import Image
 
-from data import build_loaders, denormalize
-from data.fashion_mnist import CLASSES, load_fashion_mnist
-from data.folder import scan_folder
-from data.images import open_image
-from data.tensor_loader import TensorLoader
-from data.transforms import eval_transform
-from data.worker_loader import EpochBatchSampler
+from vit.data import build_loaders, denormalize
+from vit.data.fashion_mnist import CLASSES, load_fashion_mnist
+from vit.data.folder import scan_folder
+from vit.data.images import open_image
+from vit.data.tensor_loader import TensorLoader
+from vit.data.transforms import eval_transform
+from vit.data.worker_loader import EpochBatchSampler
+from helpers import section
 from vit.errors import UserError
 
-FMNIST = {"dataset": "fashion_mnist", "image_size": 28, "channels": 1, "mean": [0.286], "std": [0.353],
-          "in_memory": "auto", "workers": 0}
-TRAIN = {"batch_size": 64, "seed": 0, "randaugment": None, "random_resized_crop_scale": [0.35, 1.0], "hflip": 0.5}
+FMNIST = section("data", dataset="fashion_mnist", image_size=28, channels=1, mean=[0.286], std=[0.353],
+                 in_memory="auto", workers=0)
+TRAIN = section("train", batch_size=64, seed=0, randaugment=None, random_resized_crop_scale=[0.35, 1.0], hflip=0.5)
 
 
 def make_folder(root, classes=("ant", "bee", "cow"), per_class=6, size=(20, 14)):
@@ -31,8 +32,9 @@ def make_folder(root, classes=("ant", "bee", "cow"), per_class=6, size=(20, 14))
 
 
 def folder_params(root, **kw):
-    return {"dataset": "folder", "train_dir": str(root), "val_dir": None, "val_split": 0.25, "split_seed": 0,
-            "image_size": 16, "channels": 3, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "workers": 0, **kw}
+    return section("data", **{"dataset": "folder", "train_dir": str(root), "val_dir": None, "val_split": 0.25,
+                              "split_seed": 0, "image_size": 16, "channels": 3, "mean": [0.5, 0.4, 0.3],
+                              "std": [0.2, 0.25, 0.3], "workers": 0, **kw})
 
 
 def batches(loader, epoch):

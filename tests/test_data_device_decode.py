@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from data import build_loaders
-from data.device_decode import DeviceDecoder, EncodedSource
-from data.images import open_image
+from vit.data import build_loaders
+from vit.data.device_decode import DeviceDecoder, EncodedSource
+from vit.data.images import open_image
+from helpers import section
 from vit.errors import UserError
 
 LEVEL = 1 / 255 / 0.25  # one uint8 level after normalizing with std 0.25
@@ -46,13 +47,13 @@ def make_folder(root, n=5):
 
 
 def params(root, decode, channels=3, workers=0, **kw):
-    return {"dataset": "folder", "train_dir": str(root), "val_dir": None, "val_split": 0.3, "split_seed": 0,
-            "image_size": 16, "channels": channels, "mean": [0.5] * channels, "std": [0.25] * channels,
-            "workers": workers, "in_memory": False, "decode": decode, **kw}
+    return section("data", **{"dataset": "folder", "train_dir": str(root), "val_dir": None, "val_split": 0.3,
+                              "split_seed": 0, "image_size": 16, "channels": channels, "mean": [0.5] * channels,
+                              "std": [0.25] * channels, "workers": workers, "in_memory": False, "decode": decode, **kw})
 
 
 def batches(root, decode, split, channels=3, workers=0):
-    loaders = build_loaders(params(root, decode, channels, workers), {"batch_size": 4, "seed": 3}, "cpu")
+    loaders = build_loaders(params(root, decode, channels, workers), section("train", batch_size=4, seed=3), "cpu")
     assert loaders.report["loader"] == {"workers": "workers", "device": "device-decode"}[decode]
     return list(getattr(loaders, split))
 
@@ -113,8 +114,8 @@ def test_a_corrupt_file_is_dropped_by_name_and_the_rest_of_the_batch_kept(tmp_pa
     make_folder(tmp_path, n=3)
     noisy = jpeg(np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8))
     (tmp_path / "a" / "cut.jpg").write_bytes(noisy[:-400])  # header intact: passes the scan
-    n = build_loaders(params(tmp_path, "device"), {"batch_size": 1, "seed": 0}, "cpu").report["train_files"]
-    loaders = build_loaders(params(tmp_path, "device"), {"batch_size": n, "seed": 0}, "cpu")  # one batch: all
+    n = build_loaders(params(tmp_path, "device"), section("train", batch_size=1, seed=0), "cpu").report["train_files"]
+    loaders = build_loaders(params(tmp_path, "device"), section("train", batch_size=n, seed=0), "cpu")  # one batch: all
     with pytest.warns(UserWarning, match="cut.jpg"):
         (x, y), = list(loaders.train)
     assert loaders.train.skipped == 1 and loaders.report["dropped_at_load"] == 1
@@ -125,7 +126,7 @@ def test_a_corrupt_file_is_dropped_by_name_and_the_rest_of_the_batch_kept(tmp_pa
 @pytest.mark.parametrize("workers", [0, 2])  # inline, and the background thread over worker processes
 def test_stopping_early_and_iterating_again(tmp_path, workers):
     make_folder(tmp_path)
-    loaders = build_loaders(params(tmp_path, "device", workers=workers), {"batch_size": 2, "seed": 0}, "cpu")
+    loaders = build_loaders(params(tmp_path, "device", workers=workers), section("train", batch_size=2, seed=0), "cpu")
     first = next(iter(loaders.train))  # a loop that stops after one batch (NaN stop, Ctrl-C)
     again = list(loaders.train)
     assert len(again) == len(loaders.train) and torch.equal(again[0][0], first[0])
@@ -134,6 +135,6 @@ def test_stopping_early_and_iterating_again(tmp_path, workers):
 @pytest.mark.parametrize("change", [{"dataset": "fashion_mnist"}, {"randaugment": "rand-m9-mstd0.5"}])
 def test_refused_where_it_cannot_apply(tmp_path, change):
     data = {**params(tmp_path, "device"), **{k: v for k, v in change.items() if k == "dataset"}}
-    train = {"batch_size": 2, "seed": 0, **{k: v for k, v in change.items() if k == "randaugment"}}
+    train = section("train", batch_size=2, seed=0, **{k: v for k, v in change.items() if k == "randaugment"})
     with pytest.raises(UserError, match=r'data.decode "device".*set data.decode to "workers"'):
         build_loaders(data, train, "cpu")

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import build_loaders
-from data.folder import scan_folder
-from data.images import BadImage, check_header, open_image
+from vit.data import build_loaders
+from vit.data.folder import scan_folder
+from vit.data.images import BadImage, check_header, open_image
+from helpers import section
 from vit.errors import UserError
 
 
@@ -125,9 +126,9 @@ def test_exif_orientation_applied(tmp_path):
 
 
 def _folder_params(tmp_path, **kw):
-    return {"dataset": "folder", "train_dir": str(tmp_path / "train"), "val_dir": None, "val_split": 0.0,
-            "split_seed": 0, "image_size": 16, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3,
-            "workers": 0, **kw}
+    return section("data", **{"dataset": "folder", "train_dir": str(tmp_path / "train"), "val_dir": None, "val_split": 0.0,
+                              "split_seed": 0, "image_size": 16, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3,
+                              "workers": 0, **kw})
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -139,7 +140,7 @@ def test_folder_policy_counts_every_kind(tmp_path, in_memory, decode):
     n_good, n_files = 6 + 3, 6 + 3 + len(LOAD_BAD)
     with pytest.warns(UserWarning) as caught:
         loaders = build_loaders(_folder_params(tmp_path, in_memory=in_memory, decode=decode),
-                                {"batch_size": n_good if in_memory else n_files, "seed": 0}, "cpu")
+                                section("train", batch_size=n_good if in_memory else n_files, seed=0), "cpu")
     report, messages = loaders.report, [str(w.message) for w in caught]
     assert any(m.startswith(f"skipped {len(SCAN_BAD)} file(s) that are not usable") for m in messages), messages
     assert in_memory == any(m.startswith(f"skipped {len(LOAD_BAD)} image(s) that failed to decode") for m in messages)

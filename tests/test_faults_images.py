@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 import faults_util as fu
-from data.images import open_image
+import helpers
+from vit.data.images import open_image
 
 
 def png_chunk(kind, payload):
@@ -129,11 +130,12 @@ def test_training_on_a_folder_of_bad_and_odd_images_finishes_and_counts(tmp_path
 
 
 def test_the_odd_images_are_trained_on_not_dropped(tmp_path):
-    from data import build_loaders
+    from vit.data import build_loaders
 
     build_folder(tmp_path)
     params = fu.tiny_params(tmp_path, tmp_path / "run")
-    loaders = build_loaders({**params["data"], "in_memory": True}, {**params["train"], "seed": 0}, "cpu")
+    loaders = build_loaders(helpers.section("data", **params["data"], in_memory=True),
+                            helpers.section("train", **params["train"], seed=0), "cpu")
     good = 3 * 16 + len(UNUSUAL)
     report = loaders.report
     assert report["train_files"] + report["val_files"] == good + len(LOAD_BAD)  # truncated pass the header scan

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.fashion_mnist import CLASSES
+from vit.data.fashion_mnist import CLASSES
 from vit import ViTConfig, ViTForImageClassification, ViTModel, commands
 from vit.errors import UserError
 from vit.viz import plots

@@ -29,15 +29,17 @@ def load_model(path, device):
 
 def evaluate(checkpoint, data_dir=None, batch_size=None):
     """Accuracy of a checkpoint on `data_dir` (a folder of class folders), or on the run's own val data."""
-    import data
+    from vit import data
 
     d = distributed.init()
     model, info = load_model(checkpoint, d.device)
-    run_params = info["params"] or P.defaults()  # a pretrained source has no run params
+    run_params = P.defaults()  # a pretrained source has no run params, a run older than a key lacks that key
+    for section, keys in (info["params"] or {}).items():
+        run_params.setdefault(section, {}).update(keys)
     data_params = dict(run_params["data"])
     batch_size = batch_size or run_params["train"]["batch_size"]
     if data_dir:
-        from data.folder import scan_folder
+        from vit.data.folder import scan_folder
 
         # the folder serves as both splits; files are read lazily, and only the val side is iterated
         data_params.update(dataset="folder", train_dir=data_dir, val_dir=data_dir, in_memory=False)
@@ -58,8 +60,8 @@ def evaluate(checkpoint, data_dir=None, batch_size=None):
 
 def predict(checkpoint, images, topk=5):
     """Print the top-k class names with probabilities for each image; 1 when an image could not be read."""
-    from data.images import BadImage, open_image
-    from data.transforms import eval_transform
+    from vit.data.images import BadImage, open_image
+    from vit.data.transforms import eval_transform
 
     device = distributed.init().device
     model, info = load_model(checkpoint, device)
@@ -83,8 +85,8 @@ def predict(checkpoint, images, topk=5):
 def attention(checkpoint, images, out=None, device=None):
     """Write <out>/<image stem>_attention.png per image (default out: <run folder>/attention): the
     rollout overlay, the last layer's heads and the prediction. Returns the paths written."""
-    from data import denormalize
-    from data.images import BadImage
+    from vit.data import denormalize
+    from vit.data.images import BadImage
     from vit.viz import analysis, plots
 
     device = distributed.init().device if device is None else device
@@ -168,8 +170,8 @@ def _default_out(checkpoint_path, name):
 
 def _preprocess(path, info):
     """Decode and eval-transform one image to (1, C, H, W); data.images.BadImage if unreadable."""
-    from data.images import open_image
-    from data.transforms import eval_transform
+    from vit.data.images import open_image
+    from vit.data.transforms import eval_transform
 
     image = open_image(path, info["channels"])
     transform = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
@@ -183,7 +185,7 @@ def _class_name(info, index):
 
 def _image_files(folder):
     """Up to INSPECT_IMAGES image files under folder, spread evenly over its sorted listing (so over classes)."""
-    from data.images import IMAGE_EXTENSIONS
+    from vit.data.images import IMAGE_EXTENSIONS
 
     if not os.path.isdir(folder):
         raise UserError(f"--data-dir {folder} is not a folder; pass a folder of images (class subfolders are fine).")
@@ -201,7 +203,7 @@ def _image_files(folder):
 
 def _folder_images(folder, info):
     """Eval-transformed images from a folder, (n, C, H, W); unreadable files are skipped with a count."""
-    from data.images import BadImage
+    from vit.data.images import BadImage
 
     images, skipped = [], 0
     for path in _image_files(folder):
@@ -220,8 +222,8 @@ def _fashion_mnist_images(info):
     """The embedded default's test images, (n, C, H, W), when the checkpoint was trained on it (same classes); else None."""
     from PIL import Image
 
-    from data.fashion_mnist import CLASSES, load_fashion_mnist
-    from data.transforms import eval_transform
+    from vit.data.fashion_mnist import CLASSES, load_fashion_mnist
+    from vit.data.transforms import eval_transform
 
     if info.get("classes") != CLASSES:
         return None

@@ -9,6 +9,10 @@ Which loader serves a dataset:
 - DeviceDecodeLoader (workers read bytes, the batch is decoded and augmented on the device): folders
   that stay on disk when data.decode is "device".
 train.batch_size is per rank (the DeiT convention): a DDP run sees world_size * batch_size per step.
+
+The sections come validated and complete (vit/train/params.py fills in every default), so each key
+is read as it is; nothing here restates a default. This package imports nothing of the project but
+vit.errors.
 """
 
 import warnings
@@ -18,14 +22,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
-from data.fashion_mnist import load_fashion_mnist
-from data.device_decode import CropPlan, DeviceDecodeLoader, DeviceDecoder, EncodedSource, collate_encoded
-from data.folder import decode_all, record_dropped, scan_folder
-from data.tensor_loader import TensorLoader
-from data.transforms import eval_transform, resize_size, train_transform
-from data.worker_loader import ArraySource, EpochBatchSampler, FileSource, SampleDataset, WorkerLoader
-from vit import params as P
+from vit.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+from vit.data.fashion_mnist import load_fashion_mnist
+from vit.data.device_decode import CropPlan, DeviceDecodeLoader, DeviceDecoder, EncodedSource, collate_encoded
+from vit.data.folder import decode_all, record_dropped, scan_folder
+from vit.data.tensor_loader import TensorLoader
+from vit.data.transforms import eval_transform, resize_size, train_transform
+from vit.data.worker_loader import ArraySource, EpochBatchSampler, FileSource, SampleDataset, WorkerLoader
 from vit.errors import UserError
 
 IN_MEMORY_LIMIT = 2 * 1024**3  # bytes of decoded uint8 images for in_memory "auto"
@@ -43,20 +46,19 @@ class Loaders:
 
 
 def build_loaders(data_params, train_params, device, rank=0, world_size=1):
-    """params.json's data section (+ train batch_size/seed/augmentation) -> Loaders for this rank."""
+    """params.json's data section (+ train batch_size/seed/augmentation, both whole and validated) ->
+    Loaders for this rank."""
     device = torch.device(device)
     channels, image_size = data_params["channels"], data_params["image_size"]
     mean, std = [float(m) for m in data_params["mean"]], [float(s) for s in data_params["std"]]
     if not len(mean) == len(std) == channels:
         raise UserError(f"data.mean {mean} and data.std {std} need one value per channel (data.channels={channels}).")
-    in_memory = data_params.get("in_memory", "auto")
-    randaugment = train_params.get("randaugment")
+    in_memory, randaugment = data_params["in_memory"], train_params["randaugment"]
     if in_memory is True and randaugment:
         raise UserError("train.randaugment needs the worker loader; set data.in_memory to \"auto\" or false, "
                         "or train.randaugment to null.")
     report = {"dropped_at_load": 0, "dropped_files": []}
-    dataset = data_params.get("dataset", "fashion_mnist")
-    decode = data_params.get("decode", "workers")
+    dataset, decode = data_params["dataset"], data_params["decode"]
     if decode == "device" and (dataset != "folder" or randaugment):
         raise UserError("data.decode \"device\" decodes JPEG folders on the training device without PIL; it needs "
                         "data.dataset \"folder\" and train.randaugment null (set data.decode to \"workers\").")
@@ -66,9 +68,8 @@ def build_loaders(data_params, train_params, device, rank=0, world_size=1):
         report.update(train_files=len(train_set[0]), val_files=len(val_set[0]), skipped_at_scan=0, skipped_files=[])
         use_tensor = in_memory is not False and not randaugment  # 55 MB: always fits
     elif dataset == "folder":
-        split = scan_folder(data_params.get("train_dir"), data_params.get("val_dir"),
-                            data_params.get("val_split", 0.1), data_params.get("split_seed", 0),
-                            threads=max(4, data_params.get("workers", 4)))
+        split = scan_folder(data_params["train_dir"], data_params["val_dir"], val_split=data_params["val_split"],
+                            split_seed=data_params["split_seed"], threads=max(4, data_params["workers"]))
         classes, train_set, val_set = split.classes, split.train, split.val
         report.update(split.report)
         decoded_bytes = (len(train_set) + len(val_set)) * channels * resize_size(image_size) ** 2
@@ -77,10 +78,8 @@ def build_loaders(data_params, train_params, device, rank=0, world_size=1):
         raise UserError(f"data.dataset {dataset!r} is not one of \"fashion_mnist\", \"folder\".")
     report["loader"] = "tensor" if use_tensor else "device-decode" if decode == "device" else "workers"
 
-    common = dict(batch_size=train_params["batch_size"], seed=train_params.get("seed", 0),
-                  rank=rank, world_size=world_size)
-    aug_defaults = P.defaults()["train"]  # params.json's own defaults, for callers that pass a partial train section
-    aug = {k: train_params.get(key, aug_defaults[key]) for k, key in (("scale", "random_resized_crop_scale"), ("hflip", "hflip"))}
+    common = dict(batch_size=train_params["batch_size"], seed=train_params["seed"], rank=rank, world_size=world_size)
+    aug = dict(scale=train_params["random_resized_crop_scale"], hflip=train_params["hflip"])
     if use_tensor:
         make = _tensor_loader_factory(dataset, data_params, device, report, common)
     elif decode == "device":
@@ -105,7 +104,7 @@ def _tensor_loader_factory(dataset, data_params, device, report, common):
             x, y = samples
             x = torch.from_numpy(np.array(x))[:, None].expand(-1, channels, -1, -1)
         else:  # decoded once at the eval framing; files that fail are dropped and counted
-            x, y, failed = decode_all(samples, channels, resize_size(image_size), max(4, data_params.get("workers", 4)))
+            x, y, failed = decode_all(samples, channels, resize_size(image_size), max(4, data_params["workers"]))
             if failed:
                 warnings.warn(f"skipped {len(failed)} image(s) that failed to decode: {'; '.join(failed[:5])}")
             record_dropped(report, failed)
@@ -130,7 +129,7 @@ def _worker_loader_factory(dataset, data_params, device, report, common, randaug
             transform = eval_transform(image_size, channels, mean, std)
         sampler = EpochBatchSampler(len(source), shuffle=train, drop_last=train, **common)
         return WorkerLoader(SampleDataset(source, labels, transform), sampler, device=device,
-                            workers=data_params.get("workers", 4), report=report)
+                            workers=data_params["workers"], report=report)
     return make
 
 
@@ -143,7 +142,7 @@ def _device_decode_factory(data_params, device, report, common):
         plan = CropPlan(data_params["image_size"], train, **aug)
         sampler = EpochBatchSampler(len(source), shuffle=train, drop_last=train, **common)
         return DeviceDecodeLoader(SampleDataset(source, [y for _, y in samples], plan), sampler, device=device,
-                                  workers=data_params.get("workers", 4), report=report,
+                                  workers=data_params["workers"], report=report,
                                   collate_fn=collate_encoded, finish=decoder)
     return make
 

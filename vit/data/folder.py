@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from torchvision.transforms import functional as TF
 
-from data.images import IMAGE_EXTENSIONS, BadImage, check_header, open_image
+from vit.data.images import IMAGE_EXTENSIONS, BadImage, check_header, open_image
 from vit.errors import UserError
 
 MAX_LISTED = 20  # file names kept in the report per kind; the counts are always complete
@@ -41,8 +41,9 @@ class FolderSplit:
     report: dict = field(default_factory=dict)
 
 
-def scan_folder(train_dir, val_dir=None, val_split=0.1, split_seed=0, threads=8):
-    """Scan train_dir (and val_dir), apply the policy above, and split when there is no val_dir."""
+def scan_folder(train_dir, val_dir=None, *, val_split=None, split_seed=None, threads=8):
+    """Scan train_dir (and val_dir), apply the policy above, and split when there is no val_dir
+    (then val_split and split_seed say how: data.val_split and data.split_seed)."""
     if not train_dir:
         raise UserError("data.train_dir is not set; point it at a folder with one sub-folder per class.")
     train_classes, train_files, skipped = _scan_root(Path(train_dir), "data.train_dir", threads)
@@ -57,6 +58,7 @@ def scan_folder(train_dir, val_dir=None, val_split=0.1, split_seed=0, threads=8)
         train = [(p, y) for y, c in enumerate(train_classes) for p in train_files[c]]
         val = [(p, y) for y, c in enumerate(train_classes) for p in val_files[c]]
     else:
+        assert val_split is not None and split_seed is not None, "without val_dir, pass val_split and split_seed"
         train, val = _split(train_classes, train_files, val_split, split_seed)
     if skipped:
         listed = "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")

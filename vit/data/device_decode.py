@@ -29,9 +29,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from data.images import BadImage, open_image, probe_jpeg
-from data.transforms import resize_size
-from data.worker_loader import WorkerLoader, split_bad
+from vit.data.images import BadImage, open_image, probe_jpeg
+from vit.data.transforms import resize_size
+from vit.data.worker_loader import WorkerLoader, split_bad
 
 PREFETCH = 2  # batches decoded ahead of the training step
 BICUBIC = InterpolationMode.BICUBIC

@@ -11,14 +11,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from data.sampler import epoch_generator, num_batches, shard_indices, shard_size
-from data.transforms import resize_size
+from vit.data.sampler import epoch_generator, num_batches, shard_indices, shard_size
+from vit.data.transforms import resize_size
 
 
 class TensorLoader:
     """Iterable of (x float (B, C, S, S) normalized, y int64 (B,)) on the device of `images`."""
 
-    def __init__(self, images, labels, *, batch_size, image_size, mean, std, train, seed=0,
+    def __init__(self, images, labels, *, batch_size, image_size, mean, std, train, seed,
                  scale, hflip, rank=0, world_size=1):
         assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[2] == images.shape[3], images.shape
         assert images.shape[1] == len(mean) == len(std), (images.shape, mean, std)

@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from data.folder import record_dropped
-from data.images import BadImage, open_image
-from data.sampler import epoch_generator, num_batches, shard_indices, shard_size
+from vit.data.folder import record_dropped
+from vit.data.images import BadImage, open_image
+from vit.data.sampler import epoch_generator, num_batches, shard_indices, shard_size
 
 
 class FileSource:

@@ -1,10 +1,12 @@
 """Fashion-MNIST as uint8 arrays, read straight from the idx .gz files Debian ships (no image folders).
 
 Source order: /usr/share/datasets/fashion-mnist (Debian package `dataset-fashion-mnist`), else
-torchvision's download into data/cache/. The "val" split is the official 10k test set.
+torchvision's download into ~/.cache/vit/fashion-mnist ($XDG_CACHE_HOME when set), outside the
+installed package. The "val" split is the official 10k test set.
 """
 
 import gzip
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import numpy as np
 from vit.errors import UserError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-CACHE_DIR = Path(__file__).resolve().parent / "cache"
+CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vit" / "fashion-mnist"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 _FILES = {"train": "train", "val": "t10k"}
 
@@ -50,7 +52,7 @@ def load_fashion_mnist(split):
 
 
 def _torchvision_download(split):
-    """Fallback when the Debian package is absent: torchvision's downloader, cached under data/cache/."""
+    """Fallback when the Debian package is absent: torchvision's downloader, cached in CACHE_DIR."""
     from torchvision.datasets import FashionMNIST
     try:
         ds = FashionMNIST(root=str(CACHE_DIR), train=(split == "train"), download=True)
