@@ -35,9 +35,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from vit import checkpoint, commands, distributed, engine, optim
-from vit import params as P
-from vit import precision as precisions
+from vit import commands
+from vit.train import checkpoint, distributed, engine, optim
+from vit.train import params as P
+from vit.train import precision as precisions
 from vit.errors import UserError
 from vit.config import ViTConfig
 from vit.model import ViTForImageClassification

@@ -135,7 +135,7 @@ def _context():
     """The forkserver, preloaded once per test session with everything main.py imports."""
     if not _CTX:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["faults_util", "main", "vit.data", "vit.checkpoint", "vit.loading", "vit.viz.plots",
+        ctx.set_forkserver_preload(["faults_util", "main", "vit.data", "vit.train.checkpoint", "vit.loading", "vit.viz.plots",
                                     "timm.data", "safetensors.torch"])
         _CTX.append(ctx)
     return _CTX[0]
@@ -303,7 +303,7 @@ def _install_hooks():
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     import main
-    from vit import checkpoint
+    from vit.train import checkpoint
     from vit.model import ViTForImageClassification
 
     fault = _Fault()

@@ -46,7 +46,7 @@ def tiny_params(tmp_path, folder, **train):
 def section(name, **keys):
     """params.json's defaults for one section with `keys` changed: the whole section that
     build_loaders takes (it restates no default)."""
-    from vit import params as P
+    from vit.train import params as P
 
     return {**P.defaults()[name], **keys}
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from helpers import make_folder, run_main, tiny_params
-from vit import checkpoint, distributed, engine
-from vit.loading import read_training_checkpoint
 from vit.errors import UserError
+from vit.loading import read_training_checkpoint
+from vit.train import checkpoint, distributed, engine
 
 
 def test_broken_files_are_skipped_and_counted(tmp_path, capsys):

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import faults_util as fu
+from vit import ViTConfig, ViTForImageClassification
 from vit.commands import load_model
 from vit.errors import UserError
-from vit import ViTConfig, ViTForImageClassification
 
 MARKER = "pwned_marker"  # a file the hostile pickles try to create (in the case's folder)
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import faults_util as fu
-from vit import checkpoint
 from vit.commands import load_model
 from vit.loading import read_training_checkpoint
+from vit.train import checkpoint
 
 EPOCHS = 3  # the same tiny run as test_faults_kill, so the session shares one reference run
 

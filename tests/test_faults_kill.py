@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import faults_util as fu
-from vit import checkpoint
 from vit.commands import load_model
 from vit.loading import read_training_checkpoint
+from vit.train import checkpoint
 
 EPOCHS, STEPS = 3, 4  # 36 training images / batch 8 -> 4 steps per epoch; 9 val images -> 2 eval batches
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from helpers import ROOT, run_main
-from vit import optim
-from vit import params as P
-from vit.errors import UserError
 from vit import ViTConfig, ViTForImageClassification
+from vit.errors import UserError
+from vit.train import optim
+from vit.train import params as P
 
 
 def load_with(*overrides):

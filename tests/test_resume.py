@@ -11,8 +11,8 @@ import torch
 
 import main
 from helpers import make_folder, run_main, tiny_params
-from vit import engine
 from vit.loading import read_training_checkpoint
+from vit.train import engine
 
 # dropout, drop path and mixup all draw random numbers: resume must restore or re-derive every stream
 NOISY = dict(epochs=3, mixup=0.4, cutmix=0.4, drop_path=0.2, grad_accum=2, layer_decay=0.9)

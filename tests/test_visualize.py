@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vit.data.fashion_mnist import CLASSES
 from vit import ViTConfig, ViTForImageClassification, ViTModel, commands
+from vit.data.fashion_mnist import CLASSES
 from vit.errors import UserError
 from vit.viz import plots
 from vit.viz.analysis import (

@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from vit import distributed, engine
-from vit import params as P
+from vit.train import distributed, engine
+from vit.train import params as P
 from vit.errors import UserError
 from vit.loading import inference_info
 from vit.model import ViTForImageClassification

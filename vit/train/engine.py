@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vit import distributed
-from vit.checkpoint import set_rng_state
+from vit.train import distributed
+from vit.train.checkpoint import set_rng_state
 from vit.errors import UserError
-from vit.optim import set_lr
-from vit.precision import autocast
+from vit.train.optim import set_lr
+from vit.train.precision import autocast
 
 
 SYNC_EVERY = 10  # training batches between host syncs (progress bar, NaN check)
