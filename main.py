@@ -165,7 +165,8 @@ def train(args):
     # evaluation runs without DDP (ranks may hold one val batch more or less); training through it
     evaluator = torch.compile(model) if t["compile"] else model
     runner = distributed.wrap(evaluator, d)
-    eval_kw = dict(num_classes=K, device=device, d=d, precision=precision, oom_advice=engine.train_oom_advice(t))
+    settings = engine.StepSettings.from_params(t, precision)
+    eval_kw = dict(num_classes=K, d=d, precision=precision, oom_advice=settings.oom_advice)
 
     steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
     base_lr = optim.scaled_lr(t, d.world_size)
@@ -222,8 +223,8 @@ def train(args):
             epoch_start = time.perf_counter()
             try:
                 stats = engine.train_one_epoch(
-                    runner, loaders.train, optimizer, scaler, lr_fn, epoch, train=dict(t, precision=precision), device=device, d=d,
-                    mixup_fn=mixup_fn, start_step=progress["step_in_epoch"], sums=progress["sums"], rng=rng,
+                    runner, loaders.train, optimizer, scaler, lr_fn, epoch, settings=settings, d=d,
+                    start=engine.EpochStart(progress["step_in_epoch"], progress["sums"], rng), mixup_fn=mixup_fn,
                     should_stop=stop, backbone=model.vit if t["freeze_backbone"] else None,
                     desc=f"epoch {epoch + 1}/{t['epochs']}", on_rate=announce_cost)
             except engine.NonFiniteLoss as e:

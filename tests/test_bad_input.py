@@ -105,7 +105,7 @@ def test_nan_between_syncs_stops_at_the_next_sync_and_names_its_first_batch(monk
 
     with pytest.raises(engine.NonFiniteLoss, match=r"became nan at epoch 1, batch 3/25 \(lr 0.001\)"):
         engine.train_one_epoch(model, Loader(), opt, torch.amp.GradScaler("cuda", enabled=False), lambda s: 1e-3, 0,
-                               train=train, device=torch.device("cpu"), d=distributed.Dist())
+                               settings=engine.StepSettings.from_params(train, train["precision"]), d=distributed.Dist())
     assert len(consumed) == engine.SYNC_EVERY + 1  # caught at the first sync after it (batch index 10)
 
 
@@ -127,11 +127,11 @@ def test_out_of_memory_suggests_smaller_batch_or_accumulation():
     loader = [(torch.zeros(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(UserError) as e:
         engine.train_one_epoch(model, loader, opt, torch.amp.GradScaler("cuda", enabled=False), lambda s: 1e-3, 0,
-                               train=train, device=torch.device("cpu"), d=distributed.Dist())
+                               settings=engine.StepSettings.from_params(train, train["precision"]), d=distributed.Dist())
     msg = str(e.value)
     assert "out of memory" in msg and "train.batch_size=64" in msg and "train.grad_accum" in msg
     with pytest.raises(UserError, match="out of memory; pass a smaller --batch-size than 2"):
-        engine.evaluate(model, loader, num_classes=3, device=torch.device("cpu"), d=distributed.Dist(),
+        engine.evaluate(model, loader, num_classes=3, d=distributed.Dist(),
                         oom_advice="pass a smaller --batch-size than 2.")
 
 

@@ -52,7 +52,7 @@ def evaluate(checkpoint, data_dir=None, batch_size=None):
     if model.config.num_labels != len(loaders.classes):  # a source without class names can still disagree in count
         raise UserError(f"checkpoint {checkpoint} has a head for {model.config.num_labels} classes but "
                         f"{data_dir or 'the default dataset'} has {len(loaders.classes)} classes; pass --data-dir with a folder of its classes.")
-    val = engine.evaluate(model, loaders.val, num_classes=len(loaders.classes), device=d.device, d=d,
+    val = engine.evaluate(model, loaders.val, num_classes=len(loaders.classes), d=d,
                           oom_advice=f"pass a smaller --batch-size than {batch_size}.")
     print(" - ".join(f"{k}: {v:.4f}" for k, v in val.items()))
     return 0

@@ -12,6 +12,8 @@ import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -42,11 +44,37 @@ def oom_hint(advice):
         raise UserError(f"CUDA ran out of memory; {advice}") from None
 
 
-def train_oom_advice(train):
-    """What to change in params.json when a training step runs out of memory."""
-    bs, ga = train["batch_size"], train["grad_accum"]
-    return (f"lower train.batch_size={bs} (e.g. --set train.batch_size={max(1, bs // 2)}) and raise "
-            f"train.grad_accum (e.g. {ga * 2}) to keep the same effective batch.")
+@dataclass(frozen=True)
+class StepSettings:
+    """What a training step needs from params' train section, built once per run with the precision
+    resolved (train.precision may say "auto"; vit/train/precision.py decides)."""
+
+    precision: str  # "bf16", "fp16" or "fp32"
+    grad_accum: int
+    clip_grad: Optional[float]  # max global grad norm; None: no clipping
+    label_smoothing: float
+    batch_size: int  # per process: only named in the out-of-memory advice
+
+    @classmethod
+    def from_params(cls, train, precision):
+        return cls(precision, train["grad_accum"], train["clip_grad"], train["label_smoothing"], train["batch_size"])
+
+    @property
+    def oom_advice(self):
+        """What to change in params.json when a training step runs out of memory."""
+        bs, ga = self.batch_size, self.grad_accum
+        return (f"lower train.batch_size={bs} (e.g. --set train.batch_size={max(1, bs // 2)}) and raise "
+                f"train.grad_accum (e.g. {ga * 2}) to keep the same effective batch.")
+
+
+@dataclass(frozen=True)
+class EpochStart:
+    """Where an epoch begins: after `step` optimizer steps (0: at its start), with those steps' running
+    metric sums and the RNG state to restore there; a resumed run's checkpoint holds all three."""
+
+    step: int = 0
+    sums: Optional[dict] = None
+    rng: Optional[dict] = None
 
 
 def loss_fn(logits, targets, label_smoothing):
@@ -65,19 +93,18 @@ def seed_epoch(seed, epoch, rank):
     random.seed(s)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, device, d, mixup_fn=None,
-                    start_step=0, sums=None, rng=None, should_stop=lambda: False, backbone=None, desc="",
-                    on_rate=None):
-    """One pass over `loader`. Returns averages plus `interrupted`, `step_in_epoch` and the raw `sums`.
+def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, settings, d, start=EpochStart(),
+                    mixup_fn=None, should_stop=lambda: False, backbone=None, desc="", on_rate=None):
+    """One pass over `loader` on d.device. Returns averages plus `interrupted`, `step_in_epoch` and the raw `sums`.
 
-    lr_fn(global_step) gives the lr. start_step/sums/rng resume an epoch that was interrupted after
-    start_step optimizer steps. `backbone`, when given, is kept in eval mode (linear probe).
+    lr_fn(global_step) gives the lr; `settings` is a StepSettings. `start` resumes an epoch that was
+    interrupted (an EpochStart). `backbone`, when given, is kept in eval mode (linear probe).
     on_rate(images_per_s), when given, is called once with the speed over batches RATE_AFTER.
     """
-    ga = train["grad_accum"]
+    device, ga = d.device, settings.grad_accum
     n = len(loader)
     steps_per_epoch = math.ceil(n / ga)
-    sums = dict(sums or {"loss": 0.0, "correct": 0.0, "count": 0.0})
+    sums = dict(start.sums or {"loss": 0.0, "correct": 0.0, "count": 0.0})
     # the running sums stay on the device and reach the host every SYNC_EVERY batches (bar, NaN check):
     # a sync per step would leave the GPU idle while the host queues the next step. float64, added in
     # the same order as on the host, so resumed epochs add up bit for bit
@@ -100,16 +127,16 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
     # no partial accumulation carries over: a loader that drops an all-broken last batch yields fewer than
     # len(loader) batches, so `i + 1 == n` below never fires and its gradients would leak into this epoch
     optimizer.zero_grad(set_to_none=True)
-    skip = start_step * ga
+    skip = start.step * ga
     bar = tqdm(total=n, initial=skip, desc=desc, disable=not d.is_main, dynamic_ncols=True, leave=False)
-    step_in_epoch, interrupted = start_step, False
+    step_in_epoch, interrupted = start.step, False
     t0, seen, i = time.time(), 0, skip - 1
-    with bar, oom_hint(train_oom_advice(train)):  # the bar closes on errors too, so an error line starts on a line of its own
+    with bar, oom_hint(settings.oom_advice):  # the bar closes on errors too, so an error line starts on a line of its own
         for i, (x, y) in enumerate(loader):
             if i < skip:
                 continue  # resuming mid-epoch: the loader's order is a pure function of the epoch
-            if i == skip and rng is not None:
-                set_rng_state(rng)  # dropout / drop-path / mixup continue where they stopped
+            if i == skip and start.rng is not None:
+                set_rng_state(start.rng)  # dropout / drop-path / mixup continue where they stopped
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if i % ga == 0:
                 set_lr(optimizer, lr_fn(epoch * steps_per_epoch + i // ga))
@@ -120,19 +147,19 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
             # under DDP, all-reduce gradients only on the micro-step that ends an accumulation
             sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
-                with autocast(device, train["precision"]):
+                with autocast(device, settings.precision):
                     logits = model(x).logits  # (B, num_labels)
-                loss = loss_fn(logits, targets, train["label_smoothing"])
+                loss = loss_fn(logits, targets, settings.label_smoothing)
                 scaler.scale(loss / ga).backward()
             loss = loss.detach().double()
             running += torch.stack([loss * len(y), (logits.argmax(-1) == y).sum().double()])
             fresh = ~torch.isfinite(loss) & (first_bad[0] == 0)
             first_bad.copy_(torch.where(fresh, torch.stack([torch.full_like(loss, i + 1), loss]), first_bad))
             if last_micro:
-                if train["clip_grad"] is not None:
+                if settings.clip_grad is not None:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(
-                        [p for g in optimizer.param_groups for p in g["params"]], train["clip_grad"]
+                        [p for g in optimizer.param_groups for p in g["params"]], settings.clip_grad
                     )
                 scaler.step(optimizer)
                 scaler.update()
@@ -173,14 +200,15 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, train, de
 
 
 @torch.no_grad()
-def evaluate(model, loader, *, num_classes, device, d, precision="fp32", oom_advice="use a smaller batch.",
+def evaluate(model, loader, *, num_classes, d, precision="fp32", oom_advice="use a smaller batch.",
              mistakes=0, denormalize=None):
-    """Loss, accuracy, top-5 (when > 5 classes) and images/s over `loader`; plain CE, no smoothing.
+    """Loss, accuracy, top-5 (when > 5 classes) and images/s over `loader` on d.device; plain CE, no smoothing.
 
     With mistakes > 0, also returns `confusion` (K, K) rows = true class, and up to `mistakes`
     misclassified images as (uint8 HxWxC, true, pred) built with `denormalize(x) -> (B,H,W,C)`.
     """
     model.eval()
+    device = d.device
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, top5, count
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
     wrong = []
