@@ -135,14 +135,14 @@ def _context():
     """The forkserver, preloaded once per test session with everything main.py imports."""
     if not _CTX:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["faults_util", "main", "vit.data", "vit.train.checkpoint", "vit.loading", "vit.viz.plots",
+        ctx.set_forkserver_preload(["faults_util", "vit.cli", "vit.commands", "vit.train.loop", "vit.loading",
                                     "timm.data", "safetensors.torch"])
         _CTX.append(ctx)
     return _CTX[0]
 
 
 def _child_main(args, faults, out_path, err_path):
-    """In the forked process: point fds 1 and 2 at files, install the hooks, run main.main, exit with its code."""
+    """In the forked process: point fds 1 and 2 at files, install the hooks, run the command line's main, exit with its code."""
     for fd, path in ((1, out_path), (2, err_path)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
@@ -302,12 +302,12 @@ def _install_hooks():
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    import main
-    from vit.train import checkpoint
+    from vit import cli
+    from vit.train import checkpoint, loop
     from vit.model import ViTForImageClassification
 
     fault = _Fault()
-    real_save, real_replace, real_history = torch.save, os.replace, main.write_history
+    real_save, real_replace, real_history = torch.save, os.replace, loop.write_history
 
     def save(obj, f, *a, **kw):
         if fault.hit("save"):  # a torn write: half the bytes, then the fault
@@ -348,11 +348,11 @@ def _install_hooks():
 
     torch.save = save
     os.replace = replace
-    main.write_history = write_history
+    loop.write_history = write_history
     register_optimizer_step_post_hook(step_hook)
     ViTForImageClassification.forward = forward
     assert checkpoint.torch is torch  # checkpoint.save reaches torch.save through the module
-    return main
+    return cli
 
 
 if __name__ == "__main__":

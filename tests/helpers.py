@@ -1,4 +1,4 @@
-"""Helpers shared by the tests (no tests here): tiny image folders and params files, running main, closeness.
+"""Helpers shared by the tests (no tests here): tiny image folders and params files, running the command line, closeness.
 
 Everything is tiny (width 32, depth 2, 16x16 images) so that a whole run takes a few seconds on CPU.
 """
@@ -52,10 +52,10 @@ def section(name, **keys):
 
 
 def run_main(argv, capsys):
-    """main.main(argv) in this process; returns (exit code, stdout, stderr)."""
-    import main
+    """The command line (vit.cli.main, what `python main.py` runs) in this process; returns (exit code, stdout, stderr)."""
+    from vit import cli
 
-    code = main.main(argv)
+    code = cli.main(argv)
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -214,7 +214,7 @@ def test_good_checkpoints_still_load(cases, image, tmp_path):
 
 
 def test_real_interpreter_refuses_a_hostile_pickle(cases, image):
-    """The same refusal through a fresh `python main.py` (the forked runner is main.main in a fresh process)."""
+    """The same refusal through a fresh `python main.py` (the forked runner is vit.cli.main in a forked process)."""
     path = str(cases["hostile.pth"])
     r = fu.run_cli(["predict", "--checkpoint", path, image])
     fu.assert_clean_refusal(r, path)

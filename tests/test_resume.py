@@ -9,8 +9,8 @@ import signal
 import pytest
 import torch
 
-import main
 from helpers import make_folder, run_main, tiny_params
+from vit import cli
 from vit.loading import read_training_checkpoint
 from vit.train import engine
 
@@ -37,7 +37,7 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     make_folder(tmp / "images", classes=3, per_class=10)
     torch.set_num_threads(1)
-    assert main.main(["--params", tiny_params(tmp, tmp / "images", **NOISY), "--set", "model.hidden_dropout_prob=0.1"]) == 0
+    assert cli.main(["--params", tiny_params(tmp, tmp / "images", **NOISY), "--set", "model.hidden_dropout_prob=0.1"]) == 0
     return tmp / "run"
 
 

@@ -24,9 +24,9 @@ def trained(tmp_path_factory):
     classes = make_folder(tmp / "images", classes=6, per_class=8)
     params = tiny_params(tmp, tmp / "images", epochs=2, mixup=0.2, cutmix=0.2, layer_decay=0.8)
     torch.set_num_threads(1)
-    import main
+    from vit import cli
 
-    code = main.main(["--params", params])
+    code = cli.main(["--params", params])
     return tmp, classes, params, code
 
 

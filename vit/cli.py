@@ -1,0 +1,122 @@
+"""The command line: `vit`, `python -m vit` and `python main.py` all run `main` here.
+
+    vit                                             # train what params.json says
+    vit --params configs/cpu_smoke.json --set train.epochs=3 train.batch_size=64
+    vit --resume                                    # continue the run in output.dir
+    vit eval --checkpoint runs/fashion_mnist [--data-dir D]
+    vit predict --checkpoint runs/fashion_mnist/best.pt img1.png img2.jpg --topk 5
+    vit attention --checkpoint C img1.png ... [--out DIR]
+    vit inspect --checkpoint C [--data-dir D] [--out DIR]
+    torchrun --nproc_per_node=2 main.py ...         # DDP, same results layout
+
+Training lives in vit/train/loop.py, the other commands in vit/commands.py; this file parses the
+arguments, dispatches, and turns a UserError into one `error: ...` line and exit code 2.
+"""
+
+import os
+
+# OpenMP threads that spin while they wait stall when another process shares the cores (a 2-core
+# CPU with two busy neighbours ran 12x slower); waiting passively costs ~7% on an idle machine.
+# libgomp reads this once, when torch loads it: so here, before anything imports torch (vit/__init__.py
+# imports no torch). A user's setting wins.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+from vit.errors import UserError  # noqa: E402
+
+COMMANDS = ("train", "eval", "predict", "attention", "inspect")
+
+
+def main(argv=None, launched=None):
+    """Run one command; returns its exit code. `launched` is when the process started (a training
+    run's elapsed_s counts from it), else now."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args.launched = time.perf_counter() if launched is None else launched
+    try:
+        return args.run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping: no new save, the last one stands
+        print("interrupted; the last saved checkpoint is kept as it was.", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def parse_args(argv):
+    if not argv or argv[0] not in {*COMMANDS, "-h", "--help"}:
+        argv = ["train", *argv]  # plain `vit [--params ...]` trains
+    parser = argparse.ArgumentParser(prog=_prog(), description="Train and use a Vision Transformer (see params.json).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train what params.json describes (the default command)")
+    p.add_argument("--params", default="params.json", help="params file (default params.json)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override keys, e.g. train.epochs=3")
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from last.pt")
+    p.set_defaults(run=_train)
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a folder or the run's val data")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-dir", default=None, help="folder of class folders (default: the run's own val data)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+    p.set_defaults(run=_eval)
+    p = sub.add_parser("predict", help="top-k classes for images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--topk", type=int, default=5)
+    p.set_defaults(run=_predict)
+    p = sub.add_parser("attention", help="attention-rollout maps for images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default=None)
+    p.set_defaults(run=_attention)
+    p = sub.add_parser("inspect", help="the ViT paper's Figure 7 panels")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None)
+    p.set_defaults(run=_inspect)
+    return parser.parse_args(argv)
+
+
+def _prog():
+    """What the user typed: `python -m vit`, `main.py` or `vit`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "vit"
+    return "python -m vit" if name == "__main__.py" else name
+
+
+# -----------------------------------------------------------------------------
+# dispatch: each imports what its command needs (so `--help` loads no torch) and returns the exit code
+
+
+def _train(args):
+    from vit.train import loop
+
+    return loop.train(args.params, args.set, args.resume, args.launched)
+
+
+def _eval(args):
+    from vit import commands
+
+    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size)
+
+
+def _predict(args):
+    from vit import commands
+
+    return commands.predict(args.checkpoint, args.images, args.topk)
+
+
+def _attention(args):
+    from vit import commands
+
+    commands.attention(args.checkpoint, args.images, args.out)  # it prints each PNG it writes
+    return 0
+
+
+def _inspect(args):
+    from vit import commands
+
+    commands.inspect(args.checkpoint, args.data_dir, args.out)
+    return 0

@@ -1,0 +1,397 @@
+"""The training run: set up from params.json, the epoch loop, each epoch's end and the run's end.
+
+DeiT's main.py in four parts, each one function:
+- `set_up`: params, processes, data, model, optimizer, precision, resume state, the run folder;
+- `run_epochs`: train each epoch (engine.train_one_epoch), stopping cleanly on Ctrl-C / SIGTERM;
+- `end_epoch`: evaluate, record, save best and last, rewrite metrics.jsonl, redraw curves.png;
+- `finish`: the report from the last epoch's evaluation, and the summary line.
+`train` runs them and returns the exit code.
+"""
+
+import functools
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from vit import data
+from vit.config import ViTConfig
+from vit.errors import UserError
+from vit.model import ViTForImageClassification
+from vit.train import checkpoint, distributed, engine, optim
+from vit.train import params as P
+from vit.train import precision as precisions
+from vit.viz import plots
+
+
+def train(params_file="params.json", overrides=(), resume=False, launched=None):
+    """The training run: `params_file` with `--set` overrides, or its continuation from last.pt.
+
+    `launched` is when the process started (elapsed_s counts from it), else now. Returns the exit
+    code: 0, or 128 + the signal that asked it to stop.
+    """
+    run = set_up(params_file, list(overrides), resume, time.perf_counter() if launched is None else launched)
+    with StopRequest() as stop:
+        code, final_val = run_epochs(run, stop)
+    if code == 0:
+        finish(run, final_val)
+    distributed.cleanup(run.d)
+    return code
+
+
+# -----------------------------------------------------------------------------
+# set-up
+
+
+@dataclass
+class Run:
+    """One training run once set up: what its epochs use, and `progress`, what a checkpoint saves."""
+
+    params: dict
+    d: distributed.Dist
+    loaders: data.Loaders
+    model: ViTForImageClassification  # the plain model: saved, and its parameters optimized
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    settings: engine.StepSettings
+    evaluator: torch.nn.Module  # the model, compiled when train.compile; evaluation runs it without DDP
+    runner: torch.nn.Module  # what trains: the evaluator, under DDP when there are several processes
+    lr_fn: Callable  # optimizer step -> lr
+    steps_per_epoch: int
+    mixup_fn: Optional[Callable]
+    # epoch, step, step_in_epoch, sums, best_acc, history (the metrics.jsonl records), precision, elapsed_s
+    progress: dict
+    rng: Optional[dict]  # this rank's RNG state to restore when resuming mid-epoch
+    started: float  # perf_counter() at which the run's elapsed_s was 0 (earlier processes' time included)
+    resume_hint: str  # the command that continues this run
+
+    def path(self, name):
+        return os.path.join(self.params["output"]["dir"], name)
+
+    def save(self, path, **extra):
+        """A checkpoint of the run at `path`: rank 0 writes, the others wait so nobody runs ahead of it."""
+        self.progress["elapsed_s"] = time.perf_counter() - self.started
+        rngs = distributed.gather(checkpoint.rng_state(), self.d)
+        if self.d.is_main:
+            payload = checkpoint.training_payload(self.model, self.optimizer, self.scaler, {**self.progress, **extra},
+                                                  self.params, self.loaders.classes, self.loaders.mean, self.loaders.std, rngs)
+            checkpoint.save(path, payload)
+        distributed.barrier(self.d)
+
+
+def set_up(params_file, overrides, resume, launched):
+    """Everything the epochs need, in the order that keeps runs reproducible, and the run folder."""
+    params = P.load(params_file, overrides)
+    d = distributed.init()
+    t, out, device = params["train"], params["output"]["dir"], d.device
+    last_path = os.path.join(out, checkpoint.LAST)
+    if resume and not os.path.isfile(last_path):
+        raise UserError(f"--resume found no checkpoint at {last_path}; start without --resume or set output.dir.")
+    if not resume and os.path.isfile(last_path):
+        raise UserError(f"{out} already holds a run ({last_path}); pass --resume to continue it or set output.dir to a new folder.")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (the loss, the optimizer)
+        torch.backends.cudnn.allow_tf32 = True
+    engine.seed_epoch(t["seed"], 0, 0)  # model init: the same on every rank (DDP also broadcasts rank 0's)
+
+    loaders = data.build_loaders(params["data"], t, device, d.rank, d.world_size)
+    model = build_model(params, loaders.classes).to(device)
+    if t["freeze_backbone"]:
+        optim.freeze_backbone(model)
+    optimizer = optim.build_optimizer(model, t, device)
+    progress, rng, scaler_state = restore(last_path, model, optimizer, d) if resume else (fresh_progress(), None, None)
+    sample_shape = (t["batch_size"], params["data"]["channels"], params["data"]["image_size"], params["data"]["image_size"])
+    # every rank trains in rank 0's choice (auto times steps, and two ranks could time them differently)
+    precision, why = distributed.gather(precisions.resolve(t["precision"], device, model, sample_shape,
+                                                           saved=progress["precision"]), d)[0]
+    progress["precision"] = precision
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    if scaler_state and scaler.is_enabled():  # empty when saved without fp16: a switch to fp16 starts a fresh scale
+        scaler.load_state_dict(scaler_state)
+    evaluator = torch.compile(model) if t["compile"] else model
+
+    steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
+    base_lr = optim.scaled_lr(t, d.world_size)
+    lr_fn = functools.partial(optim.lr_at, base_lr=base_lr, min_lr=t["min_lr"],
+                              # a short run (--set train.epochs=3) may be shorter than the warm-up: clip it
+                              warmup_steps=min(round(t["warmup_epochs"] * steps_per_epoch), t["epochs"] * steps_per_epoch),
+                              total_steps=t["epochs"] * steps_per_epoch)
+    mixup_fn = None
+    if t["mixup"] > 0 or t["cutmix"] > 0:
+        from timm.data import Mixup
+        mixup_fn = Mixup(mixup_alpha=t["mixup"], cutmix_alpha=t["cutmix"], label_smoothing=t["label_smoothing"],
+                         num_classes=len(loaders.classes))
+    again = (["--params", params_file] if params_file != "params.json" else []) + (["--set", *overrides] if overrides else [])
+    run = Run(params, d, loaders, model, optimizer, scaler, engine.StepSettings.from_params(t, precision), evaluator,
+              distributed.wrap(evaluator, d), lr_fn, steps_per_epoch, mixup_fn, progress, rng,
+              started=launched - progress["elapsed_s"],  # a resumed run's clock goes on where it stopped
+              resume_hint=shlex.join(["python", "main.py", *again, "--resume"]))
+    open_run_folder(run, base_lr, why)
+    return run
+
+
+def build_model(params, classes):
+    """The model params.json describes: a preset and/or explicit sizes, or a pretrained source with a new head."""
+    m, d, t = params["model"], params["data"], params["train"]
+    id2label = dict(enumerate(classes))
+    common = dict(image_size=d["image_size"], drop_path_rate=t["drop_path"], hidden_dropout_prob=m["hidden_dropout_prob"],
+                  attention_probs_dropout_prob=m["attention_probs_dropout_prob"])
+    if m["pretrained"] is not None:
+        # an RGB checkpoint on gray data (or the reverse) gets its patch kernel adapted, said in the load report
+        return ViTForImageClassification.from_pretrained(
+            m["pretrained"], num_labels=len(classes), id2label=id2label, num_channels=d["channels"], **common)
+    sizes = {k: m[k] for k in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "intermediate_size", "layer_norm_eps", "qkv_bias") if m[k] is not None}
+    kw = dict(num_channels=d["channels"], num_labels=len(classes), id2label=id2label, **common, **sizes)
+    if m["preset"] is not None:
+        config = ViTConfig.from_preset(m["preset"], **kw)
+    else:
+        config = ViTConfig(**{"layer_norm_eps": 1e-6, **kw})
+    return ViTForImageClassification(config)
+
+
+def fresh_progress():
+    """A new run's counters (see Run.progress); elapsed_s is the time of the processes before this one."""
+    return {"epoch": 0, "step": 0, "step_in_epoch": 0, "sums": None, "best_acc": -1.0, "history": [],
+            "precision": None, "elapsed_s": 0.0}
+
+
+def restore(last_path, model, optimizer, d):
+    """Resume from last.pt: its counters, this rank's RNG state and the gradient scaler's state."""
+    progress, rngs, scaler_state = checkpoint.resume(last_path, model, optimizer)
+    # each rank continues its own streams and metric sums (another world size cannot be exact anyway)
+    rank = d.rank if d.rank < len(rngs) else 0
+    progress["sums"] = progress["sums"][rank] if progress["sums"] else None
+    print(f"resuming {last_path}: {progress['epoch']} epoch(s) done"
+          + (f", {progress['step_in_epoch']} step(s) into the next" if progress["step_in_epoch"] else ""))
+    return progress, rngs[rank], scaler_state
+
+
+def open_run_folder(run, base_lr, why):
+    """Rank 0: the run folder with the resolved params.json and metrics.jsonl, and the start-up lines."""
+    if not run.d.is_main:
+        return
+    out, t, d, loaders = run.params["output"]["dir"], run.params["train"], run.d, run.loaders
+    try:
+        os.makedirs(out, exist_ok=True)
+        P.save(run.params, os.path.join(out, "params.json"))
+        write_history(run.path("metrics.jsonl"), run.progress["history"])
+    except OSError as e:  # output.dir names an existing file, a folder we may not write, a full disk
+        raise UserError(f"params key output.dir={out!r} cannot hold the run ({e.strerror}); "
+                        f"choose another folder or free space there.") from None
+    print(f"{run.model.num_parameters():,} parameters, {len(loaders.classes)} classes, {len(loaders.train)} batches/epoch, "
+          f"effective batch {t['batch_size'] * t['grad_accum'] * d.world_size}, lr {base_lr:.3g}, "
+          f"data {loaders.report.get('loader')}, run folder {out}")
+    where = f"the CPU, {precisions.thread_note()}" if d.device.type == "cpu" else str(d.device)
+    print(f"training on {where}; precision {run.settings.precision} ({why})")
+
+
+def write_history(path, history):
+    """Rewrite metrics.jsonl atomically from the records the checkpoint carries: one line per
+    finished epoch, no duplicate after a resume and no gap after a kill between save and log."""
+    checkpoint.atomic_write(path, lambda f: f.writelines(json.dumps(h) + "\n" for h in history), mode="w")
+
+
+# -----------------------------------------------------------------------------
+# the epochs
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves at the next optimizer step. A second signal exits at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt  # impatient second Ctrl-C: the last saved checkpoint stays as it is
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the next step, then stopping "
+              f"(send it again to stop without saving).", file=sys.stderr)
+
+    def __call__(self):
+        return self.signum is not None
+
+
+def run_epochs(run, stop):
+    """Train from where the run stands to its last epoch; returns (exit code, the last epoch's
+    evaluation with the report's extras, or None when it ran in an earlier process or not at all)."""
+    t, d, progress, loaders = run.params["train"], run.d, run.progress, run.loaders
+    last_path = run.path(checkpoint.LAST)
+    announced, final_val = [], None
+
+    def announce_cost(rate):  # once per process, a few dozen steps into its first epoch
+        if d.is_main and not announced:
+            announced.append(rate)
+            tqdm.write(cost_line(rate, len(loaders.train) * t["batch_size"] * d.world_size, loaders.report["val_files"],
+                                 t["eval_every"], t["epochs"], t["epochs"] - epoch, d.device, run.settings.precision))
+
+    for epoch in range(progress["epoch"], t["epochs"]):
+        if progress["step_in_epoch"] == 0:
+            engine.seed_epoch(t["seed"], epoch, d.rank)
+            run.rng = None
+        loaders.train.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        try:
+            stats = engine.train_one_epoch(
+                run.runner, loaders.train, run.optimizer, run.scaler, run.lr_fn, epoch, settings=run.settings, d=d,
+                start=engine.EpochStart(progress["step_in_epoch"], progress["sums"], run.rng), mixup_fn=run.mixup_fn,
+                should_stop=stop, backbone=run.model.vit if t["freeze_backbone"] else None,
+                desc=f"epoch {epoch + 1}/{t['epochs']}", on_rate=announce_cost)
+        except engine.NonFiniteLoss as e:
+            kept = (f"the last good checkpoint {last_path} ({progress['epoch']} epoch(s)) is intact"
+                    if os.path.isfile(last_path) else "no checkpoint was saved yet")
+            raise UserError(f"{e}, so training stopped: {kept}; lower train.lr or set train.clip_grad, then resume with --resume.") from None
+        progress["step"] = epoch * run.steps_per_epoch + stats["step_in_epoch"]
+        if stats["interrupted"]:
+            run.save(last_path, step_in_epoch=stats["step_in_epoch"], sums=distributed.gather(stats["sums"], d))
+            print(f"stopped in epoch {epoch + 1} after {stats['step_in_epoch']}/{run.steps_per_epoch} steps; "
+                  f"saved {last_path}. Resume with: {run.resume_hint}")
+            return 128 + (stop.signum or signal.SIGINT), None
+
+        if not announced:  # an epoch too short to measure mid-way
+            announce_cost(stats["images_per_s"])
+        final_val, stopping = end_epoch(run, epoch, stats, epoch_start, stop)
+        if stopping:  # after the last epoch too: resuming then only writes the end-of-run report
+            print(f"stopped after epoch {epoch + 1}; saved {last_path}. Resume with: {run.resume_hint}")
+            return 128 + (stop.signum or signal.SIGINT), None
+    return 0, final_val
+
+
+def end_epoch(run, epoch, stats, epoch_start, stop):
+    """An epoch's end: evaluate (with the report's extras after the last), print and record its line,
+    save best and last, rewrite metrics.jsonl, redraw the curves. Returns (the last epoch's
+    evaluation or None, whether a stop was asked for)."""
+    t, d, progress, loaders = run.params["train"], run.d, run.progress, run.loaders
+    last_path, metrics_path = run.path(checkpoint.LAST), run.path("metrics.jsonl")
+    record = {"epoch": epoch + 1, "loss": stats["loss"], "acc": stats["acc"]}
+    is_last, final_val = epoch + 1 == t["epochs"], None
+    if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
+        # the last epoch's pass also gathers what the end-of-run report shows
+        val = engine.evaluate(run.evaluator, loaders.val, **eval_kw(run, report=is_last))
+        final_val = val if is_last else None
+        record.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "acc", "top5")})
+    now = time.perf_counter()  # epoch_s: this epoch's training + evaluation; elapsed_s: since launch
+    record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped,
+                  epoch_s=round(now - epoch_start, 2), elapsed_s=round(now - run.started, 2))
+    print(epoch_line(record))
+    progress["history"].append(record)
+    progress.update(epoch=epoch + 1, step_in_epoch=0, sums=None)
+    is_best = record.get("val_acc", -1.0) > progress["best_acc"]
+    if is_best:
+        progress["best_acc"] = record["val_acc"]
+    stopping = distributed.any_rank(stop(), d)
+    # best before last: a kill in between redoes this epoch on resume, which rewrites best identically
+    if is_best:
+        run.save(run.path(checkpoint.BEST))
+        if d.is_main:
+            checkpoint.save_hf(run.model, run.path(checkpoint.HF_DIR), loaders.mean, loaders.std)
+    if (epoch + 1) % run.params["output"]["save_every"] == 0 or is_last or stopping:
+        run.save(last_path)
+    if d.is_main:
+        try:
+            write_history(metrics_path, progress["history"])  # after the checkpoint: a line never outlives its epoch's state
+        except OSError as e:  # resuming rebuilds metrics.jsonl from the checkpoint's records
+            then = (f"{last_path} is saved, so free space and resume with --resume" if os.path.isfile(last_path)
+                    else "no checkpoint was saved yet, so free space and start again")
+            raise UserError(f"could not write {metrics_path} ({e.strerror}); {then}.") from None
+        plots.plot_curves(progress["history"], run.path("curves.png"))
+    return final_val, stopping
+
+
+def eval_kw(run, report=False):
+    """engine.evaluate's arguments besides the model and loader; with report=True also the confusion
+    matrix and misclassified images the end-of-run report shows."""
+    kw = dict(num_classes=len(run.loaders.classes), d=run.d, precision=run.settings.precision,
+              oom_advice=run.settings.oom_advice)
+    if report:
+        kw.update(mistakes=max(run.params["output"]["misclassified"], 1),
+                  denormalize=functools.partial(data.denormalize, mean=run.loaders.mean, std=run.loaders.std))
+    return kw
+
+
+def epoch_line(record):
+    """`Epoch : 7 - loss : 0.2399 - acc: 0.9014 - val_loss : 0.9127 - val_acc: 0.6396 [- val_top5: ...]`."""
+    line = f"Epoch : {record['epoch']} - loss : {record['loss']:.4f} - acc: {record['acc']:.4f}"
+    if "val_loss" in record:
+        line += f" - val_loss : {record['val_loss']:.4f} - val_acc: {record['val_acc']:.4f}"
+    if "val_top5" in record:
+        line += f" - val_top5: {record['val_top5']:.4f}"
+    return line
+
+
+def duration(seconds):
+    """'42 s', '3.5 min' or '2.1 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
+
+
+def cost_line(rate, train_images, val_images, eval_every, epochs, epochs_left, device, precision):
+    """What the run will cost, from the measured training speed: evaluation is a forward pass only,
+    about a third of a training step per image."""
+    epoch_s = train_images / rate + val_images / (3 * rate) / eval_every
+    where = f"CPU ({torch.get_num_threads()} threads, {precision})" if device.type == "cpu" else f"{device} ({precision})"
+    left = f" ({duration(epoch_s * epochs_left)} left)" if epochs_left < epochs else ""
+    return (f"speed: {rate:,.0f} images/s on the {where}: ≈ {duration(epoch_s)}/epoch with evaluation, "
+            f"≈ {duration(epoch_s * epochs)} for {epochs} epochs{left}")
+
+
+# -----------------------------------------------------------------------------
+# the end of the run
+
+
+def finish(run, final_val):
+    """The end-of-run report from the last epoch's evaluation, the bad-file count and the summary line."""
+    loaders, d = run.loaders, run.d
+    if loaders.val is not None:
+        if final_val is None:  # resumed after the last epoch: its evaluation ran in the process that stopped
+            final_val = engine.evaluate(run.evaluator, loaders.val, **eval_kw(run, report=True))
+        report(final_val, loaders, run.params["output"]["dir"], run.params["output"]["misclassified"], d)
+    if loaders.report.get("skipped_at_scan") or loaders.report.get("dropped_at_load"):
+        print(f"bad files: {loaders.report.get('skipped_at_scan', 0)} skipped at scan, "
+              f"{loaders.report.get('dropped_at_load', 0)} dropped at load (see warnings above)")
+    if d.is_main:
+        print(summary_line(run.progress["history"], time.perf_counter() - run.started, run.params["output"]["dir"]))
+
+
+def report(val, loaders, out, n_mistakes, d):
+    """End of run: confusion matrix, per-class accuracy (json + printed), misclassified grid."""
+    if not d.is_main:
+        return
+    classes, matrix = loaders.classes, val["confusion"]
+    per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(classes)}
+    with open(os.path.join(out, "per_class_accuracy.json"), "w") as f:
+        json.dump(per_class, f, indent=2)
+    print("per-class accuracy: " + ", ".join(f"{c} {a:.4f}" for c, a in per_class.items()))
+    plots.plot_confusion(matrix, classes, os.path.join(out, "confusion.png"))
+    wrong = val["mistakes"][:n_mistakes]
+    plots.plot_misclassified([img.numpy() for img, _, _ in wrong], [classes[t] for _, t, _ in wrong],
+                             [classes[p] for _, _, p in wrong], os.path.join(out, "misclassified.png"))
+
+
+def summary_line(history, elapsed, out):
+    """The run's end: time, best val_acc and its epoch, and the files in the run folder."""
+    files = [checkpoint.BEST, checkpoint.LAST, checkpoint.HF_DIR + "/", "metrics.jsonl", "curves.png",
+             "confusion.png", "per_class_accuracy.json", "misclassified.png", "params.json"]
+    present = [f for f in files if os.path.exists(os.path.join(out, f))]
+    scored = [h for h in history if "val_acc" in h]
+    best = max(scored, key=lambda h: h["val_acc"], default=None)  # the first of equals, as best.pt keeps it
+    result = f"best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}" if best else "no validation data"
+    return f"done: {len(history)} epochs in {duration(elapsed)}, {result}; in {out}: {', '.join(present)}"
