@@ -1,0 +1,122 @@
+"""The package as installed and as a house: pyproject.toml and requirements.txt agree, the command line
+answers as `python -m vit` and `python main.py`, `import vit` loads no torch, and the imports inside
+vit/ run one way, downward through the layers, without a loop."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from helpers import ROOT, run_subprocess
+
+VIT = os.path.join(ROOT, "vit")
+COMMANDS = ("train", "eval", "predict", "attention", "inspect")
+
+# bottom to top: a module may import only modules of lower layers, and modules of its own subpackage
+LAYERS = ["vit.errors", "vit.config", "vit.resize", "vit.loading", "vit.model", "vit.data", "vit.viz", "vit.train",
+          "vit.commands", "vit.cli", "vit.__main__"]
+# stricter than the layers allow: what each part may import of the project besides itself
+ONLY = {"vit.errors": set(), "vit.config": {"vit.errors"}, "vit.data": {"vit.errors"}, "vit.viz": {"vit.errors"},
+        "vit.resize": {"vit.errors"}}
+
+
+def requirement_names(lines):
+    """Normalised requirement strings ('torch>=2.4,<=2.14.1'), comments and blanks dropped."""
+    return sorted(re.sub(r"\s+", "", line.split("#")[0]).lower() for line in lines if line.split("#")[0].strip())
+
+
+def test_pyproject_and_requirements_list_the_same_packages():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        required = requirement_names(f)
+    declared = requirement_names(project["dependencies"] + project["optional-dependencies"]["test"])
+    assert declared == required, f"pyproject.toml {declared} != requirements.txt {required}"
+    assert project["scripts"]["vit"] == "vit.cli:main"
+
+
+@pytest.mark.parametrize("launcher", [["-m", "vit"], ["main.py"]])
+def test_the_command_line_lists_its_subcommands(launcher):
+    r = run_subprocess([*launcher, "--help"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(name in r.stdout for name in COMMANDS), r.stdout
+
+
+def test_import_vit_loads_no_torch():
+    """The command line sets OMP_WAIT_POLICY before torch loads; `import vit` must leave that to it."""
+    code = ("import sys, vit, vit.cli; assert 'torch' not in sys.modules, 'torch loaded'; "
+            "from vit import ViTConfig, PRESETS, UserError; assert 'torch' not in sys.modules; "
+            "from vit import ViTForImageClassification, ViTModel; print(sorted(vit.__all__))")
+    r = run_subprocess(["-c", code], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ViTForImageClassification" in r.stdout
+
+
+def module_name(path):
+    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    return rel[: -len(".__init__")] if rel.endswith(".__init__") else rel
+
+
+def vit_imports(path):
+    """The project modules a file imports anywhere in it (lazy imports inside functions included)."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "vit"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vit":
+            for a in node.names:  # `from vit import data` names a module, `from vit import UserError` does not
+                sub = f"{node.module}.{a.name}"
+                is_module = os.path.exists(os.path.join(ROOT, *sub.split("."))) or os.path.exists(os.path.join(ROOT, *sub.split(".")) + ".py")
+                found.add(sub if is_module else node.module)
+    return found
+
+
+def part_of(module):
+    """The layer a module belongs to: itself, or the subpackage it sits in."""
+    return next((p for p in LAYERS if module == p or module.startswith(p + ".")), module)
+
+
+def graph():
+    files = [os.path.join(d, f) for d, _, names in os.walk(VIT) for f in names if f.endswith(".py")]
+    return {module_name(p): vit_imports(p) - {module_name(p)} for p in files}
+
+
+def test_imports_run_down_the_layers():
+    wrong = []
+    for module, imports in graph().items():
+        if module == "vit":  # the package's face re-exports config, errors and (lazily) the model
+            continue
+        part = part_of(module)
+        for target in imports:
+            other = part_of(target)
+            if other == part:
+                continue
+            if other not in LAYERS or part not in LAYERS or LAYERS.index(other) >= LAYERS.index(part):
+                wrong.append(f"{module} imports {target} (upward or sideways)")
+            elif part in ONLY and other not in ONLY[part]:
+                wrong.append(f"{module} imports {target} ({part} may import only {sorted(ONLY[part]) or 'nothing'} of the project)")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_loops():
+    g = graph()
+    state = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(g.get(node, ())):
+            if state.get(nxt) == "open":
+                raise AssertionError("import loop: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node, [node])
