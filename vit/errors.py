@@ -1,7 +1,7 @@
 """The one exception type for mistakes a user can make (a bad path, key, value or shape).
 
 Its message is a single sentence that names the file, key or value and says what to do;
-`main.py` prints it without a traceback. Bugs in this project stay ordinary exceptions.
+the command line (vit/cli.py) prints it without a traceback. Bugs in this project stay ordinary exceptions.
 """
 
 

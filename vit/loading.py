@@ -1,4 +1,6 @@
-"""Load pretrained weights into our ViT: Hugging Face folders, timm state-dict files, Google .npz.
+"""Load weights into our ViT: Hugging Face folders, timm state-dict files, Google .npz, and this
+project's own training checkpoints (last.pt / best.pt) and run folders. The only place that reads
+weight files: resume reads last.pt through `read_training_checkpoint` here too.
 
 Every source is first turned into one flat dict of torch tensors under *our* key names (the HF
 names, without the `vit.` prefix) by a rename table plus explicit transpose rules. Then one copy

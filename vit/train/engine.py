@@ -118,7 +118,7 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, settings,
             where = (f"{bad_loss} at epoch {epoch + 1}, batch {int(bad_at)}/{n} "
                      f"(lr {lr_fn(epoch * steps_per_epoch + (int(bad_at) - 1) // ga):.3g})" if bad_at > 0
                      else f"non-finite on another rank in epoch {epoch + 1}, by batch {i + 1}/{n}")
-            raise NonFiniteLoss(f"the training loss became {where}")  # main.py finishes the sentence
+            raise NonFiniteLoss(f"the training loss became {where}")  # vit/train/loop.py finishes the sentence
         sums.update(loss=loss_sum, correct=correct)
 
     model.train()
