@@ -6,6 +6,6 @@ cd "$(dirname "$0")"
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist \
-        || echo "setup: could not install dataset-fashion-mnist; data/ will fall back to torchvision's download."
+        || echo "setup: could not install dataset-fashion-mnist; vit/data will fall back to torchvision's download (into ~/.cache/vit)."
 fi
 python3 -m pip install -q -r requirements.txt
