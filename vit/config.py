@@ -4,6 +4,7 @@ Plain Python, no torch: `vit.train.params` validates presets and the loader read
 through it without building a model. The modules themselves are in `vit/model.py`.
 """
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -20,7 +21,11 @@ PRESETS = {
 }
 PRESET_RE = re.compile(rf"(?:ViT-)?({'|'.join(PRESETS)})/([1-9]\d*)")  # "B/16", "ViT-S/32": size, patch
 # the hidden_act values; vit/model.py maps each to its nn.Module (ACT2FN)
-ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu")
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu")
+# what the head reads (timm's global_pool): the class token, or the mean of the patch tokens
+POOLINGS = ("token", "avg")
+# ViTConfig's fields for the ViT family (DeiT, DINOv2, CLIP, MAE, gap models); all off is the classic ViT
+SWITCHES = ("class_token", "global_pool", "fc_norm", "layer_scale_init", "num_register_tokens", "pre_norm", "distilled", "no_embed_class")
 
 
 @dataclass
@@ -45,6 +50,15 @@ class ViTConfig:
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth (timm's rule)
     use_pre_logits: bool = False  # first in21k release: classify from the pooler (dense + tanh)
     id2label: Optional[dict] = field(default=None, repr=False)  # {int: class name}
+    # the ViT family's switches, timm's names (HF's ViT has none of them): each default is the classic ViT
+    class_token: bool = True  # a learned class token before the patches; off in timm's *_gap_* models
+    global_pool: str = "token"  # what the head reads: "token" (the class token) or "avg" (mean of the patch tokens)
+    fc_norm: bool = False  # the final LayerNorm after pooling instead of before (MAE fine-tuning, some gap models)
+    layer_scale_init: Optional[float] = None  # learned per-channel scale on each residual branch, this at init (DeiT III, DINOv2)
+    num_register_tokens: int = 0  # extra learned tokens after the class token, dropped by the head (DINOv2 with registers)
+    pre_norm: bool = False  # a LayerNorm on the embeddings before the first block, and no patch bias (CLIP)
+    distilled: bool = False  # DeiT's distillation token and second head; the two heads' logits are averaged
+    no_embed_class: bool = False  # position embeddings for the patches only, added before the prefix tokens join (DeiT III)
 
     def __post_init__(self):
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size", "num_channels"):
@@ -66,10 +80,38 @@ class ViTConfig:
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)  # the class names decide the head's size
+        self._check_switches()
+
+    def _check_switches(self):
+        """The ViT-family switches: each of the right type, and no combination the model cannot build."""
+        for name in ("class_token", "fc_norm", "pre_norm", "distilled", "no_embed_class"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name}={getattr(self, name)!r} must be true or false; fix it in the config or the overrides.")
+        if self.global_pool not in POOLINGS:
+            raise UserError(f"global_pool={self.global_pool!r} is not known; choose one of {list(POOLINGS)}.")
+        if not isinstance(self.num_register_tokens, int) or isinstance(self.num_register_tokens, bool) or self.num_register_tokens < 0:
+            raise UserError(f"num_register_tokens={self.num_register_tokens!r} must be 0 or a positive integer.")
+        scale = self.layer_scale_init
+        if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)):
+            raise UserError(f"layer_scale_init={scale!r} must be a number (e.g. 1e-5) or null for no layer scale.")
+        if self.global_pool == "token" and not self.class_token:
+            raise UserError("global_pool='token' needs class_token=True; use global_pool='avg' for a model without a class token.")
+        if self.distilled and (not self.class_token or self.global_pool != "token"):
+            raise UserError("distilled=True needs class_token=True and global_pool='token': DeiT's heads read the class and distillation tokens.")
 
     @property
     def num_patches(self):
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_prefix_tokens(self):
+        """The tokens before the patches (timm's name): class, distillation and register tokens, in that order."""
+        return int(self.class_token) + int(self.distilled) + self.num_register_tokens
+
+    @property
+    def num_pos_prefix_tokens(self):
+        """The prefix tokens that have a position embedding: all of them, or none with no_embed_class."""
+        return 0 if self.no_embed_class else self.num_prefix_tokens
 
     @classmethod
     def from_preset(cls, name, **overrides):

@@ -25,6 +25,14 @@ from vit.errors import UserError
 from vit.loading import load_pretrained
 from vit.resize import resample_pos_embed
 
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with (HF's quick_gelu)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
 # config.hidden_act -> its module, one entry per name in vit.config.ACTIVATIONS
 ACT2FN = {
     "gelu": nn.GELU,
@@ -32,6 +40,7 @@ ACT2FN = {
     "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
     "relu": nn.ReLU,
     "silu": nn.SiLU,
+    "quick_gelu": QuickGELU,
 }
 
 # -----------------------------------------------------------------------------
@@ -46,8 +55,9 @@ class PatchEmbeddings(nn.Module):
         self.image_size = config.image_size
         self.patch_size = config.patch_size
         self.num_channels = config.num_channels
-        self.projection = nn.Conv2d(
-            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        self.projection = nn.Conv2d(  # CLIP's (pre_norm) has no bias: the LayerNorm after it would cancel it
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size,
+            bias=not config.pre_norm,
         )
 
     def forward(self, pixel_values, interpolate_pos_encoding=False):
@@ -71,32 +81,49 @@ class PatchEmbeddings(nn.Module):
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
 
+def prefix_tokens(config, count):
+    """`count` learned tokens, a (1, count, D) parameter; None for none, so no state-dict key."""
+    return nn.Parameter(torch.zeros(1, count, config.hidden_size)) if count else None
+
+
 class ViTEmbeddings(nn.Module):
-    """CLS token + patch tokens + learned position embeddings; the front of timm's VisionTransformer."""
+    """Prefix tokens + patch tokens + learned position embeddings; the front of timm's VisionTransformer.
+
+    The prefix is the class token (HF's cls_token), DeiT's distillation token (HF DeiT's
+    distillation_token) and DINOv2's registers (HF Dinov2WithRegisters' register_tokens), each where
+    its switch is on; config.num_prefix_tokens counts them. The position embeddings cover the prefix
+    and the patches, or with no_embed_class (DeiT III, DINOv2 with registers) the patches only.
+    """
 
     def __init__(self, config):
         super().__init__()
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.cls_token = prefix_tokens(config, int(config.class_token))
+        self.distillation_token = prefix_tokens(config, int(config.distilled))
+        self.register_tokens = prefix_tokens(config, config.num_register_tokens)
         self.patch_embeddings = PatchEmbeddings(config)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches + 1, config.hidden_size))
+        self.num_pos_prefix_tokens = config.num_pos_prefix_tokens  # prefix tokens with a position embedding
+        self.position_embeddings = nn.Parameter(
+            torch.zeros(1, self.num_pos_prefix_tokens + config.num_patches, config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def interpolate_pos_encoding(self, num_tokens, height, width):
+    def interpolate_pos_encoding(self, num_patches, height, width):
         """Position embeddings for a height x width input, resampled as transformers does it (no antialias)."""
-        num_positions = self.position_embeddings.shape[1] - 1
-        if num_tokens - 1 == num_positions and height == width:
+        num_positions = self.position_embeddings.shape[1] - self.num_pos_prefix_tokens
+        if num_patches == num_positions and height == width:
             return self.position_embeddings
         p = self.patch_embeddings.patch_size
-        return resample_pos_embed(self.position_embeddings, (height // p, width // p), antialias=False)
+        return resample_pos_embed(self.position_embeddings, (height // p, width // p), antialias=False,
+                                  num_prefix_tokens=self.num_pos_prefix_tokens)
 
     def forward(self, pixel_values, interpolate_pos_encoding=False):
         B, _, H, W = pixel_values.shape
         x = self.patch_embeddings(pixel_values, interpolate_pos_encoding)  # (B, N, D)
-        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1+N, D)
-        if interpolate_pos_encoding:
-            x = x + self.interpolate_pos_encoding(x.shape[1], H, W)
-        else:
-            x = x + self.position_embeddings
+        pos = self.interpolate_pos_encoding(x.shape[1], H, W) if interpolate_pos_encoding else self.position_embeddings
+        prefix = [t.expand(B, -1, -1) for t in (self.cls_token, self.distillation_token, self.register_tokens) if t is not None]
+        if self.num_pos_prefix_tokens:
+            x = torch.cat(prefix + [x], dim=1) + pos  # (B, prefix+N, D)
+        else:  # positions for the patches only: add them, then the prefix joins (timm's no_embed_class)
+            x = torch.cat(prefix + [x + pos], dim=1)  # (B, prefix+N, D)
         return self.dropout(x)
 
 
@@ -197,23 +224,42 @@ def drop_path(x, p, training):
     return x * keep / (1 - p)
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (CaiT; DeiT III, DINOv2); HF Dinov2's
+    Dinov2LayerScale, timm's LayerScale (whose parameter is `gamma`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), float(config.layer_scale_init)))
+
+    def forward(self, hidden_states):
+        return hidden_states * self.lambda1  # (B, N, D) * (D,)
+
+
+def layer_scale(config):
+    """LayerScale where config.layer_scale_init is set; else Identity, which has no state-dict key."""
+    return LayerScale(config) if config.layer_scale_init is not None else nn.Identity()
+
+
 class ViTLayer(nn.Module):
-    """One pre-norm transformer block; timm's Block."""
+    """One pre-norm transformer block; timm's Block (layer_scale1/2: its ls1/ls2)."""
 
     def __init__(self, config, drop_path_rate=0.0):
         super().__init__()
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = ViTAttention(config)
+        self.layer_scale1 = layer_scale(config)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.intermediate = ViTIntermediate(config)
         self.output = ViTOutput(config)
+        self.layer_scale2 = layer_scale(config)
         self.drop_path_rate = drop_path_rate
 
     def forward(self, hidden_states, output_attentions=False):
         attn, probs = self.attention(self.layernorm_before(hidden_states), output_attentions)
-        hidden_states = hidden_states + drop_path(attn, self.drop_path_rate, self.training)
+        hidden_states = hidden_states + drop_path(self.layer_scale1(attn), self.drop_path_rate, self.training)
         mlp = self.output(self.intermediate(self.layernorm_after(hidden_states)))
-        hidden_states = hidden_states + drop_path(mlp, self.drop_path_rate, self.training)
+        hidden_states = hidden_states + drop_path(self.layer_scale2(mlp), self.drop_path_rate, self.training)
         return hidden_states, probs
 
 
@@ -240,15 +286,15 @@ class ViTEncoder(nn.Module):
 
 
 class ViTPooler(nn.Module):
-    """Dense + tanh on the CLS token; the 'pre_logits' layer of the first in21k release."""
+    """Dense + tanh on the pooled token (the CLS token in HF's ViT); the 'pre_logits' layer of the first in21k release."""
 
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.activation = nn.Tanh()
 
-    def forward(self, hidden_states):
-        return self.activation(self.dense(hidden_states[:, 0]))  # (B, D)
+    def forward(self, pooled):
+        return self.activation(self.dense(pooled))  # (B, D)
 
 
 # -----------------------------------------------------------------------------
@@ -259,10 +305,10 @@ class ViTPooler(nn.Module):
 class ViTModelOutput:
     """The backbone's outputs, named as in transformers' BaseModelOutputWithPooling."""
 
-    last_hidden_state: torch.Tensor  # (B, 1+N, D), after the final layernorm
+    last_hidden_state: torch.Tensor  # (B, prefix+N, D), after the final layernorm (none with fc_norm)
     pooler_output: Optional[torch.Tensor] = None  # (B, D), None without a pooler
     hidden_states: Optional[tuple] = None  # embeddings, then each layer's output (before layernorm)
-    attentions: Optional[tuple] = None  # each layer's softmax probabilities, (B, heads, 1+N, 1+N)
+    attentions: Optional[tuple] = None  # each layer's softmax probabilities, (B, heads, prefix+N, prefix+N)
 
 
 @dataclass
@@ -292,7 +338,9 @@ class PreTrainedViT(nn.Module):
             nn.init.zeros_(module.bias)
         elif isinstance(module, ViTEmbeddings):
             nn.init.trunc_normal_(module.position_embeddings, std=std)
-            nn.init.trunc_normal_(module.cls_token, std=std)
+            for token in (module.cls_token, module.distillation_token, module.register_tokens):
+                if token is not None:
+                    nn.init.trunc_normal_(token, std=std)
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
@@ -322,25 +370,39 @@ class ViTModel(PreTrainedViT):
         super().__init__()
         self.config = config
         self.embeddings = ViTEmbeddings(config)
+        # CLIP normalises the embeddings before the first block (timm's norm_pre)
+        self.norm_pre = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
         self.encoder = ViTEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        # with fc_norm the final norm moves behind the pooling (timm's fc_norm): one or the other has weights
+        self.layernorm = nn.Identity() if config.fc_norm else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fc_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.fc_norm else nn.Identity()
         self.pooler = ViTPooler(config) if add_pooling_layer else None
         self.apply(self._init_weights)
 
+    def pool(self, hidden_states):
+        """(B, D), what a head reads: the class token, or with global_pool='avg' the mean of the patch
+        tokens (prefix tokens left out); then fc_norm where the model has one. timm's pool + fc_norm."""
+        if self.config.global_pool == "avg":
+            x = hidden_states[:, self.config.num_prefix_tokens:].mean(dim=1)
+        else:
+            x = hidden_states[:, 0]
+        return self.fc_norm(x)
+
     def forward(self, pixel_values, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
-        x = self.embeddings(pixel_values, interpolate_pos_encoding)  # (B, 1+N, D)
-        x, hidden, attn = self.encoder(x, output_attentions, output_hidden_states)
+        x = self.embeddings(pixel_values, interpolate_pos_encoding)  # (B, prefix+N, D)
+        x, hidden, attn = self.encoder(self.norm_pre(x), output_attentions, output_hidden_states)
         x = self.layernorm(x)
         return ViTModelOutput(
             last_hidden_state=x,
-            pooler_output=self.pooler(x) if self.pooler is not None else None,
+            pooler_output=self.pooler(self.pool(x)) if self.pooler is not None else None,
             hidden_states=tuple(hidden) if hidden is not None else None,
             attentions=tuple(attn) if attn is not None else None,
         )
 
 
 class ViTForImageClassification(PreTrainedViT):
-    """Backbone + linear head on the CLS token; timm's VisionTransformer with class_token pooling."""
+    """Backbone + linear head on the pooled token; timm's VisionTransformer. Distilled (DeiT), a second
+    head on the distillation token, HF DeiT's distillation_classifier; the two heads' logits are averaged."""
 
     is_classifier = True
 
@@ -356,21 +418,29 @@ class ViTForImageClassification(PreTrainedViT):
         It lands on the backbone's device and dtype, so it can be called on a model already moved."""
         self.config.num_labels = num_labels
         self.config.id2label = id2label
-        like = self.vit.embeddings.cls_token
-        self.classifier = (nn.Linear(self.config.hidden_size, num_labels, device=like.device, dtype=like.dtype)
-                           if num_labels > 0 else nn.Identity())
-        if isinstance(self.classifier, nn.Linear):
-            nn.init.zeros_(self.classifier.weight)
-            nn.init.zeros_(self.classifier.bias)
+        like = self.vit.embeddings.position_embeddings
+        self.classifier = self._fresh_head(num_labels, like)
+        self.distillation_classifier = self._fresh_head(num_labels, like) if self.config.distilled else None
+
+    def _fresh_head(self, num_labels, like):
+        head = nn.Linear(self.config.hidden_size, num_labels, device=like.device, dtype=like.dtype) if num_labels > 0 else nn.Identity()
+        if isinstance(head, nn.Linear):
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        return head
 
     def forward_features(self, pixel_values, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
-        """The backbone's output object; `last_hidden_state` is (B, 1+N, D) after the final layernorm."""
+        """The backbone's output object; `last_hidden_state` is (B, prefix+N, D) after the final layernorm."""
         return self.vit(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)
 
     def forward_head(self, features, pre_logits=False):
         """Logits from the backbone's output; with pre_logits=True, the (B, D) vector the head sees."""
-        x = features.pooler_output if self.vit.pooler is not None else features.last_hidden_state[:, 0]
-        return x if pre_logits else self.classifier(x)
+        x = features.pooler_output if self.vit.pooler is not None else self.vit.pool(features.last_hidden_state)
+        if self.distillation_classifier is None:
+            return x if pre_logits else self.classifier(x)
+        # DeiT: the distillation token (after the class token) has its own head; inference averages the two
+        dist = features.last_hidden_state[:, 1]  # (B, D)
+        return (x + dist) / 2 if pre_logits else (self.classifier(x) + self.distillation_classifier(dist)) / 2
 
     def forward(self, pixel_values, labels=None, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
         features = self.forward_features(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)

@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from vit.errors import UserError
 
 
-def resample_pos_embed(posemb, size, antialias=True):
-    """Bicubic resampling of the patch grid to `size` (an int or (h, w)); the CLS position is kept.
+def resample_pos_embed(posemb, size, antialias=True, num_prefix_tokens=1):
+    """Bicubic resampling of the patch grid to `size` (an int or (h, w)); the positions of the first
+    `num_prefix_tokens` tokens (CLS, ...; 0 with no_embed_class) are kept as they are.
 
     The defaults are timm's resample_abs_pos_embed (used when loading); transformers'
     interpolate_pos_encoding is the same without antialias.
     """
-    cls_pos, patch_pos = posemb[:, :1], posemb[:, 1:]  # (1, 1, D), (1, N, D)
+    cls_pos, patch_pos = posemb[:, :num_prefix_tokens], posemb[:, num_prefix_tokens:]  # (1, prefix, D), (1, N, D)
     old = math.isqrt(patch_pos.shape[1])
     dim = patch_pos.shape[-1]
     patch_pos = patch_pos.float().reshape(1, old, old, dim).permute(0, 3, 1, 2)  # (1, D, old, old)

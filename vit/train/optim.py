@@ -9,7 +9,7 @@ import math
 import torch
 
 # tensors that are >= 2-D but still must not be decayed (they are embeddings, not weights)
-NO_DECAY_NAMES = ("cls_token", "position_embeddings")
+NO_DECAY_NAMES = ("cls_token", "position_embeddings", "distillation_token", "register_tokens")
 
 
 def scaled_lr(train, world_size):
@@ -32,7 +32,7 @@ def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
 
 def layer_id(name, num_layers):
     """0 for the embeddings, i+1 for encoder layer i, num_layers+1 for the final norm, pooler and head."""
-    if name.startswith("vit.embeddings."):
+    if name.startswith(("vit.embeddings.", "vit.norm_pre.")):  # CLIP's pre-norm belongs to the stem, as in timm
         return 0
     if name.startswith("vit.encoder.layer."):
         return int(name.split(".")[3]) + 1
@@ -40,9 +40,9 @@ def layer_id(name, num_layers):
 
 
 def freeze_backbone(model):
-    """Linear probe: only the classifier keeps requires_grad."""
+    """Linear probe: only the classifier (and a distilled model's second head) keeps requires_grad."""
     for name, p in model.named_parameters():
-        p.requires_grad = name.startswith("classifier.")
+        p.requires_grad = name.startswith(("classifier.", "distillation_classifier."))
 
 
 def param_groups(model, weight_decay, layer_decay=None):
