@@ -59,9 +59,12 @@ def test_unrecognised_format(tmp_path):
 
 
 def test_unsupported_variant_key_is_refused_not_dropped(timm_file, tmp_path):
-    state = dict(torch.load(timm_file[1], weights_only=True), **{"blocks.0.ls1.gamma": torch.ones(32)})
-    torch.save(state, tmp_path / "layerscale.pth")
-    raises(["layerscale.pth", "'blocks.0.ls1.gamma'", "no counterpart"], load, tmp_path / "layerscale.pth", num_attention_heads=4)
+    state = dict(torch.load(timm_file[1], weights_only=True), **{"blocks.0.attn.q_norm.weight": torch.ones(8)})
+    torch.save(state, tmp_path / "qknorm.pth")
+    raises(["qknorm.pth", "'blocks.0.attn.q_norm.weight'", "qk-norm", "no counterpart"], load, tmp_path / "qknorm.pth", num_attention_heads=4)
+    state = dict(torch.load(timm_file[1], weights_only=True), **{"blocks.0.attn.extra": torch.ones(8)})
+    torch.save(state, tmp_path / "other.pth")
+    raises(["other.pth", "'blocks.0.attn.extra'", "no counterpart"], load, tmp_path / "other.pth", num_attention_heads=4)
 
 
 @pytest.mark.parametrize("name", ["vit.pth", "vit.safetensors", "vit.npz"])

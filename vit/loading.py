@@ -23,11 +23,12 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from vit.config import ViTConfig
+from vit.config import SWITCHES, ViTConfig
 from vit.errors import UserError
 from vit.resize import adapt_input_channels, resample_patch_kernel, resample_pos_embed
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+HEADS = ("classifier.", "distillation_classifier.")  # a classifier's heads, outside its `vit.` backbone
 # standard head count per width (the paper's Table 1 and DeiT); anything else needs an override
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 
@@ -37,8 +38,15 @@ STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 L = "encoder.layer.\\1."
 TIMM_RENAMES = [
     (r"cls_token", "embeddings.cls_token", None),
+    (r"dist_token", "embeddings.distillation_token", None),  # DeiT distilled
+    (r"reg_token", "embeddings.register_tokens", None),  # DINOv2 with registers
+    (r"register_tokens", "embeddings.register_tokens", None),  # DINOv2's own files, see fold_class_position
+    (r"mask_token", "embeddings.mask_token", None),  # DINOv2's own files: masked pre-training only, so ignored
     (r"pos_embed", "embeddings.position_embeddings", None),
     (r"patch_embed\.proj\.(weight|bias)", "embeddings.patch_embeddings.projection.\\1", None),
+    (r"norm_pre\.(weight|bias)", "norm_pre.\\1", None),  # CLIP
+    (r"blocks\.(\d+)\.ls([12])\.gamma", L + "layer_scale\\2.lambda1", None),  # DeiT III, DINOv2
+    (r"blocks\.(\d+)\.gamma_([12])", L + "layer_scale\\2.lambda1", None),  # DeiT III's own files
     (r"blocks\.(\d+)\.norm1\.(weight|bias)", L + "layernorm_before.\\2", None),
     (r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)", L + "attention.attention.{q,k,v}.\\2", "split_qkv"),
     (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", L + "attention.output.dense.\\2", None),
@@ -46,8 +54,42 @@ TIMM_RENAMES = [
     (r"blocks\.(\d+)\.mlp\.fc1\.(weight|bias)", L + "intermediate.dense.\\2", None),
     (r"blocks\.(\d+)\.mlp\.fc2\.(weight|bias)", L + "output.dense.\\2", None),
     (r"norm\.(weight|bias)", "layernorm.\\1", None),
+    (r"fc_norm\.(weight|bias)", "fc_norm.\\1", None),  # the final norm after pooling (gap models, MAE fine-tuning)
     (r"pre_logits\.fc\.(weight|bias)", "pooler.dense.\\1", None),  # old timm's representation layer
     (r"head\.(weight|bias)", "classifier.\\1", None),
+    (r"head_dist\.(weight|bias)", "distillation_classifier.\\1", None),  # DeiT distilled
+]
+
+# transformers' other ViT-family folders, keyed by model_type: DeiT has ViT's names under `deit.`
+# (WithTeacher's cls_classifier is our classifier); Dinov2 names the block's norms and MLP its own way.
+# Keys these tables don't name are ViT's already and pass through.
+DEIT_RENAMES = [
+    (r"cls_classifier\.(weight|bias)", "classifier.\\1", None),
+    (r"(.+)", "\\1", None),
+]
+DINOV2_RENAMES = [
+    (r"encoder\.layer\.(\d+)\.norm1\.(weight|bias)", L + "layernorm_before.\\2", None),
+    (r"encoder\.layer\.(\d+)\.norm2\.(weight|bias)", L + "layernorm_after.\\2", None),
+    (r"encoder\.layer\.(\d+)\.mlp\.fc1\.(weight|bias)", L + "intermediate.dense.\\2", None),
+    (r"encoder\.layer\.(\d+)\.mlp\.fc2\.(weight|bias)", L + "output.dense.\\2", None),
+    (r"(.+)", "\\1", None),
+]
+
+# model_type -> (the prefix of a classifier's backbone keys, the rename table into our names)
+HF_FAMILY = {
+    "vit": ("vit.", None),
+    "deit": ("deit.", DEIT_RENAMES),
+    "dinov2": ("", DINOV2_RENAMES),
+    "dinov2_with_registers": ("", DINOV2_RENAMES),
+}
+
+# tensors of ViT variants this model has no layout for, refused by name rather than dropped
+UNSUPPORTED = [
+    (r"attn_pool\..*|MAPHead_0/.*", "an attention-pooling head (SigLIP's global_pool='map')"),
+    (r".*\.(q_norm|k_norm)\..*", "qk-norm"),
+    (r".*\.mlp\.(fc1_g|fc1_x|w12|w3|weights_in|weights_out)\..*", "a SwiGLU MLP"),
+    (r".*\.(attn|mlp)\.norm\..*", "a norm inside attention or the MLP (timm's scale_attn_norm / scale_mlp_norm)"),
+    (r"patch_embed\.norm\..*", "a norm after the patch embedding"),
 ]
 
 # Google names after the `params/` or `opt/target/` prefix is stripped. The first release and AugReg
@@ -104,9 +146,13 @@ def rename(state, table, path):
                 out[m.expand(target)] = TRANSPOSES[rule](tensor)
             break
         else:
+            what = next((what for pattern, what in UNSUPPORTED if re.fullmatch(pattern, key)), None)
+            if what is not None:
+                raise UserError(f"checkpoint {path} has tensor {key!r}, part of {what}, which this ViT has no counterpart for; "
+                                f"pass a checkpoint of the plain ViT family (see the README's list).")
             raise UserError(
-                f"checkpoint {path} has tensor {key!r} with no counterpart in a plain ViT; "
-                f"this loader takes plain ViT checkpoints only (no layer-scale, qk-norm or avg-pool variants)."
+                f"checkpoint {path} has tensor {key!r} with no counterpart in this ViT; it takes the plain ViT "
+                f"family only (class/register/distillation tokens, layer scale, pre-norm, fc_norm; see the README)."
             )
     return out
 
@@ -187,12 +233,13 @@ def strip_prefixes(state, prefixes):
 class Source:
     """What a checkpoint path holds: its tensors under our names, the config fields it states, what
     kind of file it is, and what it carries beyond the weights for inference (`extras`: mean and std,
-    a training run's params)."""
+    a training run's params); `notes` are what the reader assumed, for the load report."""
 
     state: dict
     config: dict
     kind: str
     extras: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
 
 def read_hf_folder(path):
@@ -204,11 +251,14 @@ def read_hf_folder(path):
     try:
         with open(config_path) as f:
             hf_config = json.load(f)
-        config = ViTConfig.from_hf_dict(hf_config)
+        config = ViTConfig.from_hf_dict(family_fields(hf_config))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError, ValueError, UserError) as e:
         raise UserError(f"config file {config_path} is not a valid ViT config.json ({e}); re-save it or fix it.") from None
-    if hf_config.get("model_type", "vit") != "vit":
-        raise UserError(f"config file {config_path} is for model_type={hf_config['model_type']!r}, not 'vit'; pass a ViT model folder.")
+    model_type = hf_config.get("model_type", "vit")
+    if model_type not in HF_FAMILY:
+        raise UserError(f"config file {config_path} is for model_type={model_type!r}, not one of {list(HF_FAMILY)}; pass a ViT, DeiT or DINOv2 model folder.")
+    if hf_config.get("use_swiglu_ffn"):
+        raise UserError(f"config file {config_path} has use_swiglu_ffn=true (DINOv2 giant's SwiGLU MLP), which this ViT has no counterpart for; pass a DINOv2 S, B or L folder.")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if os.path.isfile(os.path.join(path, index)):
             try:
@@ -228,9 +278,43 @@ def read_hf_folder(path):
     for name in files:
         file = os.path.join(path, name)
         state.update(tensors_of(read_file(file), file))
-    state = strip_prefixes(state, ("vit.",))
+    prefix, table = HF_FAMILY[model_type]
+    state = strip_prefixes(state, (prefix,)) if prefix else state
+    if table is not None:
+        state = rename(state, table, path)
+    if model_type == "dinov2_with_registers":
+        state = fold_class_position(state)
     return Source(state, config_fields(config, state, path, f"folder {path}: config.json"), "Hugging Face folder",
                   read_normalization(path))
+
+
+def family_fields(hf_config):
+    """transformers' DeiT and Dinov2 config.json bodies in ViTConfig's fields (a ViT one as it is)."""
+    model_type = hf_config.get("model_type", "vit")
+    d = dict(hf_config)
+    if model_type == "deit":
+        d["distilled"] = True  # every DeiT model carries the distillation token, with or without its head
+    elif model_type in ("dinov2", "dinov2_with_registers"):
+        d["intermediate_size"] = int(d.get("hidden_size", 768) * d.get("mlp_ratio", 4))
+        d["layer_scale_init"] = d.get("layerscale_value", 1.0)
+        d["no_embed_class"] = model_type == "dinov2_with_registers"  # see fold_class_position
+    return d
+
+
+def fold_class_position(state):
+    """DINOv2 with registers gives the class token a position but not the registers: add that
+    position to the class token once, leaving positions for the patches only (no_embed_class), as
+    timm's conversion does. Exact: the class token and its position are both constants."""
+    if "embeddings.position_embeddings" not in state or "embeddings.cls_token" not in state:
+        return state  # incomplete: infer_config names what is missing
+    pos = state["embeddings.position_embeddings"]  # (1, 1+N, D)
+    state["embeddings.cls_token"] = state["embeddings.cls_token"] + pos[:, :1]
+    state["embeddings.position_embeddings"] = pos[:, 1:]
+    return state
+
+
+CLIP_NOTE = ("norm_pre (CLIP): layer_norm_eps=1e-5 and hidden_act='gelu' assumed, as in timm's *_clip_* models; "
+             "OpenAI's own weights (timm's *_clip_quickgelu_*) need hidden_act='quick_gelu'")
 
 
 def read_normalization(folder):
@@ -253,8 +337,11 @@ def config_fields(config, state, path, where):
     be "fixed" by resampling or a fresh head."""
     kw = {f.name: getattr(config, f.name) for f in fields(config)}
     for key, value in infer_config(state, path).items():
-        if key != "num_attention_heads" and kw[key] != value:  # heads: the shapes only guess them
-            raise UserError(f"{where} has {key}={kw[key]!r} but the weights have {key}={value!r}; fix the config to match the weights.")
+        stated = kw[key]
+        if key == "layer_scale_init":  # the tensors tell whether there is layer scale, not its init value
+            key, stated, value = "layer scale", stated is not None, value is not None
+        if key not in GUESSED and stated != value:  # heads and pooling: the shapes only guess them
+            raise UserError(f"{where} has {key}={stated!r} but the weights have {key}={value!r}; fix the config to match the weights.")
     return kw
 
 
@@ -265,7 +352,12 @@ def read_state_file(path):
     config = obj["config"] if is_training_checkpoint(obj) else None
     state = strip_prefixes(tensors_of(obj, path), WRAPPER_PREFIXES)
     if "patch_embed.proj.weight" in state:
-        return Source(rename(state, TIMM_RENAMES, path), {"layer_norm_eps": 1e-6}, "timm state dict")
+        renamed = rename(state, TIMM_RENAMES, path)
+        if "register_tokens" in state:  # DINOv2's own naming: its class token has a position, its registers none
+            renamed = fold_class_position(renamed)
+        if "norm_pre.weight" in renamed:  # timm's pre-norm models are the CLIP family, with CLIP's LayerNorm eps
+            return Source(renamed, {"layer_norm_eps": 1e-5}, "timm state dict", notes=[CLIP_NOTE])
+        return Source(renamed, {"layer_norm_eps": 1e-6}, "timm state dict")
     state = strip_prefixes(state, ("vit.",))
     if "embeddings.patch_embeddings.projection.weight" in state:
         if config is None:
@@ -326,14 +418,16 @@ def unstack_scanned_blocks(arrays):
 
 
 def infer_config(state, path):
-    """Width, depth, MLP width, patch, grid and channels from the tensors themselves."""
+    """Width, depth, MLP width, patch, grid and channels from the tensors themselves, and the ViT-family
+    switches from which tensors exist (see infer_switches)."""
     need = ("embeddings.patch_embeddings.projection.weight", "embeddings.position_embeddings", "encoder.layer.0.intermediate.dense.weight")
     for key in need:
         if key not in state:
             raise UserError(f"checkpoint {path} lacks {key!r}, so its architecture cannot be read; pass a complete ViT checkpoint.")
     kernel = state[need[0]]  # (D, C, p, p)
     width, channels, patch = kernel.shape[0], kernel.shape[1], kernel.shape[2]
-    grid = math.isqrt(state[need[1]].shape[1] - 1)
+    switches = infer_switches(state, path)
+    grid = math.isqrt(state[need[1]].shape[1] - (0 if switches["no_embed_class"] else num_prefix(switches)))
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.layer\.(\d+)\.", k)))
     heads = STANDARD_HEADS.get(width)
     kw = dict(
@@ -345,7 +439,48 @@ def infer_config(state, path):
         kw["num_attention_heads"] = heads
     if "classifier.weight" in state:
         kw["num_labels"] = state["classifier.weight"].shape[0]
-    return kw
+    return {**kw, **switches}
+
+
+LAYER_SCALE_FOUND = 1e-5  # the files hold the learned scales, not their init; this stands in for it (DINOv2's)
+GUESSED = ("num_attention_heads", "global_pool")  # fields the tensors cannot pin down
+
+
+def num_prefix(switches):
+    return int(switches["class_token"]) + int(switches["distilled"]) + switches["num_register_tokens"]
+
+
+def infer_switches(state, path):
+    """The ViT-family switches (vit/config.py) from which tensors the file has.
+
+    Only the pooling can hide: a class-token file without fc_norm may be a timm model made with
+    global_pool='avg', fc_norm=False, which saves the same keys. 'token' is assumed there (and 'avg'
+    with fc_norm, timm's default pairing); the load report says so and global_pool= overrides it.
+    """
+    registers = state.get("embeddings.register_tokens")
+    sw = dict(
+        class_token="embeddings.cls_token" in state,
+        distilled="embeddings.distillation_token" in state,
+        num_register_tokens=registers.shape[1] if registers is not None else 0,
+        layer_scale_init=LAYER_SCALE_FOUND if "encoder.layer.0.layer_scale1.lambda1" in state else None,
+        pre_norm="norm_pre.weight" in state,
+        fc_norm="fc_norm.weight" in state,
+    )
+    sw["global_pool"] = "token" if sw["class_token"] and not sw["fc_norm"] else "avg"
+    if sw["pre_norm"] and "embeddings.patch_embeddings.projection.bias" in state:
+        raise UserError(f"checkpoint {path} has both norm_pre and a patch-embedding bias, a pairing this ViT (like timm's) cannot build; "
+                        f"pass a checkpoint with one or the other.")
+    # positions for the prefix tokens too (classic), or for the patches only (no_embed_class): the
+    # patches must fill a square grid. Both can only fit at grids of 3 or less; classic wins there.
+    length, prefix = state["embeddings.position_embeddings"].shape[1], num_prefix(sw)
+    if length > prefix and math.isqrt(length - prefix) ** 2 == length - prefix:
+        sw["no_embed_class"] = False
+    elif prefix and math.isqrt(length) ** 2 == length:
+        sw["no_embed_class"] = True
+    else:
+        raise UserError(f"checkpoint {path} has {length} position embeddings for {prefix} prefix token(s), which leaves no square patch grid; "
+                        f"pass a ViT checkpoint with square images.")
+    return sw
 
 
 # -----------------------------------------------------------------------------
@@ -400,10 +535,11 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     unknown = set(overrides) - {f.name for f in fields(ViTConfig)}
     if unknown:
         raise UserError(f"unknown config override(s) {sorted(unknown)}; use ViTConfig field names such as num_attention_heads.")
-    report = LoadReport(path, source, extras=src.extras)
+    report = LoadReport(path, source, notes=list(src.notes), extras=src.extras)
 
     # the checkpoint's architecture: its config where it has one, else its shapes
-    kw = {**infer_config(state, path), **known}
+    inferred = infer_config(state, path)
+    kw = {**inferred, **known}
     if "num_attention_heads" not in kw and "num_attention_heads" not in overrides:
         raise UserError(
             f"checkpoint {path} has width {kw['hidden_size']}, which has no standard head count; "
@@ -411,7 +547,13 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
         )
     if source == "HF-named state dict":
         report.notes.append("no config in the file: layer_norm_eps is HF's default 1e-12 unless overridden")
-    old_grid = math.isqrt(state["embeddings.position_embeddings"].shape[1] - 1)
+    old_grid = inferred["image_size"] // inferred["patch_size"]
+    file_pos_prefix = 0 if inferred["no_embed_class"] else num_prefix(inferred)
+    if "global_pool" not in known and "global_pool" not in overrides and inferred["class_token"]:
+        other = "avg" if kw["global_pool"] == "token" else "token"
+        report.notes.append(f"pooling: global_pool={kw['global_pool']!r} assumed, as the file cannot tell (a timm model made with "
+                            f"global_pool='avg', fc_norm=False saves a class-token model's keys); pass global_pool={other!r} "
+                            f"(params.json: model.global_pool) if it was trained that way")
     kw.update(overrides)
     if image_size is not None:
         kw["image_size"] = image_size
@@ -419,6 +561,8 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     # the head: keep it when it fits, else a fresh zero one, said out loud
     is_classifier = cls.is_classifier
     head_rows = state["classifier.weight"].shape[0] if "classifier.weight" in state else None
+    if kw.get("distilled") and "distillation_classifier.weight" not in state:
+        head_rows = None  # DeiT's heads come in pairs: a class head alone (DeiTForImageClassification) is not kept
     if num_labels is not None:
         kw["num_labels"] = num_labels
         if num_labels != head_rows and "id2label" not in overrides:
@@ -429,6 +573,9 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     # the first in21k release classifies from its pre_logits (our pooler); a new head sits on the CLS token
     kw["use_pre_logits"] = is_classifier and keep_head and "pooler.dense.weight" in state
     config = ViTConfig(**kw)
+    switched = [f"{f.name}={getattr(config, f.name)!r}" for f in fields(config) if f.name in SWITCHES and getattr(config, f.name) != f.default]
+    if switched:
+        report.notes.append(f"ViT-family switches set: {', '.join(switched)} (see the README's loading section)")
 
     # adapt and resample what the new channel count, patch or image size needs
     kernel_key = "embeddings.patch_embeddings.projection.weight"
@@ -441,17 +588,20 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     new_grid = config.image_size // config.patch_size
     if new_grid != old_grid:
         report.notes.append(f"position embeddings resampled {old_grid}x{old_grid} -> {new_grid}x{new_grid} (bicubic)")
-        state["embeddings.position_embeddings"] = resample_pos_embed(state["embeddings.position_embeddings"], new_grid)
+        state["embeddings.position_embeddings"] = resample_pos_embed(state["embeddings.position_embeddings"], new_grid,
+                                                                     num_prefix_tokens=file_pos_prefix)
 
     model = cls(config)
     if is_classifier:
-        state = {(k if k.startswith("classifier.") else "vit." + k): v for k, v in state.items()}
+        state = {(k if k.startswith(HEADS) else "vit." + k): v for k, v in state.items()}
         if not keep_head and config.num_labels > 0:
             was = f"the checkpoint's head has {head_rows} classes" if head_rows else "the checkpoint has no head"
             report.notes.append(f"new classifier for num_labels={config.num_labels} ({was}): zero-initialised, needs training")
 
-    # the copy loop: only the pooler and the head may start fresh, and a head that does not fit does
-    optional, skip = ("classifier.", "pooler.", "vit.pooler."), () if keep_head else ("classifier.",)
+    # the copy loop: only the pooler, the head and an fc_norm asked for by override (MAE's fine-tuning
+    # recipe) may start fresh, and a head that does not fit does
+    optional = HEADS + ("pooler.", "vit.pooler.", "fc_norm.", "vit.fc_norm.")
+    skip = () if keep_head else HEADS
     report.mapped, report.fresh, report.ignored = copy_weights(model, state, path, optional, skip)
     model.load_report = report
     if source != TRAINING_CHECKPOINT or report.fresh or report.ignored or report.notes:
