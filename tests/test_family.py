@@ -8,7 +8,7 @@ import timm
 import torch
 import transformers
 from google_npz import randomize_
-from helpers import assert_close
+from helpers import assert_close, make_folder, run_main, tiny_params
 
 from vit import UserError, ViTConfig, ViTForImageClassification, ViTModel
 from vit.config import SWITCHES
@@ -293,3 +293,62 @@ def test_impossible_switch_combinations():
     raises(["global_pool='max'"], ViTConfig, global_pool="max")
     raises(["num_register_tokens=-1"], ViTConfig, num_register_tokens=-1)
     raises(["layer_scale_init='small'"], ViTConfig, layer_scale_init="small")
+
+
+# -----------------------------------------------------------------------------
+# params.json fine-tunes them through model.pretrained
+
+
+NULL_SIZES = ["model.patch_size=null", "model.hidden_size=null", "model.num_hidden_layers=null",
+              "model.num_attention_heads=null", "model.intermediate_size=null"]
+
+
+def ti_file(tmp_path, name, image, **kw):
+    """A one-block timm file at ViT-Ti's width (192), whose head count (3) the loader knows without a config."""
+    torch.manual_seed(3)
+    model = randomize_(timm.create_model(name, pretrained=False, embed_dim=192, depth=1, num_heads=3, img_size=image,
+                                         num_classes=0, **kw))
+    torch.save(model.state_dict(), tmp_path / f"{name}.pth")
+    return str(tmp_path / f"{name}.pth")
+
+
+def test_params_fine_tune_dinov2_with_registers(tmp_path, capsys):
+    """A whole run: the switches come from the file, positions are resampled around the prefix, and
+    best_hf carries the switches back."""
+    pretrained = ti_file(tmp_path, "vit_small_patch14_reg4_dinov2", 56)
+    make_folder(tmp_path / "images", classes=3, per_class=6)
+    params = tiny_params(tmp_path, tmp_path / "images", epochs=1, drop_path=0.0)
+    code, out, err = run_main(["--params", params, "--set", f"model.pretrained={pretrained}", "data.image_size=28",
+                               *NULL_SIZES], capsys)
+    assert code == 0, err
+    assert "num_register_tokens=4" in out and "position embeddings resampled 4x4 -> 2x2" in out
+    saved = json.loads((tmp_path / "run" / "best_hf" / "config.json").read_text())
+    assert (saved["num_register_tokens"], saved["no_embed_class"], saved["layer_scale_init"]) == (4, True, 1e-5)
+    again = ViTForImageClassification.from_pretrained(tmp_path / "run" / "best_hf")
+    assert not again.load_report.fresh and not again.load_report.ignored
+
+
+def test_params_global_pool_settles_the_silent_case(tmp_path, capsys):
+    from vit.train import params as P
+    from vit.train.loop import build_model
+
+    pretrained = ti_file(tmp_path, "vit_tiny_patch16_224", 32, global_pool="avg", fc_norm=False)
+    make_folder(tmp_path / "images", classes=3, per_class=2)
+    path = tiny_params(tmp_path, tmp_path / "images")
+    overrides = [f"model.pretrained={pretrained}", "data.image_size=32", *NULL_SIZES]
+    build_model(P.load(path, overrides), ["a", "b", "c"])
+    assert "global_pool='token' assumed" in capsys.readouterr().out
+    model = build_model(P.load(path, overrides + ["model.global_pool=avg"]), ["a", "b", "c"])
+    assert model.config.global_pool == "avg" and "assumed" not in capsys.readouterr().out
+    with pytest.raises(UserError, match="model.global_pool"):
+        P.load(path, overrides + ["model.global_pool=max"])
+
+
+def test_linear_probe_trains_both_distilled_heads(tmp_path):
+    from vit.train import optim
+
+    pretrained = ti_file(tmp_path, "deit_tiny_distilled_patch16_224", 32)
+    model = ViTForImageClassification.from_pretrained(pretrained, num_labels=3)
+    optim.freeze_backbone(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "classifier.weight", "classifier.bias", "distillation_classifier.weight", "distillation_classifier.bias"}

@@ -144,6 +144,8 @@ def build_model(params, classes):
     id2label = dict(enumerate(classes))
     common = dict(image_size=d["image_size"], drop_path_rate=t["drop_path"], hidden_dropout_prob=m["hidden_dropout_prob"],
                   attention_probs_dropout_prob=m["attention_probs_dropout_prob"])
+    if m["global_pool"] is not None:
+        common["global_pool"] = m["global_pool"]
     if m["pretrained"] is not None:
         # an RGB checkpoint on gray data (or the reverse) gets its patch kernel adapted, said in the load report
         return ViTForImageClassification.from_pretrained(

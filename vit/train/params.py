@@ -14,7 +14,7 @@ import os
 import re
 
 from vit.errors import UserError
-from vit.config import PRESET_RE, PRESETS
+from vit.config import POOLINGS, PRESET_RE, PRESETS
 
 NUMBER = (int, float)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -36,6 +36,9 @@ SCHEMA = {
         "intermediate_size": (None, (int, type(None)), ">0"),
         "layer_norm_eps": (None, (int, float, type(None)), ">0"),  # null: 1e-6 (timm), or the checkpoint's
         "qkv_bias": (None, (bool, type(None)), None),
+        # what the head reads: "token" or "avg" (patch mean); null: the checkpoint's, or the class token
+        # from scratch. Set it for a timm avg-pool file the loader can only guess about (its report says)
+        "global_pool": (None, (str, type(None)), POOLINGS),
         "hidden_dropout_prob": (0.0, NUMBER, "[0,1)"),
         "attention_probs_dropout_prob": (0.0, NUMBER, "[0,1)"),
     },
