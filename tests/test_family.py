@@ -2,6 +2,7 @@
 timm or transformers at random init, saved, loaded here through the switches, compared (rel err <= 1e-5)."""
 
 import json
+import os
 
 import pytest
 import timm
@@ -352,3 +353,23 @@ def test_linear_probe_trains_both_distilled_heads(tmp_path):
     optim.freeze_backbone(model)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "classifier.weight", "classifier.bias", "distillation_classifier.weight", "distillation_classifier.bias"}
+
+
+def test_attention_and_inspect_commands_skip_the_prefix_tokens(tmp_path, capsys):
+    """Registers and a distillation token are not patches: the maps still fill the patch grid."""
+    config = ViTConfig(hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=64,
+                       image_size=16, patch_size=4, num_labels=3, num_register_tokens=2, distilled=True, no_embed_class=True)
+    randomize_(ViTForImageClassification(config)).save_pretrained(tmp_path / "model")
+    make_folder(tmp_path / "images", classes=3, per_class=2, size=16)
+    image = str(tmp_path / "images" / "class_0" / "0.png")
+    code, out, err = run_main(["attention", "--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "att"), image], capsys)
+    assert code == 0, err
+    code, out, err = run_main(["inspect", "--checkpoint", str(tmp_path / "model"), "--out", str(tmp_path / "fig7"),
+                               "--data-dir", str(tmp_path / "images")], capsys)
+    assert code == 0, err
+    assert {"position_similarity.png", "attention_distance.png"} <= set(os.listdir(tmp_path / "fig7"))
+    gap = ViTConfig(hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=64,
+                    image_size=16, patch_size=4, num_labels=3, class_token=False, global_pool="avg")
+    randomize_(ViTForImageClassification(gap)).save_pretrained(tmp_path / "gap")
+    code, out, err = run_main(["attention", "--checkpoint", str(tmp_path / "gap"), image], capsys)
+    assert code == 2 and "no class token" in err, err

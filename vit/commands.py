@@ -92,6 +92,10 @@ def attention(checkpoint, images, out=None, device=None):
     device = distributed.init().device if device is None else device
     out_dir = out or _default_out(checkpoint, "attention")
     model, info = load_model(checkpoint, device)
+    if not model.config.class_token:
+        raise UserError(f"checkpoint {checkpoint} has no class token (class_token=false), and the attention maps show the "
+                        f"class token's attention; use a checkpoint with one, or `inspect` for its attention distances.")
+    prefix = model.config.num_prefix_tokens
     written = []
     for path in images:
         try:
@@ -99,8 +103,8 @@ def attention(checkpoint, images, out=None, device=None):
         except BadImage as e:
             raise UserError(f"cannot read image {e}; pass an image file (jpg, png, ...).") from e
         attentions, logits = analysis.attentions_and_logits(model, x)
-        rollout = analysis.cls_rollout_map(attentions)[0].cpu().numpy()  # (gh, gw)
-        heads = analysis.last_layer_cls_attention(attentions)[0].cpu().numpy()  # (heads, gh, gw)
+        rollout = analysis.cls_rollout_map(attentions, num_prefix_tokens=prefix)[0].cpu().numpy()  # (gh, gw)
+        heads = analysis.last_layer_cls_attention(attentions, num_prefix_tokens=prefix)[0].cpu().numpy()  # (heads, gh, gw)
         image = denormalize(x.cpu(), info["mean"], info["std"])[0]  # (H, W, C) uint8, what the model saw
         stem = os.path.splitext(os.path.basename(path))[0]
         if logits is None:
@@ -138,7 +142,8 @@ def inspect(checkpoint, data_dir=None, out=None, device=None):
     written.append(png)
 
     png = os.path.join(out_dir, "position_similarity.png")
-    plots.plot_position_similarity(analysis.position_similarity(embeddings.position_embeddings), png)
+    plots.plot_position_similarity(analysis.position_similarity(embeddings.position_embeddings,
+                                                                num_prefix_tokens=model.config.num_pos_prefix_tokens), png)
     written.append(png)
 
     if data_dir is not None:

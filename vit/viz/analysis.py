@@ -46,16 +46,17 @@ def _grid_shape(num_patches, grid_size):
     return side, side
 
 
-def cls_rollout_map(attentions, grid_size=None):
-    """The CLS row of the rollout over the patch tokens, as a (B, grid_h, grid_w) map."""
+def cls_rollout_map(attentions, grid_size=None, num_prefix_tokens=1):
+    """The CLS row of the rollout over the patch tokens, as a (B, grid_h, grid_w) map; the patches
+    follow the model's num_prefix_tokens (CLS first, then distillation / register tokens)."""
     rollout = attention_rollout(attentions)  # (B, T, T)
-    cls_to_patches = rollout[:, 0, 1:]  # (B, N)
+    cls_to_patches = rollout[:, 0, num_prefix_tokens:]  # (B, N)
     return cls_to_patches.reshape(-1, *_grid_shape(cls_to_patches.shape[1], grid_size))
 
 
-def last_layer_cls_attention(attentions, grid_size=None):
+def last_layer_cls_attention(attentions, grid_size=None, num_prefix_tokens=1):
     """The last layer's CLS attention to the patches, per head: (B, heads, grid_h, grid_w)."""
-    cls_to_patches = attentions[-1][:, :, 0, 1:].float()  # (B, heads, N)
+    cls_to_patches = attentions[-1][:, :, 0, num_prefix_tokens:].float()  # (B, heads, N)
     B, H, N = cls_to_patches.shape
     return cls_to_patches.reshape(B, H, *_grid_shape(N, grid_size))
 
@@ -68,17 +69,18 @@ def patch_distances(grid_size, patch_size):
     return torch.cdist(centres, centres)
 
 
-def mean_attention_distance(attentions, grid_size, patch_size):
+def mean_attention_distance(attentions, grid_size, patch_size, num_prefix_tokens=1):
     """The paper's mean attention distance in pixels, a (layers, heads) tensor.
 
     For each query patch: the distance to every key patch weighted by its attention, averaged
-    over query patches and images. CLS is left out on both sides; the remaining weights of each
-    query are renormalised to sum to one, so attention paid to CLS doesn't count as distance 0.
+    over query patches and images. CLS (all num_prefix_tokens tokens) is left out on both sides; the
+    remaining weights of each query are renormalised to sum to one, so attention paid to CLS doesn't
+    count as distance 0.
     """
     dist = patch_distances(grid_size, patch_size)  # (N, N)
     out = []
     for attn in attentions:
-        a = attn[:, :, 1:, 1:].float()  # (B, heads, N, N), patches only
+        a = attn[:, :, num_prefix_tokens:, num_prefix_tokens:].float()  # (B, heads, N, N), patches only
         a = a / a.sum(dim=-1, keepdim=True)
         per_query = (a * dist.to(a.device)).sum(dim=-1)  # (B, heads, N)
         out.append(per_query.mean(dim=(0, 2)))  # (heads,)
@@ -103,9 +105,10 @@ def embedding_filter_components(weight, n=28):
     return vh[:n].reshape(n, C, p, p).permute(0, 2, 3, 1).numpy()
 
 
-def position_similarity(position_embeddings, grid_size=None):
-    """Cosine similarity between patch position embeddings: (gh, gw, gh, gw); [i, j] is the map of patch (i, j)."""
-    pos = position_embeddings.detach().float().cpu().reshape(-1, position_embeddings.shape[-1])[1:]  # (N, D), no CLS
+def position_similarity(position_embeddings, grid_size=None, num_prefix_tokens=1):
+    """Cosine similarity between patch position embeddings: (gh, gw, gh, gw); [i, j] is the map of patch (i, j).
+    num_prefix_tokens: the positions before the patches' (CLS's; 0 with no_embed_class)."""
+    pos = position_embeddings.detach().float().cpu().reshape(-1, position_embeddings.shape[-1])[num_prefix_tokens:]  # (N, D)
     pos = torch.nn.functional.normalize(pos, dim=-1)
     gh, gw = _grid_shape(pos.shape[0], grid_size)
     return (pos @ pos.T).reshape(gh, gw, gh, gw).numpy()
@@ -131,5 +134,5 @@ def dataset_attention_distance(model, images, device):
     total = 0.0
     for x in images.split(BATCH_SIZE):
         attentions, _ = attentions_and_logits(model, x.to(device))
-        total = total + mean_attention_distance(attentions, grid, patch) * len(x)  # undo the batch mean
+        total = total + mean_attention_distance(attentions, grid, patch, model.config.num_prefix_tokens) * len(x)  # undo the batch mean
     return total / len(images)
