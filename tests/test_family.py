@@ -224,6 +224,38 @@ def test_hf_dinov2_folder(tmp_path, kind):
     assert_close(ours.pool(out.last_hidden_state), ref.pooler_output, "pooled (Dinov2's pooler_output: the class token)")
 
 
+def test_hf_dinov2_at_another_size(tmp_path):
+    """Dinov2 resizes its positions on every call; ours does with interpolate_pos_encoding=True, the same way."""
+    torch.manual_seed(4)
+    theirs = transformers.Dinov2Model(transformers.Dinov2Config(**hf_kw(image_size=56, patch_size=14)))
+    randomize_(theirs).eval().save_pretrained(tmp_path)
+    ours = ViTModel.from_pretrained(tmp_path).eval()
+    for size in (84, 42):
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            assert_close(ours(x, interpolate_pos_encoding=True).last_hidden_state, theirs(pixel_values=x).last_hidden_state,
+                         f"last_hidden_state at {size}x{size}")
+
+
+def test_mae_fine_tuning_recipe(tmp_path):
+    """MAE's own fine-tuning: avg pooling with a fresh fc_norm, the pre-training file's final norm unused."""
+    mae = tiny_timm("vit_base_patch16_224.mae", 64, classes=0)
+    torch.save(mae.state_dict(), tmp_path / "mae.pth")
+    ours = ViTForImageClassification.from_pretrained(tmp_path / "mae.pth", num_attention_heads=HEADS, global_pool="avg",
+                                                     fc_norm=True, num_labels=3).eval()
+    rep = ours.load_report
+    assert rep.fresh == ["vit.fc_norm.weight", "vit.fc_norm.bias", "classifier.weight", "classifier.bias"]
+    assert rep.ignored == ["vit.layernorm.bias", "vit.layernorm.weight"]
+    ref = timm.create_model("vit_base_patch16_224.mae", pretrained=False, embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS,
+                            img_size=64, num_classes=3, global_pool="avg").eval()  # fc_norm at its init: ones, zeros
+    missing, unexpected = ref.load_state_dict(mae.state_dict(), strict=False)
+    assert set(missing) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"} and set(unexpected) == {"norm.weight", "norm.bias"}
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True),
+                     ref.forward_head(ref.forward_features(x), pre_logits=True), "pre-logits")
+
+
 def test_hf_deit_with_teacher_folder(tmp_path):
     torch.manual_seed(2)
     id2label = {i: f"c{i}" for i in range(CLASSES)}
@@ -277,6 +309,17 @@ def test_variants_that_do_not_fit_are_refused(tmp_path, name, kw, words):
     torch.save(tiny_timm(name, 32, **kw).state_dict(), tmp_path / "m.pth")
     raises([str(tmp_path / "m.pth"), "no counterpart", *words], ViTForImageClassification.from_pretrained,
            tmp_path / "m.pth", num_attention_heads=HEADS)
+
+
+def test_packed_swiglu_is_refused(tmp_path):
+    from timm.layers import SwiGLUPacked
+    from timm.models.vision_transformer import VisionTransformer
+
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=WIDTH, depth=1, num_heads=HEADS, mlp_layer=SwiGLUPacked,
+                              act_layer=torch.nn.SiLU, num_classes=3)
+    torch.save(model.state_dict(), tmp_path / "swiglu.pth")
+    raises(["swiglu.pth", "packed SwiGLU", "no counterpart"], ViTForImageClassification.from_pretrained,
+           tmp_path / "swiglu.pth", num_attention_heads=HEADS)
 
 
 def test_hf_folders_that_do_not_fit_are_refused(tmp_path):

@@ -426,6 +426,10 @@ def infer_config(state, path):
             raise UserError(f"checkpoint {path} lacks {key!r}, so its architecture cannot be read; pass a complete ViT checkpoint.")
     kernel = state[need[0]]  # (D, C, p, p)
     width, channels, patch = kernel.shape[0], kernel.shape[1], kernel.shape[2]
+    fc2 = state.get("encoder.layer.0.output.dense.weight")  # (D, intermediate)
+    if fc2 is not None and fc2.shape[1] != state[need[2]].shape[0]:
+        raise UserError(f"checkpoint {path} has an MLP whose first layer gives {state[need[2]].shape[0]} features and whose second takes "
+                        f"{fc2.shape[1]}: a packed SwiGLU MLP (timm's SwiGLUPacked), which this ViT has no counterpart for.")
     switches = infer_switches(state, path)
     grid = math.isqrt(state[need[1]].shape[1] - (0 if switches["no_embed_class"] else num_prefix(switches)))
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.layer\.(\d+)\.", k)))
