@@ -289,6 +289,20 @@ def test_hf_deit_backbone_into_classifier_gets_fresh_heads(tmp_path):
         assert_close(backbone(x).pooler_output, ref.pooler_output, "DeiT's pooler")
 
 
+def test_hf_deit_single_head_folder_gets_fresh_heads(tmp_path, capsys):
+    """DeiTForImageClassification reads the class token alone beside a distillation token: its head is not
+    half of our pair, so both start fresh (said), and the backbone is still exact."""
+    theirs = transformers.DeiTForImageClassification(transformers.DeiTConfig(
+        **hf_kw(intermediate_size=64, image_size=32, patch_size=8, num_labels=3)))
+    randomize_(theirs).eval().save_pretrained(tmp_path)
+    ours = ViTForImageClassification.from_pretrained(tmp_path).eval()
+    assert "no distillation head beside it" in capsys.readouterr().out
+    assert ours.load_report.ignored == ["classifier.bias", "classifier.weight"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(ours.forward_features(x).last_hidden_state, theirs.deit(pixel_values=x).last_hidden_state, "last_hidden_state")
+
+
 # -----------------------------------------------------------------------------
 # what still does not fit is refused in one sentence
 

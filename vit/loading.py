@@ -388,7 +388,8 @@ def read_npz(path):
         raise UserError(f"{path} is not a recognised Google ViT .npz (no embedding/kernel); pass a ViT checkpoint.")
     arrays = unstack_scanned_blocks(arrays)
     state = rename({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}, NPZ_RENAMES, path)
-    kw = {"layer_norm_eps": 1e-6}
+    # Google's ViTs have a class token only to pool with it (big_vision's pool_type='tok'); else they pool by the mean
+    kw = {"layer_norm_eps": 1e-6, "global_pool": "token" if "embeddings.cls_token" in state else "avg"}
     query = arrays.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel")
     if query is None:
         query = arrays.get("Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel")
@@ -554,10 +555,11 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     old_grid = inferred["image_size"] // inferred["patch_size"]
     file_pos_prefix = 0 if inferred["no_embed_class"] else num_prefix(inferred)
     if "global_pool" not in known and "global_pool" not in overrides and inferred["class_token"]:
+        why = ("timm pairs fc_norm with avg pooling, but fc_norm=True with token pooling saves the same keys" if inferred["fc_norm"]
+               else "a timm model made with global_pool='avg', fc_norm=False saves a class-token model's keys")
         other = "avg" if kw["global_pool"] == "token" else "token"
-        report.notes.append(f"pooling: global_pool={kw['global_pool']!r} assumed, as the file cannot tell (a timm model made with "
-                            f"global_pool='avg', fc_norm=False saves a class-token model's keys); pass global_pool={other!r} "
-                            f"(params.json: model.global_pool) if it was trained that way")
+        report.notes.append(f"pooling: global_pool={kw['global_pool']!r} assumed, as the file cannot tell ({why}); "
+                            f"pass global_pool={other!r} (params.json: model.global_pool) if it was trained that way")
     kw.update(overrides)
     if image_size is not None:
         kw["image_size"] = image_size
@@ -565,8 +567,10 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     # the head: keep it when it fits, else a fresh zero one, said out loud
     is_classifier = cls.is_classifier
     head_rows = state["classifier.weight"].shape[0] if "classifier.weight" in state else None
-    if kw.get("distilled") and "distillation_classifier.weight" not in state:
-        head_rows = None  # DeiT's heads come in pairs: a class head alone (DeiTForImageClassification) is not kept
+    if kw.get("distilled") and head_rows is not None and "distillation_classifier.weight" not in state:
+        # DeiT's heads come in pairs here: a class head alone (DeiTForImageClassification's) is not kept
+        report.notes.append("the checkpoint's class head has no distillation head beside it, so both heads start fresh")
+        head_rows = None
     if num_labels is not None:
         kw["num_labels"] = num_labels
         if num_labels != head_rows and "id2label" not in overrides:
