@@ -23,7 +23,6 @@ if ROOT not in sys.path:
 from vit import PRESETS, ViTConfig, ViTForImageClassification  # noqa: E402
 
 IMPLS = ("ours", "timm", "hf")
-TIMM_NAMES = {"Ti": "vit_tiny_patch16_224", "S": "vit_small_patch16_224", "B": "vit_base_patch16_224", "L": "vit_large_patch16_224"}
 
 
 class Logits(nn.Module):
@@ -37,21 +36,26 @@ class Logits(nn.Module):
         return self.model(x).logits
 
 
-def build_model(impl, preset, image_size=224, num_labels=1000, num_channels=3):
-    """One of the three implementations at a paper size, randomly initialised (no hub, ever)."""
+def sizes_of(preset):
+    """'B/16' -> the (width, depth, heads, mlp, patch) that build_model also takes directly."""
     size, patch = preset.split("/")
-    width, depth, heads, mlp = PRESETS[size]
+    return (*PRESETS[size], int(patch))
+
+
+def build_model(impl, preset, image_size=224, num_labels=1000, num_channels=3):
+    """One of the three implementations, randomly initialised (no hub, ever): at a paper size ('B/16')
+    or at explicit (width, depth, heads, mlp, patch), e.g. a params.json model."""
+    width, depth, heads, mlp, patch = sizes_of(preset) if isinstance(preset, str) else preset
     if impl == "ours":
-        config = ViTConfig.from_preset(preset, image_size=image_size, num_labels=num_labels, num_channels=num_channels)
+        config = ViTConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp,
+                           patch_size=patch, layer_norm_eps=1e-6, image_size=image_size, num_labels=num_labels,
+                           num_channels=num_channels)
         return Logits(ViTForImageClassification(config))
     if impl == "timm":
-        import timm
+        from timm.models.vision_transformer import VisionTransformer
 
-        # timm's names are for patch 16 at 224; img_size/patch_size override both
-        return timm.create_model(
-            TIMM_NAMES[size], pretrained=False, img_size=image_size, patch_size=int(patch),
-            num_classes=num_labels, in_chans=num_channels,
-        )
+        return VisionTransformer(img_size=image_size, patch_size=patch, in_chans=num_channels, num_classes=num_labels,
+                                 embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=mlp / width)
     if impl == "hf":
         import transformers
 
@@ -64,9 +68,9 @@ def build_model(impl, preset, image_size=224, num_labels=1000, num_channels=3):
     raise ValueError(f"unknown implementation {impl!r}; choose from {IMPLS}")
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; plain fp32 on the CPU (a disabled context)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast(device, precision=None):
+    """bf16 autocast on CUDA; on the CPU plain fp32 unless precision="bf16" asks for it there too."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or precision == "bf16")
 
 
 def make_optimizer(model, device):
@@ -74,9 +78,9 @@ def make_optimizer(model, device):
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=device.type == "cuda")
 
 
-def train_step(model, opt, x, y, device):
+def train_step(model, opt, x, y, device, precision=None):
     """Forward, loss, backward and optimizer step: what one training iteration costs."""
-    with autocast(device):
+    with autocast(device, precision):
         loss = F.cross_entropy(model(x).float(), y)
     loss.backward()
     opt.step()
