@@ -14,12 +14,14 @@ config and the paper's presets live in `vit/config.py`, checkpoint loading in `v
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from vit.errors import UserError
 from vit.loading import load_pretrained
@@ -272,12 +274,21 @@ class ViTEncoder(nn.Module):
         depth = config.num_hidden_layers
         rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.layer = nn.ModuleList(ViTLayer(config, r) for r in rates)
+        self.gradient_checkpointing = False  # set through the model's gradient_checkpointing_enable()
+        self._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+
+    def run_block(self, block, hidden_states, output_attentions=False):
+        """One block, recomputed in the backward pass instead of keeping its activations when
+        gradient checkpointing is on (the RNG state is replayed, so dropout and drop path agree)."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, hidden_states, output_attentions)
+        return block(hidden_states, output_attentions)
 
     def forward(self, hidden_states, output_attentions=False, output_hidden_states=False):
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attn = [] if output_attentions else None
         for block in self.layer:
-            hidden_states, probs = block(hidden_states, output_attentions)
+            hidden_states, probs = self.run_block(block, hidden_states, output_attentions)
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             if output_attentions:
@@ -310,6 +321,10 @@ class ViTModelOutput:
     hidden_states: Optional[tuple] = None  # embeddings, then each layer's output (before layernorm)
     attentions: Optional[tuple] = None  # each layer's softmax probabilities, (B, heads, prefix+N, prefix+N)
 
+    def to_tuple(self):
+        """The fields that are not None, in order: transformers' ModelOutput.to_tuple()."""
+        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
+
 
 @dataclass
 class ImageClassifierOutput:
@@ -320,9 +335,35 @@ class ImageClassifierOutput:
     hidden_states: Optional[tuple] = None
     attentions: Optional[tuple] = None
 
+    to_tuple = ViTModelOutput.to_tuple
+
+
+# torch.export and torch.compile see through the outputs to their tensors (transformers registers its
+# ModelOutput the same way). torch.jit.trace takes only tensors and tuples: while tracing, the models
+# return to_tuple() instead (what transformers returns with torchscript=True).
+for _output in (ViTModelOutput, ImageClassifierOutput):
+    torch.export.register_dataclass(_output, serialized_type_name=f"vit.model.{_output.__name__}")
+
+
+def take_indices(depth, indices):
+    """timm's feature_take_indices: None -> every block, an int n -> the last n, a list -> those
+    (negative from the end). Returns the absolute indices, in the order given, and the largest."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise UserError(f"indices={indices} asks for the last {indices} blocks but the model has {depth}; pass 1 to {depth}.")
+        take = list(range(depth - indices, depth))
+    else:
+        take = [depth + i if i < 0 else i for i in indices]
+        bad = [i for i, t in zip(indices, take) if not 0 <= t < depth]
+        if bad or not take:
+            raise UserError(f"indices={list(indices)} must name blocks 0 to {depth - 1} (or -{depth} to -1); the model has {depth}.")
+    return take, max(take)
+
 
 class PreTrainedViT(nn.Module):
-    """What both models share: weight init, parameter count, saving and loading."""
+    """What both models share: weight init, parameter count, gradient checkpointing, saving and loading."""
 
     is_classifier = False  # the loader keys a classifier's backbone under `vit.` and fits its head
 
@@ -344,6 +385,25 @@ class PreTrainedViT(nn.Module):
 
     def num_parameters(self):
         return sum(p.numel() for p in self.parameters())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Recompute each block in the backward pass instead of keeping its activations (HF's name;
+        timm's set_grad_checkpointing): less memory for about one more forward pass per step. The
+        kwargs go to torch.utils.checkpoint.checkpoint (non-reentrant by default)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for module in self.modules():
+            if isinstance(module, ViTEncoder):
+                module.gradient_checkpointing = True
+                module._gradient_checkpointing_func = partial(checkpoint, **kwargs)
+
+    def gradient_checkpointing_disable(self):
+        for module in self.modules():
+            if isinstance(module, ViTEncoder):
+                module.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self):
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
     def save_pretrained(self, directory):
         """Write config.json and model.safetensors, a folder transformers' from_pretrained reads."""
@@ -388,7 +448,8 @@ class ViTModel(PreTrainedViT):
             x = hidden_states[:, 0]
         return self.fc_norm(x)
 
-    def forward(self, pixel_values, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
+    def forward_features(self, pixel_values, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
+        """The outputs as a ViTModelOutput, always (forward returns a tuple while torch.jit.trace runs)."""
         x = self.embeddings(pixel_values, interpolate_pos_encoding)  # (B, prefix+N, D)
         x, hidden, attn = self.encoder(self.norm_pre(x), output_attentions, output_hidden_states)
         x = self.layernorm(x)
@@ -398,6 +459,54 @@ class ViTModel(PreTrainedViT):
             hidden_states=tuple(hidden) if hidden is not None else None,
             attentions=tuple(attn) if attn is not None else None,
         )
+
+    def forward(self, pixel_values, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
+        out = self.forward_features(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)
+        return out.to_tuple() if torch.jit.is_tracing() else out
+
+    def forward_intermediates(self, pixel_values, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
+                              output_fmt="NCHW", intermediates_only=False, interpolate_pos_encoding=False):
+        """timm's VisionTransformer.forward_intermediates: the outputs of the blocks `indices` names
+        (None: all; an int n: the last n; a list: those, negative from the end), with the prefix
+        tokens (class, distillation, registers) removed, as (B, D, H/p, W/p) maps ("NCHW") or (B, N, D) ("NLC").
+
+        norm=True passes each through the final layernorm; return_prefix_tokens=True pairs each map
+        with its (B, num_prefix_tokens, D) prefix tokens; stop_early=True runs no block past the last
+        one asked for. Returns the list of maps, or (the final normed (B, prefix+N, D) tokens, the list)
+        unless intermediates_only. timm's output_dict and attention masks are not offered.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise UserError(f"output_fmt={output_fmt!r} is not known; pass 'NCHW' (maps) or 'NLC' (token lists).")
+        blocks = self.encoder.layer
+        take, last = take_indices(len(blocks), indices)
+        B, _, H, W = pixel_values.shape
+        x = self.norm_pre(self.embeddings(pixel_values, interpolate_pos_encoding))  # (B, prefix+N, D)
+        intermediates = []
+        for i, block in enumerate(blocks[: last + 1] if stop_early else blocks):
+            x, _ = self.encoder.run_block(block, x)
+            if i in take:
+                intermediates.append(self.layernorm(x) if norm else x)
+        n = self.config.num_prefix_tokens  # class, distillation and register tokens
+        prefix = [y[:, :n] for y in intermediates]  # (B, n, D) each
+        maps = [y[:, n:] for y in intermediates]  # (B, N, D) each
+        if output_fmt == "NCHW":
+            p = self.config.patch_size
+            maps = [y.reshape(B, H // p, W // p, -1).permute(0, 3, 1, 2).contiguous() for y in maps]  # (B, D, H/p, W/p)
+        if return_prefix_tokens and n:  # as timm: a model without prefix tokens returns the maps alone
+            maps = list(zip(maps, prefix))
+        return maps if intermediates_only else (self.layernorm(x), maps)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """timm's: drop the blocks after the last one `indices` names (and the final layernorm when
+        prune_norm, the pooler and fc_norm when prune_head), for a feature extractor. Returns the kept indices."""
+        take, last = take_indices(len(self.encoder.layer), indices)
+        self.encoder.layer = self.encoder.layer[: last + 1]
+        self.config.num_hidden_layers = last + 1
+        if prune_norm:
+            self.layernorm = nn.Identity()
+        if prune_head:
+            self.pooler, self.fc_norm = None, nn.Identity()
+        return take
 
 
 class ViTForImageClassification(PreTrainedViT):
@@ -431,7 +540,7 @@ class ViTForImageClassification(PreTrainedViT):
 
     def forward_features(self, pixel_values, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
         """The backbone's output object; `last_hidden_state` is (B, prefix+N, D) after the final layernorm."""
-        return self.vit(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)
+        return self.vit.forward_features(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)
 
     def forward_head(self, features, pre_logits=False):
         """Logits from the backbone's output; with pre_logits=True, the (B, D) vector the head sees."""
@@ -446,6 +555,20 @@ class ViTForImageClassification(PreTrainedViT):
         features = self.forward_features(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)
         logits = self.forward_head(features)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
-        return ImageClassifierOutput(
-            logits=logits, loss=loss, hidden_states=features.hidden_states, attentions=features.attentions
-        )
+        out = ImageClassifierOutput(logits=logits, loss=loss, hidden_states=features.hidden_states, attentions=features.attentions)
+        return out.to_tuple() if torch.jit.is_tracing() else out
+
+    def forward_intermediates(self, pixel_values, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
+                              output_fmt="NCHW", intermediates_only=False, interpolate_pos_encoding=False):
+        """The backbone's block outputs as maps; see ViTModel.forward_intermediates (timm's)."""
+        return self.vit.forward_intermediates(pixel_values, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+                                              intermediates_only, interpolate_pos_encoding)
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """timm's: keep the blocks up to the last one `indices` names; prune_head also drops the head
+        (and the in21k pre_logits layer), so the model returns the (B, D) class-token features."""
+        take = self.vit.prune_intermediate_layers(indices, prune_norm, prune_head)
+        if prune_head:
+            self.config.use_pre_logits = False
+            self.reset_classifier(0)
+        return take
