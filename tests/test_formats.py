@@ -216,6 +216,32 @@ def test_npz_in21k_into_backbone_uses_pooler(in21k):
     assert ours.load_report.ignored == ["classifier.bias", "classifier.weight"]
 
 
+def test_npz_in21k_zero_head_is_named_and_not_presented_as_a_prediction(tmp_path, capsys):
+    """The released in21k heads are zeros by design (google-research/vision_transformer#10, #32): the
+    load report says so, and predict / attention warn instead of showing equal scores as a prediction."""
+    from PIL import Image
+
+    from helpers import run_main
+
+    t = timm_vit(width=32, depth=2, heads=HEADS, image_size=32, patch=8, classes=21843)
+    torch.nn.init.zeros_(t.head.weight)
+    torch.nn.init.zeros_(t.head.bias)
+    path = write_npz(tmp_path / "ViT-B_16.npz", t.state_dict(), HEADS, "original", pre_logits=(torch.randn(32, 32), torch.randn(32)))
+    ours = ViTForImageClassification.from_pretrained(path)
+    assert "this head is all zeros: the checkpoint is meant for fine-tuning" in ours.load_report.notes
+    assert "this head is all zeros" in capsys.readouterr().out
+    fine_tune = ViTForImageClassification.from_pretrained(path, num_labels=10)  # a new head: nothing to warn about
+    assert not any("all zeros" in n for n in fine_tune.load_report.notes)
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (48, 40), (120, 200, 30)).save(image)
+    code, out, err = run_main(["predict", "--checkpoint", str(path), str(image)], capsys)
+    assert code == 0, err
+    assert f"{image}: no prediction (the head is all zeros)" in out and "warning:" in err and "meant for fine-tuning" in err
+    code, out, err = run_main(["attention", "--checkpoint", str(path), str(image), "--out", str(tmp_path / "att")], capsys)
+    assert code == 0 and "the head is all zeros, no prediction" in out and "warning:" in err, err
+    assert (tmp_path / "att" / "cat_attention.png").is_file()
+
+
 def test_our_save_pretrained_loads_in_transformers(tmp_path):
     torch.manual_seed(6)
     id2label = {0: "cat", 1: "dog", 2: "eel"}

@@ -1,9 +1,10 @@
 """forward_intermediates and prune_intermediate_layers against timm's VisionTransformer with the same
-weights, every option."""
+weights, every option; and the `features` command's pooled embeddings."""
 
+import numpy as np
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, make_folder, run_main
 from google_npz import timm_vit
 
 from vit import UserError, ViTConfig, ViTForImageClassification, ViTModel
@@ -119,3 +120,42 @@ def test_forward_intermediates_across_the_family(variant, tmp_path):
     with torch.no_grad():
         for kw in ({}, {"indices": [0, -1], "norm": True, "return_prefix_tokens": True}, {"output_fmt": "NLC", "indices": 1}):
             assert_same(ours.forward_intermediates(x, **kw), theirs.forward_intermediates(x, **kw), f"{variant} {kw}")
+
+
+# -----------------------------------------------------------------------------
+# the features command
+
+
+def test_features_command_writes_pooled_embeddings_in_file_order(tmp_path, capsys):
+    _, ours = pair()
+    ours.save_pretrained(tmp_path / "model")
+    names = make_folder(tmp_path / "images", classes=2, per_class=3, size=IMAGE)
+    (tmp_path / "images" / "class_1" / "broken.png").write_bytes(b"not an image")
+    single = tmp_path / "images" / names[0] / "0.png"
+    out = tmp_path / "feats.npy"
+    code, stdout, err = run_main(["features", "--checkpoint", str(tmp_path / "model"), str(single),
+                                  str(tmp_path / "images" / names[1]), "--out", str(out), "--batch-size", "2"], capsys)
+    assert code == 0, err
+    feats = np.load(out)
+    files = (tmp_path / "feats.txt").read_text().splitlines()
+    assert files == [str(single)] + [str(tmp_path / "images" / names[1] / f"{i}.png") for i in range(3)]
+    assert feats.shape == (4, WIDTH) and feats.dtype == np.float32
+    assert "broken.png" in err and "skipped 1" in stdout
+    # each row is what the head sees for that file, through the model's own eval transform
+    from vit.commands import _preprocess, load_model
+
+    model, info = load_model(str(tmp_path / "model"), torch.device("cpu"))
+    with torch.no_grad():
+        for row, path in zip(feats, files):
+            want = model.forward_head(model.forward_features(_preprocess(path, info)), pre_logits=True)[0]
+            assert_close(torch.from_numpy(row), want, path)
+
+
+def test_features_command_without_readable_images_refuses(tmp_path, capsys):
+    _, ours = pair()
+    ours.save_pretrained(tmp_path / "model")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_main(["features", "--checkpoint", str(tmp_path / "model"), str(tmp_path / "empty"),
+                             "--out", str(tmp_path / "f.npy")], capsys)
+    assert code == 2 and err.count("error:") == 1 and "no readable images" in err
+    assert not (tmp_path / "f.npy").exists()

@@ -14,10 +14,10 @@ import pytest
 from helpers import ROOT, run_subprocess
 
 VIT = os.path.join(ROOT, "vit")
-COMMANDS = ("train", "eval", "predict", "attention", "inspect")
+COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export")
 
 # bottom to top: a module may import only modules of lower layers, and modules of its own subpackage
-LAYERS = ["vit.errors", "vit.config", "vit.resize", "vit.loading", "vit.model", "vit.data", "vit.viz", "vit.train",
+LAYERS = ["vit.errors", "vit.config", "vit.resize", "vit.loading", "vit.model", "vit.data", "vit.viz", "vit.train", "vit.export",
           "vit.commands", "vit.cli", "vit.__main__"]
 # stricter than the layers allow: what each part may import of the project besides itself
 ONLY = {"vit.errors": set(), "vit.config": {"vit.errors"}, "vit.data": {"vit.errors"}, "vit.viz": {"vit.errors"},

@@ -7,9 +7,12 @@
     vit predict --checkpoint runs/fashion_mnist/best.pt img1.png img2.jpg --topk 5
     vit attention --checkpoint C img1.png ... [--out DIR]
     vit inspect --checkpoint C [--data-dir D] [--out DIR]
+    vit features --checkpoint C img.png folder/ ... --out feats.npy   # pooled embeddings, file order in feats.txt
+    vit export --checkpoint C --format onnx --out model.onnx        # dynamic batch, checked with onnxruntime
     torchrun --nproc_per_node=2 main.py ...         # DDP, same results layout
 
-Training lives in vit/train/loop.py, the other commands in vit/commands.py; this file parses the
+Training lives in vit/train/loop.py, export in vit/export.py, the other commands in vit/commands.py;
+`--ema` makes any command that loads a checkpoint take its EMA weights. This file parses the
 arguments, dispatches, and turns a UserError into one `error: ...` line and exit code 2.
 """
 
@@ -29,7 +32,7 @@ import time  # noqa: E402
 
 from vit.errors import UserError  # noqa: E402
 
-COMMANDS = ("train", "eval", "predict", "attention", "inspect")
+COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export")
 
 
 def main(argv=None, launched=None):
@@ -58,26 +61,43 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue the run in output.dir from last.pt")
     p.set_defaults(run=_train)
     p = sub.add_parser("eval", help="evaluate a checkpoint on a folder or the run's val data")
-    p.add_argument("--checkpoint", required=True)
+    _checkpoint_args(p)
     p.add_argument("--data-dir", default=None, help="folder of class folders (default: the run's own val data)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
     p.set_defaults(run=_eval)
     p = sub.add_parser("predict", help="top-k classes for images")
-    p.add_argument("--checkpoint", required=True)
+    _checkpoint_args(p)
     p.add_argument("images", nargs="+")
     p.add_argument("--topk", type=int, default=5)
     p.set_defaults(run=_predict)
     p = sub.add_parser("attention", help="attention-rollout maps for images")
-    p.add_argument("--checkpoint", required=True)
+    _checkpoint_args(p)
     p.add_argument("images", nargs="+")
     p.add_argument("--out", default=None)
     p.set_defaults(run=_attention)
     p = sub.add_parser("inspect", help="the ViT paper's Figure 7 panels")
-    p.add_argument("--checkpoint", required=True)
+    _checkpoint_args(p)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None)
     p.set_defaults(run=_inspect)
+    p = sub.add_parser("features", help="pooled embeddings (what the head sees) of images, as .npy")
+    _checkpoint_args(p)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    p.add_argument("--out", required=True, help="the .npy to write; the file order goes beside it as .txt")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(run=_features)
+    p = sub.add_parser("export", help="export to ONNX with a dynamic batch, checked against PyTorch with onnxruntime")
+    _checkpoint_args(p)
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--image-size", type=int, default=None, help="a fixed input size (default: the checkpoint's)")
+    p.set_defaults(run=_export)
     return parser.parse_args(argv)
+
+
+def _checkpoint_args(p):
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--ema", action="store_true", help="take the file's EMA weights (model_ema / state_dict_ema)")
 
 
 def _prog():
@@ -99,24 +119,40 @@ def _train(args):
 def _eval(args):
     from vit import commands
 
-    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size)
+    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.ema)
 
 
 def _predict(args):
     from vit import commands
 
-    return commands.predict(args.checkpoint, args.images, args.topk)
+    return commands.predict(args.checkpoint, args.images, args.topk, args.ema)
 
 
 def _attention(args):
     from vit import commands
 
-    commands.attention(args.checkpoint, args.images, args.out)  # it prints each PNG it writes
+    commands.attention(args.checkpoint, args.images, args.out, ema=args.ema)  # it prints each PNG it writes
     return 0
 
 
 def _inspect(args):
     from vit import commands
 
-    commands.inspect(args.checkpoint, args.data_dir, args.out)
+    commands.inspect(args.checkpoint, args.data_dir, args.out, ema=args.ema)
+    return 0
+
+
+def _features(args):
+    from vit import commands
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size} must be 1 or more.")
+    commands.features(args.checkpoint, args.inputs, args.out, args.batch_size, args.ema)
+    return 0
+
+
+def _export(args):
+    from vit import export
+
+    export.export_onnx(args.checkpoint, args.out, args.image_size, args.ema)
     return 0

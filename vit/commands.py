@@ -1,4 +1,4 @@
-"""The commands that use a finished model: eval, predict, attention and inspect (`vit CMD`, `python main.py CMD`).
+"""The commands that use a finished model: eval, predict, attention, inspect and features (`vit CMD`, `python main.py CMD`).
 
 Each loads its model with `load_model`, that is `from_pretrained`, so a run folder, a training
 checkpoint and any pretrained source (HF folder, timm file, Google .npz) all work. The files they
@@ -14,25 +14,36 @@ import torch
 from vit.train import distributed, engine
 from vit.train import params as P
 from vit.errors import UserError
-from vit.loading import inference_info
+from vit.loading import ZERO_HEAD, inference_info, is_zero_head
 from vit.model import ViTForImageClassification
+from vit.train.checkpoint import atomic_write
 
 INSPECT_IMAGES = 64  # images the attention distance is averaged over
+FEATURES_BATCH = 64  # images per forward pass in `features`
 
 
-def load_model(path, device):
+def load_model(path, device, ema=False, **overrides):
     """An eval-mode classifier on `device` and its `inference_info`, from a run folder, a training
-    checkpoint or any pretrained source."""
-    model = ViTForImageClassification.from_pretrained(path)
+    checkpoint or any pretrained source; ema=True takes a training file's EMA weights."""
+    model = ViTForImageClassification.from_pretrained(path, ema=ema, **overrides)
     return model.to(device).eval(), inference_info(model)
 
 
-def evaluate(checkpoint, data_dir=None, batch_size=None):
+def warn_zero_head(model, checkpoint):
+    """True, with a warning, when the head gives every class the same logit (an in21k release's)."""
+    if not is_zero_head(model):
+        return False
+    print(f"warning: {checkpoint}: {ZERO_HEAD}, so every class gets the same score and there is no prediction to show; "
+          f"fine-tune it, or use `features` for its embeddings.", file=sys.stderr)
+    return True
+
+
+def evaluate(checkpoint, data_dir=None, batch_size=None, ema=False):
     """Accuracy of a checkpoint on `data_dir` (a folder of class folders), or on the run's own val data."""
     from vit import data
 
     d = distributed.init()
-    model, info = load_model(checkpoint, d.device)
+    model, info = load_model(checkpoint, d.device, ema)
     run_params = P.defaults()  # a pretrained source has no run params, a run older than a key lacks that key
     for section, keys in (info["params"] or {}).items():
         run_params.setdefault(section, {}).update(keys)
@@ -58,15 +69,17 @@ def evaluate(checkpoint, data_dir=None, batch_size=None):
     return 0
 
 
-def predict(checkpoint, images, topk=5):
-    """Print the top-k class names with probabilities for each image; 1 when an image could not be read."""
+def predict(checkpoint, images, topk=5, ema=False):
+    """Print the top-k class names with probabilities for each image; 1 when an image could not be read.
+    A head of zeros (an in21k release's) gets a warning and "no prediction" lines instead."""
     from vit.data.images import BadImage, open_image
     from vit.data.transforms import eval_transform
 
     device = distributed.init().device
-    model, info = load_model(checkpoint, device)
+    model, info = load_model(checkpoint, device, ema)
     tf = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
     classes = info["classes"] or [str(i) for i in range(model.config.num_labels)]
+    zero_head = warn_zero_head(model, checkpoint)
     failed = 0
     for path in images:
         try:
@@ -75,6 +88,9 @@ def predict(checkpoint, images, topk=5):
             print(f"{path}: cannot read ({e})", file=sys.stderr)
             failed += 1
             continue
+        if zero_head:
+            print(f"{path}: no prediction (the head is all zeros)")
+            continue
         with torch.no_grad():
             probs = model(x).logits.float().softmax(-1)[0]  # (K,)
         top = probs.topk(min(topk, len(classes)))
@@ -82,20 +98,21 @@ def predict(checkpoint, images, topk=5):
     return 1 if failed else 0
 
 
-def attention(checkpoint, images, out=None, device=None):
+def attention(checkpoint, images, out=None, device=None, ema=False):
     """Write <out>/<image stem>_attention.png per image (default out: <run folder>/attention): the
-    rollout overlay, the last layer's heads and the prediction. Returns the paths written."""
+    rollout overlay, the last layer's heads and the prediction (none from a head of zeros). Returns the paths written."""
     from vit.data import denormalize
     from vit.data.images import BadImage
     from vit.viz import analysis, plots
 
     device = distributed.init().device if device is None else device
     out_dir = out or _default_out(checkpoint, "attention")
-    model, info = load_model(checkpoint, device)
+    model, info = load_model(checkpoint, device, ema)
     if not model.config.class_token:
         raise UserError(f"checkpoint {checkpoint} has no class token (class_token=false), and the attention maps show the "
                         f"class token's attention; use a checkpoint with one, or `inspect` for its attention distances.")
     prefix = model.config.num_prefix_tokens
+    zero_head = warn_zero_head(model, checkpoint)
     written = []
     for path in images:
         try:
@@ -109,6 +126,8 @@ def attention(checkpoint, images, out=None, device=None):
         stem = os.path.splitext(os.path.basename(path))[0]
         if logits is None:
             verdict = "no classification head, attention maps only"
+        elif zero_head:
+            verdict = "the head is all zeros, no prediction; attention maps only"
         else:
             prob, index = logits.float().softmax(dim=-1)[0].max(dim=0)
             verdict = f"predicted {_class_name(info, index.item())} ({prob.item():.1%})"
@@ -121,7 +140,7 @@ def attention(checkpoint, images, out=None, device=None):
     return written
 
 
-def inspect(checkpoint, data_dir=None, out=None, device=None):
+def inspect(checkpoint, data_dir=None, out=None, device=None, ema=False):
     """Write the ViT paper's Figure 7 panels into `out` (default: <run folder>/inspect):
     embedding_filters.png, position_similarity.png and attention_distance.png. Returns the paths written.
 
@@ -133,7 +152,7 @@ def inspect(checkpoint, data_dir=None, out=None, device=None):
 
     device = distributed.init().device if device is None else device
     out_dir = out or _default_out(checkpoint, "inspect")
-    model, info = load_model(checkpoint, device)
+    model, info = load_model(checkpoint, device, ema)
     embeddings = model.vit.embeddings
     written = []
 
@@ -163,8 +182,72 @@ def inspect(checkpoint, data_dir=None, out=None, device=None):
     return written
 
 
+def features(checkpoint, inputs, out, batch_size=FEATURES_BATCH, ema=False):
+    """Write the pooled embeddings of the images in `inputs` (files, and folders searched recursively)
+    to `out` as an (N, D) float32 .npy: per image the vector the head sees (forward_head(pre_logits=True)),
+    for retrieval and linear probes. Their paths, one a line in the same order, go to <out stem>.txt.
+    Unreadable images are skipped with a warning. Returns (the .npy path, the .txt path)."""
+    import numpy as np
+
+    from vit.data.images import BadImage
+
+    if not out.endswith(".npy"):
+        raise UserError(f"--out {out} must end in .npy (the file order goes beside it as .txt); e.g. --out feats.npy.")
+    device = distributed.init().device
+    model, info = load_model(checkpoint, device, ema)
+    files = _input_images(inputs)
+    rows, kept, batch, skipped = [], [], [], 0
+
+    def flush():
+        with torch.no_grad():
+            x = torch.cat([b for _, b in batch]).to(device)  # (b, C, H, W)
+            rows.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu().numpy())  # (b, D)
+        kept.extend(path for path, _ in batch)
+        batch.clear()
+
+    for path in files:
+        try:
+            batch.append((path, _preprocess(path, info)))
+        except (BadImage, OSError) as e:
+            print(f"{path}: cannot read ({e}); skipped", file=sys.stderr)
+            skipped += 1
+            continue
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not kept:
+        raise UserError(f"no readable images in {', '.join(inputs)}; pass image files or folders that hold some.")
+    listing = out[: -len(".npy")] + ".txt"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        atomic_write(out, lambda f: np.save(f, np.concatenate(rows)))
+        atomic_write(listing, lambda f: f.write("".join(p + "\n" for p in kept)), mode="w")
+    except OSError as e:
+        raise UserError(f"could not write {out} ({e.strerror or e}); choose another --out or free space there.") from None
+    print(f"wrote {out}: {len(kept)} x {rows[0].shape[1]} embeddings (float32), file order in {listing}"
+          + (f"; skipped {skipped} unreadable" if skipped else ""))
+    return out, listing
+
+
 # -----------------------------------------------------------------------------
 # reading images for the commands
+
+
+def _input_images(inputs):
+    """Image files named directly, and those under folders (recursively, sorted), in the order given."""
+    from vit.data.images import IMAGE_EXTENSIONS
+
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            files += sorted(os.path.join(root, f) for root, _, names in os.walk(item) for f in names
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise UserError(f"{item} is neither an image file nor a folder; check the path.")
+    return files
 
 
 def _default_out(checkpoint_path, name):

@@ -13,6 +13,7 @@ References: timm's `_load_weights` and `checkpoint_filter_fn` (models/vision_tra
 transformers' `convert_vit_timm_to_pytorch.py`; big_vision's models/vit.py for the `params/` naming.
 """
 
+import argparse
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from vit.config import SWITCHES, ViTConfig
 from vit.errors import UserError
 from vit.resize import adapt_input_channels, resample_patch_kernel, resample_pos_embed
 
-TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pth.tar")  # .pth.tar: timm's train.py
 HEADS = ("classifier.", "distillation_classifier.")  # a classifier's heads, outside its `vit.` backbone
 # standard head count per width (the paper's Table 1 and DeiT); anything else needs an override
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
@@ -163,11 +164,17 @@ def rename(state, table, path):
 BEST, LAST = "best.pt", "last.pt"  # a run folder's checkpoints, written by vit/train/checkpoint.py
 TRAINING_CHECKPOINT = "training checkpoint"  # a Source.kind
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's, on a wrapped model's keys
+# where a file keeps an exponential moving average of its weights: DeiT's and this project's, timm's train.py's
+EMA_KEYS = ("model_ema", "state_dict_ema")
+# the one class a weights_only load may rebuild besides tensors and plain types: timm's train.py saves
+# its argparse arguments as `args` (timm reads its own files the same way); anything else is refused
+SAFE_GLOBALS = [argparse.Namespace]
 
 
 def read_file(path):
-    """What a .safetensors, .pth, .pt, .bin or .ckpt file holds, read without running code from it:
-    safetensors, or torch.load(weights_only=True). The project's only reader of torch files."""
+    """What a .safetensors, .pth, .pt, .bin, .ckpt or .pth.tar file holds, read without running code
+    from it: safetensors, or torch.load(weights_only=True) with only SAFE_GLOBALS allowed. The
+    project's only reader of torch files."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; check the path.")
     try:
@@ -175,7 +182,8 @@ def read_file(path):
             from safetensors.torch import load_file
 
             return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):  # for this load only, not process-wide
+            return torch.load(path, map_location="cpu", weights_only=True)
     # a corrupt, truncated or hostile file can fail anywhere in the zip / pickle / header layers
     except Exception as e:  # noqa: BLE001
         unsafe = "Weights only load failed" in str(e)
@@ -205,8 +213,14 @@ def run_checkpoint(path):
     return path
 
 
-def tensors_of(obj, path):
-    """The flat dict of tensors in what read_file returned: bare, or under `model` / `state_dict`."""
+def tensors_of(obj, path, ema=False):
+    """The flat dict of tensors in what read_file returned: bare, or under `model` / `state_dict`;
+    with ema=True the EMA weights under `model_ema` / `state_dict_ema`, which must be there."""
+    if ema:
+        key = next((k for k in EMA_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        if key is None:
+            raise UserError(f"checkpoint {path} holds no EMA weights ({' or '.join(EMA_KEYS)}); load it without asking for them.")
+        obj = obj[key]
     for wrapper in ("model", "state_dict"):  # training checkpoints and some timm files wrap the weights
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -345,29 +359,35 @@ def config_fields(config, state, path, where):
     return kw
 
 
-def read_state_file(path):
+def read_state_file(path, ema=False):
     """A timm (or HF-named) state-dict file, or this project's training checkpoint with its config,
-    normalization and params; the keys tell which."""
+    normalization and params; the keys tell which. ema=True takes the file's EMA weights."""
     obj = read_file(path)
     config = obj["config"] if is_training_checkpoint(obj) else None
-    state = strip_prefixes(tensors_of(obj, path), WRAPPER_PREFIXES)
+    state = strip_prefixes(tensors_of(obj, path, ema), WRAPPER_PREFIXES)
+    notes = []
+    if ema:
+        notes.append("the EMA weights, as asked")
+    elif isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in EMA_KEYS):
+        key = next(k for k in EMA_KEYS if isinstance(obj.get(k), dict))
+        notes.append(f"the file also holds EMA weights ({key}): from_pretrained(..., ema=True) or --ema loads those")
     if "patch_embed.proj.weight" in state:
         renamed = rename(state, TIMM_RENAMES, path)
         if "register_tokens" in state:  # DINOv2's own naming: its class token has a position, its registers none
             renamed = fold_class_position(renamed)
         if "norm_pre.weight" in renamed:  # timm's pre-norm models are the CLIP family, with CLIP's LayerNorm eps
-            return Source(renamed, {"layer_norm_eps": 1e-5}, "timm state dict", notes=[CLIP_NOTE])
-        return Source(renamed, {"layer_norm_eps": 1e-6}, "timm state dict")
+            return Source(renamed, {"layer_norm_eps": 1e-5}, "timm state dict", notes=[CLIP_NOTE, *notes])
+        return Source(renamed, {"layer_norm_eps": 1e-6}, "timm state dict", notes=notes)
     state = strip_prefixes(state, ("vit.",))
     if "embeddings.patch_embeddings.projection.weight" in state:
         if config is None:
-            return Source(state, {}, "HF-named state dict")  # no config: HF's own eps default (1e-12) stands
+            return Source(state, {}, "HF-named state dict", notes=notes)  # no config: HF's own eps default (1e-12) stands
         try:
             known = ViTConfig.from_hf_dict(config)
         except (TypeError, ValueError, UserError) as e:
             raise UserError(f"checkpoint {path} carries a config this model cannot read ({e}); pass its best_hf folder instead.") from None
         extras = {k: obj[k] for k in ("mean", "std", "params") if k in obj}
-        return Source(state, config_fields(known, state, path, f"checkpoint {path}: its config"), TRAINING_CHECKPOINT, extras)
+        return Source(state, config_fields(known, state, path, f"checkpoint {path}: its config"), TRAINING_CHECKPOINT, extras, notes)
     raise UserError(
         f"checkpoint {path} is not a recognised ViT state dict (no patch_embed.proj.weight or "
         f"embeddings.patch_embeddings.projection.weight); pass a timm or Hugging Face ViT checkpoint."
@@ -515,27 +535,31 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def read_source(path):
-    """Dispatch on what the path is: HF folder, .npz, or a torch/safetensors file (a run's .pt included)."""
+def read_source(path, ema=False):
+    """Dispatch on what the path is: HF folder, .npz, or a torch/safetensors file (a run's .pt included).
+    ema=True asks for a torch file's EMA weights; the other kinds have none."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; check the path.")
+    if ema and (os.path.isdir(path) or path.endswith((".npz", ".safetensors"))):
+        raise UserError(f"checkpoint {path} holds no EMA weights (only torch files from a training run do); load it without asking for them.")
     if os.path.isdir(path):
         return read_hf_folder(path)
     if path.endswith(".npz"):
         return read_npz(path)
     if path.endswith(TORCH_SUFFIXES):
-        return read_state_file(path)
+        return read_state_file(path, ema)
     raise UserError(
         f"checkpoint {path} has an unrecognised format; pass an HF model folder, a timm state dict "
         f"({', '.join(TORCH_SUFFIXES)}) or a Google .npz."
     )
 
 
-def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
+def load_pretrained(cls, path, num_labels=None, image_size=None, ema=False, **overrides):
     """Build `cls` (ViTModel or ViTForImageClassification, whose from_pretrained calls this) from a
-    checkpoint; see the module docstring. `cls.is_classifier` says whether it has a head."""
+    checkpoint; see the module docstring. `cls.is_classifier` says whether it has a head. ema=True
+    takes the EMA weights of a training file (timm's state_dict_ema, DeiT's and this project's model_ema)."""
     path = run_checkpoint(os.fspath(path))
-    src = read_source(path)
+    src = read_source(path, ema)
     state, known, source = src.state, src.config, src.kind
     unknown = set(overrides) - {f.name for f in fields(ViTConfig)}
     if unknown:
@@ -611,10 +635,23 @@ def load_pretrained(cls, path, num_labels=None, image_size=None, **overrides):
     optional = HEADS + ("pooler.", "vit.pooler.", "fc_norm.", "vit.fc_norm.")
     skip = () if keep_head else HEADS
     report.mapped, report.fresh, report.ignored = copy_weights(model, state, path, optional, skip)
+    if keep_head and is_zero_head(model):  # the first in21k release: google-research/vision_transformer#10
+        report.notes.append(ZERO_HEAD)
     model.load_report = report
     if source != TRAINING_CHECKPOINT or report.fresh or report.ignored or report.notes:
         print(report)  # a run's own checkpoint, loaded as it was saved, has nothing to report
     return model
+
+
+ZERO_HEAD = "this head is all zeros: the checkpoint is meant for fine-tuning"
+
+
+def is_zero_head(model):
+    """Whether a classifier's heads (the class head, and DeiT's distillation head) are Linear layers with
+    every weight and bias zero: then all its logits are equal."""
+    heads = [h for h in (getattr(model, "classifier", None), getattr(model, "distillation_classifier", None)) if h is not None]
+    return bool(heads) and all(isinstance(h, torch.nn.Linear) and not h.weight.any() and (h.bias is None or not h.bias.any())
+                               for h in heads)
 
 
 def copy_weights(model, state, path, optional=(), skip=()):
