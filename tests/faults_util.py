@@ -185,10 +185,11 @@ def assert_clean_refusal(proc, *words):
 
 
 def load_state(path):
-    """The model tensors of a training checkpoint, read safely."""
+    """The weights of a training checkpoint, read safely: {"model": tensors} plus "model_ema" when the run keeps an EMA."""
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: ckpt[k] for k in ("model", "model_ema") if k in ckpt}
 
 
 def read_metrics(run_dir):
@@ -199,22 +200,24 @@ def read_metrics(run_dir):
 _REFERENCES = {}
 
 
-def reference(folder, tmp, epochs):
-    """The uninterrupted tiny run on `folder` (made by make_folder): last.pt weights and metrics lines.
+def reference(folder, tmp, epochs, **train):
+    """The uninterrupted tiny run on `folder` (made by make_folder), with `train` keys changed: last.pt
+    weights (and EMA weights) and metrics lines.
 
-    Cached per epoch count for the session: paths differ between callers, results do not.
+    Cached per epoch count and keys for the session: paths differ between callers, results do not.
     """
-    if epochs not in _REFERENCES:
+    key = (epochs, *sorted(train.items()))
+    if key not in _REFERENCES:
         run_dir = os.path.join(str(tmp), "reference_run")
-        params = write_params(os.path.join(str(tmp), "reference.json"), tiny_params(folder, run_dir, epochs=epochs))
+        params = write_params(os.path.join(str(tmp), "reference.json"), tiny_params(folder, run_dir, epochs=epochs, **train))
         r = run(["--params", params], tmp)
         assert r.returncode == 0, r.stderr[-3000:]
-        _REFERENCES[epochs] = {"state": load_state(os.path.join(run_dir, "last.pt")), "metrics": read_metrics(run_dir)}
-    return _REFERENCES[epochs]
+        _REFERENCES[key] = {"state": load_state(os.path.join(run_dir, "last.pt")), "metrics": read_metrics(run_dir)}
+    return _REFERENCES[key]
 
 
 def assert_same_as(ref, run_dir, tag):
-    """Bit-exact weights, and metrics.jsonl with exactly one line per epoch holding the reference's numbers."""
+    """Bit-exact weights (and EMA weights), and metrics.jsonl with exactly one line per epoch holding the reference's numbers."""
     try:
         _compare(ref, run_dir, tag)
     except AssertionError:
@@ -230,9 +233,12 @@ def _compare(ref, run_dir, tag):
     import torch
 
     state = load_state(os.path.join(run_dir, "last.pt"))
-    assert state.keys() == ref["state"].keys()
-    diff = {k: (v - ref["state"][k]).abs().max().item() for k, v in state.items() if not torch.equal(v, ref["state"][k])}
-    assert not diff, f"{tag}: weights differ from the uninterrupted run: {diff}"
+    assert state.keys() == ref["state"].keys(), f"{tag}: {sorted(state)} != {sorted(ref['state'])}"
+    for weights, tensors in state.items():
+        want = ref["state"][weights]
+        assert tensors.keys() == want.keys()
+        diff = {k: (v - want[k]).abs().max().item() for k, v in tensors.items() if not torch.equal(v, want[k])}
+        assert not diff, f"{tag}: {weights} weights differ from the uninterrupted run: {diff}"
     metrics = read_metrics(run_dir)
     epochs = len(ref["metrics"])
     assert [h["epoch"] for h in metrics] == list(range(1, epochs + 1)), f"{tag}: {[h['epoch'] for h in metrics]}"

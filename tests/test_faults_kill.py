@@ -29,10 +29,10 @@ def folder(tmp_path_factory):
     return root
 
 
-def setup_run(tmp_path, folder, epochs=EPOCHS):
+def setup_run(tmp_path, folder, epochs=EPOCHS, **train):
     """(params path, run folder) for a fresh run in tmp_path."""
     run_dir = tmp_path / "run"
-    return fu.write_params(tmp_path / "params.json", fu.tiny_params(folder, run_dir, epochs=epochs)), str(run_dir)
+    return fu.write_params(tmp_path / "params.json", fu.tiny_params(folder, run_dir, epochs=epochs, **train)), str(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,19 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path, folder, reference):
     kills = drive(params, run_dir, tmp_path, faults, "sigkill")
     fu.assert_same_as(reference, run_dir, "sigkill")
     fu.record("kill", "SIGKILLs survived (bit-exact resume)", kills)
+
+
+def test_sigkill_with_an_ema_then_resume_is_bit_exact(tmp_path_factory, tmp_path, folder):
+    """The EMA of the weights survives kills too: it is saved with them and restored bit for bit."""
+    ema = {"ema_decay": 0.9}
+    reference = fu.reference(folder, tmp_path_factory.mktemp("faults_ema_reference"), EPOCHS, **ema)
+    # eval 1-4 are epoch 1's two passes (the weights, then their EMA); saves: best.pt, last.pt per epoch
+    faults = [{"at": "step:2"}, {"at": "eval:3"}, {"at": "save:2"}, {"at": f"step:{STEPS + 1}"}, {"at": "eval:2"}]
+    params, run_dir = setup_run(tmp_path, folder, **ema)
+    kills = drive(params, run_dir, tmp_path, faults, "sigkill with EMA")
+    fu.assert_same_as(reference, run_dir, "sigkill with EMA")
+    assert "model_ema" in reference["state"] and "val_acc_ema" in reference["metrics"][-1]
+    fu.record("kill", "SIGKILLs with an EMA survived (bit-exact resume)", kills)
 
 
 def test_sigkill_between_checkpoint_and_metrics_loses_no_line(tmp_path, folder, reference):

@@ -1,11 +1,12 @@
 """Gradient checkpointing (HF's gradient_checkpointing_enable / _disable, train.grad_checkpointing):
-the same loss and gradients as without it, dropout and drop path included."""
+the same loss and gradients as without it, dropout and drop path included, and the same training run."""
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, make_folder, run_main, tiny_params
 
 from vit import ViTConfig, ViTForImageClassification
+from vit.loading import read_training_checkpoint
 
 CONFIG = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, patch_size=4,
               image_size=16, num_labels=5, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, drop_path_rate=0.2)
@@ -50,3 +51,16 @@ def test_checkpointing_only_acts_while_training_with_gradients():
     assert calls == []
     model.train()(x)
     assert len(calls) == CONFIG["num_hidden_layers"]
+
+
+def test_training_with_grad_checkpointing_gives_the_same_weights(tmp_path, capsys):
+    make_folder(tmp_path / "images", classes=3, per_class=6)
+    runs = {}
+    for on in (False, True):
+        out = tmp_path / f"run_{on}"
+        params = tiny_params(tmp_path, tmp_path / "images", epochs=1, drop_path=0.2)
+        code, _, err = run_main(["--params", params, "--set", f"output.dir={out}", f"train.grad_checkpointing={str(on).lower()}"], capsys)
+        assert code == 0, err
+        runs[on] = read_training_checkpoint(str(out / "last.pt"))["model"]
+    for k, v in runs[False].items():
+        assert_close(runs[True][k], v, k, tol=1e-5)

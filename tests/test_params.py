@@ -81,6 +81,11 @@ def test_unknown_key_is_named_with_a_suggestion_and_the_valid_keys():
     ("model.preset=\"S/0\"", ["model.preset", "positive patch size"]),
     ("data.image_size=1000000", ["data.image_size", "between 1 and 4096"]),
     ("output.dir=", ["output.dir", "empty"]),
+    ("train.ema_decay=1", ["train.ema_decay", "strictly between 0 and 1"]),
+    ("train.grad_checkpointing=1", ["train.grad_checkpointing", "true or false"]),
+    ("output.best_metric=val_acc_ema", ["output.best_metric", "train.ema_decay is null"]),
+    ("output.best_metric=val_loss", ["output.best_metric", "\"val_acc\", \"val_acc_ema\""]),
+    ("model.pretrained_ema=true", ["model.pretrained_ema", "model.pretrained is null"]),
 ])
 def test_impossible_values_are_refused_by_name(override, words):
     msg = error_of(override)

@@ -90,10 +90,11 @@ def _fsync_dir(directory):
         os.close(fd)
 
 
-def training_payload(model, optimizer, scaler, progress, params, classes, mean, std, rngs):
+def training_payload(model, optimizer, scaler, progress, params, classes, mean, std, rngs, ema=None):
     """Everything `resume` needs, in weights_only-loadable types. `progress` is the loop's counters,
-    `rngs` every rank's `rng_state()` (a mid-epoch resume continues each rank's streams)."""
-    return {
+    `rngs` every rank's `rng_state()` (a mid-epoch resume continues each rank's streams), `ema` the
+    weights' moving average (timm's ModelEmaV3) when the run keeps one."""
+    payload = {
         "model": strip_prefixes(model.state_dict(), WRAPPER_PREFIXES),
         "config": model.config.to_hf_dict(),
         "optimizer": optimizer.state_dict(),
@@ -112,6 +113,9 @@ def training_payload(model, optimizer, scaler, progress, params, classes, mean, 
         "mean": list(mean),
         "std": list(std),
     }
+    if ema is not None:  # under the key DeiT uses; the loader takes it with ema=True (--ema)
+        payload["model_ema"] = strip_prefixes(ema.module.state_dict(), WRAPPER_PREFIXES)
+    return payload
 
 
 def save_hf(model, directory, mean, std):
@@ -147,13 +151,21 @@ def save_hf(model, directory, mean, std):
 # resuming
 
 
-def resume(path, model, optimizer):
-    """Load a training checkpoint into model and optimizer; returns the loop's counters, the per-rank
-    RNG states and the gradient scaler's state (empty unless the run trained in fp16)."""
+def resume(path, model, optimizer, ema=None):
+    """Load a training checkpoint into model, optimizer and the weights' EMA (when the run keeps one);
+    returns the loop's counters, the per-rank RNG states and the gradient scaler's state (empty
+    unless the run trained in fp16)."""
     ckpt = read_training_checkpoint(path)
+    if (ema is not None) != ("model_ema" in ckpt):
+        raise UserError(
+            f"checkpoint {path} was saved {'with' if 'model_ema' in ckpt else 'without'} an EMA of the weights but "
+            f"train.ema_decay is {'null' if ema is None else 'set'} now; resume with the params the run was started with."
+        )
     try:
         model.load_state_dict(strip_prefixes(ckpt["model"], WRAPPER_PREFIXES))
         optimizer.load_state_dict(ckpt["optimizer"])
+        if ema is not None:
+            ema.module.load_state_dict(strip_prefixes(ckpt["model_ema"], WRAPPER_PREFIXES))
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0]
         raise UserError(

@@ -94,12 +94,13 @@ def seed_epoch(seed, epoch, rank):
 
 
 def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, settings, d, start=EpochStart(),
-                    mixup_fn=None, should_stop=lambda: False, backbone=None, desc="", on_rate=None):
+                    mixup_fn=None, should_stop=lambda: False, backbone=None, desc="", on_rate=None, after_step=None):
     """One pass over `loader` on d.device. Returns averages plus `interrupted`, `step_in_epoch` and the raw `sums`.
 
     lr_fn(global_step) gives the lr; `settings` is a StepSettings. `start` resumes an epoch that was
     interrupted (an EpochStart). `backbone`, when given, is kept in eval mode (linear probe).
     on_rate(images_per_s), when given, is called once with the speed over batches RATE_AFTER.
+    after_step(steps), when given, runs after each optimizer step with the run's step count so far (the EMA update).
     """
     device, ga = d.device, settings.grad_accum
     n = len(loader)
@@ -165,6 +166,8 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, settings,
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step_in_epoch += 1
+                if after_step is not None:
+                    after_step(epoch * steps_per_epoch + step_in_epoch)
             sums["count"] += len(y)
             seen += len(y)
             bar.update(1)

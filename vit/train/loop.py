@@ -3,7 +3,8 @@
 DeiT's main.py in four parts, each one function:
 - `set_up`: params, processes, data, model, optimizer, precision, resume state, the run folder;
 - `run_epochs`: train each epoch (engine.train_one_epoch), stopping cleanly on Ctrl-C / SIGTERM;
-- `end_epoch`: evaluate, record, save best and last, rewrite metrics.jsonl, redraw curves.png;
+- `end_epoch`: evaluate (the EMA weights too when kept), record, save best and last, rewrite
+  metrics.jsonl, redraw curves.png;
 - `finish`: the report from the last epoch's evaluation, and the summary line.
 `train` runs them and returns the exit code.
 """
@@ -72,9 +73,15 @@ class Run:
     rng: Optional[dict]  # this rank's RNG state to restore when resuming mid-epoch
     started: float  # perf_counter() at which the run's elapsed_s was 0 (earlier processes' time included)
     resume_hint: str  # the command that continues this run
+    ema: Optional[torch.nn.Module] = None  # timm's ModelEmaV3 of the weights, when train.ema_decay is set
 
     def path(self, name):
         return os.path.join(self.params["output"]["dir"], name)
+
+    @property
+    def picks_ema(self):
+        """Whether the EMA weights' val_acc_ema picks best.pt and best_hf/ (output.best_metric)."""
+        return self.params["output"]["best_metric"] == "val_acc_ema"
 
     def save(self, path, **extra):
         """A checkpoint of the run at `path`: rank 0 writes, the others wait so nobody runs ahead of it."""
@@ -82,7 +89,8 @@ class Run:
         rngs = distributed.gather(checkpoint.rng_state(), self.d)
         if self.d.is_main:
             payload = checkpoint.training_payload(self.model, self.optimizer, self.scaler, {**self.progress, **extra},
-                                                  self.params, self.loaders.classes, self.loaders.mean, self.loaders.std, rngs)
+                                                  self.params, self.loaders.classes, self.loaders.mean, self.loaders.std, rngs,
+                                                  self.ema)
             checkpoint.save(path, payload)
         distributed.barrier(self.d)
 
@@ -106,8 +114,17 @@ def set_up(params_file, overrides, resume, launched):
     model = build_model(params, loaders.classes).to(device)
     if t["freeze_backbone"]:
         optim.freeze_backbone(model)
+    if t["grad_checkpointing"]:
+        model.gradient_checkpointing_enable()
     optimizer = optim.build_optimizer(model, t, device)
-    progress, rng, scaler_state = restore(last_path, model, optimizer, d) if resume else (fresh_progress(), None, None)
+    ema = None
+    if t["ema_decay"] is not None:
+        from timm.utils import ModelEmaV3
+
+        # a copy of the weights, updated after every optimizer step; its decay warms up from 0
+        # (1 - (1 + step)^-2/3, capped at ema_decay) so early steps are not averaged with the init
+        ema = ModelEmaV3(model, decay=t["ema_decay"], use_warmup=True)
+    progress, rng, scaler_state = restore(last_path, model, optimizer, d, ema) if resume else (fresh_progress(), None, None)
     sample_shape = (t["batch_size"], params["data"]["channels"], params["data"]["image_size"], params["data"]["image_size"])
     # every rank trains in rank 0's choice (auto times steps, and two ranks could time them differently)
     precision, why = distributed.gather(precisions.resolve(t["precision"], device, model, sample_shape,
@@ -133,7 +150,7 @@ def set_up(params_file, overrides, resume, launched):
     run = Run(params, d, loaders, model, optimizer, scaler, engine.StepSettings.from_params(t, precision), evaluator,
               distributed.wrap(evaluator, d), lr_fn, steps_per_epoch, mixup_fn, progress, rng,
               started=launched - progress["elapsed_s"],  # a resumed run's clock goes on where it stopped
-              resume_hint=shlex.join(["python", "main.py", *again, "--resume"]))
+              resume_hint=shlex.join(["python", "main.py", *again, "--resume"]), ema=ema)
     open_run_folder(run, base_lr, why)
     return run
 
@@ -149,7 +166,8 @@ def build_model(params, classes):
     if m["pretrained"] is not None:
         # an RGB checkpoint on gray data (or the reverse) gets its patch kernel adapted, said in the load report
         return ViTForImageClassification.from_pretrained(
-            m["pretrained"], num_labels=len(classes), id2label=id2label, num_channels=d["channels"], **common)
+            m["pretrained"], num_labels=len(classes), id2label=id2label, num_channels=d["channels"],
+            ema=m["pretrained_ema"], **common)
     sizes = {k: m[k] for k in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                                "intermediate_size", "layer_norm_eps", "qkv_bias") if m[k] is not None}
     kw = dict(num_channels=d["channels"], num_labels=len(classes), id2label=id2label, **common, **sizes)
@@ -166,9 +184,9 @@ def fresh_progress():
             "precision": None, "elapsed_s": 0.0}
 
 
-def restore(last_path, model, optimizer, d):
-    """Resume from last.pt: its counters, this rank's RNG state and the gradient scaler's state."""
-    progress, rngs, scaler_state = checkpoint.resume(last_path, model, optimizer)
+def restore(last_path, model, optimizer, d, ema=None):
+    """Resume from last.pt: its counters, this rank's RNG state and the gradient scaler's state (and the EMA's weights)."""
+    progress, rngs, scaler_state = checkpoint.resume(last_path, model, optimizer, ema)
     # each rank continues its own streams and metric sums (another world size cannot be exact anyway)
     rank = d.rank if d.rank < len(rngs) else 0
     progress["sums"] = progress["sums"][rank] if progress["sums"] else None
@@ -255,7 +273,8 @@ def run_epochs(run, stop):
                 run.runner, loaders.train, run.optimizer, run.scaler, run.lr_fn, epoch, settings=run.settings, d=d,
                 start=engine.EpochStart(progress["step_in_epoch"], progress["sums"], run.rng), mixup_fn=run.mixup_fn,
                 should_stop=stop, backbone=run.model.vit if t["freeze_backbone"] else None,
-                desc=f"epoch {epoch + 1}/{t['epochs']}", on_rate=announce_cost)
+                desc=f"epoch {epoch + 1}/{t['epochs']}", on_rate=announce_cost,
+                after_step=None if run.ema is None else functools.partial(run.ema.update, run.model))
         except engine.NonFiniteLoss as e:
             kept = (f"the last good checkpoint {last_path} ({progress['epoch']} epoch(s)) is intact"
                     if os.path.isfile(last_path) else "no checkpoint was saved yet")
@@ -285,25 +304,30 @@ def end_epoch(run, epoch, stats, epoch_start, stop):
     record = {"epoch": epoch + 1, "loss": stats["loss"], "acc": stats["acc"]}
     is_last, final_val = epoch + 1 == t["epochs"], None
     if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
-        # the last epoch's pass also gathers what the end-of-run report shows
-        val = engine.evaluate(run.evaluator, loaders.val, **eval_kw(run, report=is_last))
-        final_val = val if is_last else None
+        # the last epoch's pass over the weights that pick best also gathers what the end-of-run report shows
+        val = engine.evaluate(run.evaluator, loaders.val, **eval_kw(run, report=is_last and not run.picks_ema))
         record.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "acc", "top5")})
+        if run.ema is not None:
+            val_ema = engine.evaluate(run.ema.module, loaders.val, **eval_kw(run, report=is_last and run.picks_ema))
+            record.update({f"val_{k}_ema": v for k, v in val_ema.items() if k in ("loss", "acc", "top5")})
+            val = val_ema if run.picks_ema else val
+        final_val = val if is_last else None
     now = time.perf_counter()  # epoch_s: this epoch's training + evaluation; elapsed_s: since launch
     record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped,
                   epoch_s=round(now - epoch_start, 2), elapsed_s=round(now - run.started, 2))
     print(epoch_line(record))
     progress["history"].append(record)
     progress.update(epoch=epoch + 1, step_in_epoch=0, sums=None)
-    is_best = record.get("val_acc", -1.0) > progress["best_acc"]
+    metric = run.params["output"]["best_metric"]
+    is_best = record.get(metric, -1.0) > progress["best_acc"]
     if is_best:
-        progress["best_acc"] = record["val_acc"]
+        progress["best_acc"] = record[metric]
     stopping = distributed.any_rank(stop(), d)
     # best before last: a kill in between redoes this epoch on resume, which rewrites best identically
     if is_best:
         run.save(run.path(checkpoint.BEST))
-        if d.is_main:
-            checkpoint.save_hf(run.model, run.path(checkpoint.HF_DIR), loaders.mean, loaders.std)
+        if d.is_main:  # the weights that scored: the EMA's when they pick best
+            checkpoint.save_hf(run.ema.module if run.picks_ema else run.model, run.path(checkpoint.HF_DIR), loaders.mean, loaders.std)
     if (epoch + 1) % run.params["output"]["save_every"] == 0 or is_last or stopping:
         run.save(last_path)
     if d.is_main:
@@ -329,12 +353,14 @@ def eval_kw(run, report=False):
 
 
 def epoch_line(record):
-    """`Epoch : 7 - loss : 0.2399 - acc: 0.9014 - val_loss : 0.9127 - val_acc: 0.6396 [- val_top5: ...]`."""
+    """`Epoch : 7 - loss : 0.2399 - acc: 0.9014 - val_loss : 0.9127 - val_acc: 0.6396 [- val_top5: ...] [- val_acc_ema: ...]`."""
     line = f"Epoch : {record['epoch']} - loss : {record['loss']:.4f} - acc: {record['acc']:.4f}"
     if "val_loss" in record:
         line += f" - val_loss : {record['val_loss']:.4f} - val_acc: {record['val_acc']:.4f}"
     if "val_top5" in record:
         line += f" - val_top5: {record['val_top5']:.4f}"
+    if "val_acc_ema" in record:
+        line += f" - val_acc_ema: {record['val_acc_ema']:.4f}"
     return line
 
 
@@ -364,13 +390,14 @@ def finish(run, final_val):
     loaders, d = run.loaders, run.d
     if loaders.val is not None:
         if final_val is None:  # resumed after the last epoch: its evaluation ran in the process that stopped
-            final_val = engine.evaluate(run.evaluator, loaders.val, **eval_kw(run, report=True))
+            final_val = engine.evaluate(run.ema.module if run.picks_ema else run.evaluator, loaders.val, **eval_kw(run, report=True))
         report(final_val, loaders, run.params["output"]["dir"], run.params["output"]["misclassified"], d)
     if loaders.report.get("skipped_at_scan") or loaders.report.get("dropped_at_load"):
         print(f"bad files: {loaders.report.get('skipped_at_scan', 0)} skipped at scan, "
               f"{loaders.report.get('dropped_at_load', 0)} dropped at load (see warnings above)")
     if d.is_main:
-        print(summary_line(run.progress["history"], time.perf_counter() - run.started, run.params["output"]["dir"]))
+        print(summary_line(run.progress["history"], time.perf_counter() - run.started, run.params["output"]["dir"],
+                           run.params["output"]["best_metric"]))
 
 
 def report(val, loaders, out, n_mistakes, d):
@@ -388,12 +415,12 @@ def report(val, loaders, out, n_mistakes, d):
                              [classes[p] for _, _, p in wrong], os.path.join(out, "misclassified.png"))
 
 
-def summary_line(history, elapsed, out):
-    """The run's end: time, best val_acc and its epoch, and the files in the run folder."""
+def summary_line(history, elapsed, out, metric="val_acc"):
+    """The run's end: time, the best `metric` (output.best_metric) and its epoch, and the files in the run folder."""
     files = [checkpoint.BEST, checkpoint.LAST, checkpoint.HF_DIR + "/", "metrics.jsonl", "curves.png",
              "confusion.png", "per_class_accuracy.json", "misclassified.png", "params.json"]
     present = [f for f in files if os.path.exists(os.path.join(out, f))]
-    scored = [h for h in history if "val_acc" in h]
-    best = max(scored, key=lambda h: h["val_acc"], default=None)  # the first of equals, as best.pt keeps it
-    result = f"best val_acc {best['val_acc']:.4f} at epoch {best['epoch']}" if best else "no validation data"
+    scored = [h for h in history if metric in h]
+    best = max(scored, key=lambda h: h[metric], default=None)  # the first of equals, as best.pt keeps it
+    result = f"best {metric} {best[metric]:.4f} at epoch {best['epoch']}" if best else "no validation data"
     return f"done: {len(history)} epochs in {duration(elapsed)}, {result}; in {out}: {', '.join(present)}"

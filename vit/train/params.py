@@ -28,6 +28,7 @@ SCHEMA = {
     "model": {
         "preset": (None, (str, type(None)), "preset"),  # "Ti/16", "B/16", ...; null: explicit sizes
         "pretrained": (None, (str, type(None)), None),  # HF folder, timm file or Google .npz
+        "pretrained_ema": (False, bool, None),  # take the pretrained file's EMA weights (timm's state_dict_ema, model_ema)
         # explicit sizes: override the preset's; null keeps the preset's (or the checkpoint's)
         "patch_size": (None, (int, type(None)), ">0"),
         "hidden_size": (None, (int, type(None)), ">0"),
@@ -79,11 +80,14 @@ SCHEMA = {
         "layer_decay": (None, (int, float, type(None)), "(0,1]"),  # BEiT/MAE per-layer lr decay
         "freeze_backbone": (False, bool, None),  # linear probe: only the classifier trains
         "eval_every": (1, int, ">0"),
+        "grad_checkpointing": (False, bool, None),  # recompute each block in the backward pass: less memory, ~1/3 more time
+        "ema_decay": (None, (int, float, type(None)), "(0,1)"),  # EMA of the weights (timm's ModelEmaV3, with warm-up); null: off
     },
     "output": {
         "dir": ("runs/fashion_mnist", str, "path"),
         "save_every": (1, int, ">0"),  # epochs between `last` checkpoints (the final epoch always saves)
         "misclassified": (32, int, ">=0"),  # images in the end-of-run grid
+        "best_metric": ("val_acc", str, ("val_acc", "val_acc_ema")),  # what picks best.pt and best_hf/ (val_acc_ema: the EMA weights)
     },
 }
 
@@ -296,6 +300,11 @@ def _check_cross(params):
         raise UserError("params key data.train_dir is null but data.dataset is \"folder\"; set it to the train folder.")
     if t["min_lr"] > t["lr"]:
         raise UserError(f"params key train.min_lr={t['min_lr']} is above train.lr={t['lr']}; lower it.")
+    if params["output"]["best_metric"] == "val_acc_ema" and t["ema_decay"] is None:
+        raise UserError("params key output.best_metric is \"val_acc_ema\" but train.ema_decay is null, so there is no EMA; "
+                        "set train.ema_decay (e.g. 0.9998) or output.best_metric to \"val_acc\".")
+    if m["pretrained_ema"] and m["pretrained"] is None:
+        raise UserError("params key model.pretrained_ema is true but model.pretrained is null; set model.pretrained or drop model.pretrained_ema.")
 
 
 def save(params, path):
