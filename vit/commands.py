@@ -22,10 +22,10 @@ INSPECT_IMAGES = 64  # images the attention distance is averaged over
 FEATURES_BATCH = 64  # images per forward pass in `features`
 
 
-def load_model(path, device, ema=False, **overrides):
+def load_model(path, device, ema=False):
     """An eval-mode classifier on `device` and its `inference_info`, from a run folder, a training
     checkpoint or any pretrained source; ema=True takes a training file's EMA weights."""
-    model = ViTForImageClassification.from_pretrained(path, ema=ema, **overrides)
+    model = ViTForImageClassification.from_pretrained(path, ema=ema)
     return model.to(device).eval(), inference_info(model)
 
 
