@@ -17,13 +17,21 @@ CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, interm
               image_size=16, layer_norm_eps=1e-6, num_labels=5)
 
 
+# the ViT family's switches: DeiT's distillation token with registers, layer scale and CLIP's norm_pre;
+# a gap model with fc_norm and no class token
+FAMILY = {"plain": {}, "distilled_registers": dict(distilled=True, num_register_tokens=2, layer_scale_init=1e-5, pre_norm=True,
+                                                    no_embed_class=True),
+          "gap": dict(class_token=False, global_pool="avg", fc_norm=True)}
+MODELS = [(cls, name) for cls in (ViTForImageClassification, ViTModel) for name in FAMILY]
+
+
 def tiny(cls=ViTForImageClassification, **kw):
     return randomize_(cls(ViTConfig(**{**CONFIG, **kw}))).eval()
 
 
-@pytest.mark.parametrize("cls", [ViTForImageClassification, ViTModel])
-def test_torch_export_takes_the_model_as_it_is(cls):
-    model = tiny(cls)
+@pytest.mark.parametrize("cls,variant", MODELS)
+def test_torch_export_takes_the_model_as_it_is(cls, variant):
+    model = tiny(cls, **FAMILY[variant])
     x = torch.randn(2, 3, 16, 16)
     program = torch.export.export(model, (x,))
     with torch.no_grad():
@@ -33,15 +41,15 @@ def test_torch_export_takes_the_model_as_it_is(cls):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls", [ViTForImageClassification, ViTModel])
-def test_jit_trace_takes_the_model_as_it_is(cls):
-    model = tiny(cls)
+@pytest.mark.parametrize("cls,variant", MODELS)
+def test_jit_trace_takes_the_model_as_it_is(cls, variant):
+    model = tiny(cls, **FAMILY[variant])
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         traced = torch.jit.trace(model, (x,))
         y = torch.randn(3, 3, 16, 16)  # another batch size through the same trace
         got, want = traced(y), model(y).to_tuple()  # while tracing, forward returns to_tuple()
-    assert isinstance(got, tuple) and len(got) == len(want) == (1 if cls is ViTForImageClassification else 2)
+    assert isinstance(got, tuple) and len(got) == len(want) == (1 if cls is ViTForImageClassification else 2)  # logits; tokens, pooler
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -51,11 +59,11 @@ needs_onnx = pytest.mark.skipif(any(importlib.util.find_spec(n) is None for n in
 
 
 @needs_onnx
-@pytest.mark.parametrize("image_size", [None, 32])
-def test_onnx_export_equals_pytorch_at_two_batch_sizes(tmp_path, capsys, image_size):
+@pytest.mark.parametrize("image_size,variant", [(None, "plain"), (32, "plain"), (32, "distilled_registers"), (None, "gap")])
+def test_onnx_export_equals_pytorch_at_two_batch_sizes(tmp_path, capsys, image_size, variant):
     import onnxruntime
 
-    tiny().save_pretrained(tmp_path / "model")
+    tiny(**FAMILY[variant]).save_pretrained(tmp_path / "model")
     out = tmp_path / "model.onnx"
     argv = ["export", "--checkpoint", str(tmp_path / "model"), "--format", "onnx", "--out", str(out)]
     code, stdout, err = run_main(argv + (["--image-size", str(image_size)] if image_size else []), capsys)
