@@ -173,7 +173,7 @@ def test_freeze_backbone_leaves_only_the_head():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
 
 
-@pytest.mark.parametrize("key,value", [("layer_norm_eps", "1e-5"), ("qkv_bias", "false")])
+@pytest.mark.parametrize("key,value", [("layer_norm_eps", "1e-5"), ("qkv_bias", "false"), ("weight_init", "jax")])
 def test_architecture_keys_beside_pretrained_are_refused_not_ignored(key, value):
     sizes = [f"model.{k}=null" for k in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")]
     msg = error_of("model.pretrained=x.npz", *sizes, f"model.{key}={value}")

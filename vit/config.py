@@ -22,6 +22,7 @@ PRESETS = {
 PRESET_RE = re.compile(rf"(?:ViT-)?({'|'.join(PRESETS)})/([1-9]\d*)")  # "B/16", "ViT-S/32": size, patch
 # the hidden_act values; vit/model.py maps each to its nn.Module (ACT2FN)
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu")
+WEIGHT_INITS = ("trunc_normal", "jax")  # how a model trained from scratch starts; see PreTrainedViT._init_weights
 # what the head reads (timm's global_pool): the class token, or the mean of the patch tokens
 POOLINGS = ("token", "avg")
 # ViTConfig's fields for the ViT family (DeiT, DINOv2, CLIP, MAE, gap models); all off is the classic ViT
@@ -48,6 +49,7 @@ class ViTConfig:
     num_labels: int = 1000
     # not in HF's ViTConfig: training-only or checkpoint-only extras
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing with depth (timm's rule)
+    weight_init: str = "trunc_normal"  # "trunc_normal" (HF's and timm's default) or "jax" (the original Flax code's)
     use_pre_logits: bool = False  # first in21k release: classify from the pooler (dense + tanh)
     id2label: Optional[dict] = field(default=None, repr=False)  # {int: class name}
     # the ViT family's switches, timm's names (HF's ViT has none of them): each default is the classic ViT
@@ -77,6 +79,8 @@ class ViTConfig:
             )
         if self.hidden_act not in ACTIVATIONS:
             raise UserError(f"hidden_act={self.hidden_act!r} is not known; choose one of {sorted(ACTIVATIONS)}.")
+        if self.weight_init not in WEIGHT_INITS:
+            raise UserError(f"weight_init={self.weight_init!r} is not known; choose one of {list(WEIGHT_INITS)}.")
         if self.id2label is not None:
             self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)  # the class names decide the head's size

@@ -169,7 +169,7 @@ def build_model(params, classes):
             m["pretrained"], num_labels=len(classes), id2label=id2label, num_channels=d["channels"],
             ema=m["pretrained_ema"], **common)
     sizes = {k: m[k] for k in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                               "intermediate_size", "layer_norm_eps", "qkv_bias") if m[k] is not None}
+                               "intermediate_size", "layer_norm_eps", "qkv_bias", "weight_init") if m[k] is not None}
     kw = dict(num_channels=d["channels"], num_labels=len(classes), id2label=id2label, **common, **sizes)
     if m["preset"] is not None:
         config = ViTConfig.from_preset(m["preset"], **kw)

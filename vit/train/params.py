@@ -14,7 +14,7 @@ import os
 import re
 
 from vit.errors import UserError
-from vit.config import POOLINGS, PRESET_RE, PRESETS
+from vit.config import POOLINGS, PRESET_RE, PRESETS, WEIGHT_INITS
 
 NUMBER = (int, float)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -37,6 +37,9 @@ SCHEMA = {
         "intermediate_size": (None, (int, type(None)), ">0"),
         "layer_norm_eps": (None, (int, float, type(None)), ">0"),  # null: 1e-6 (timm), or the checkpoint's
         "qkv_bias": (None, (bool, type(None)), None),
+        # how a model trained from scratch starts: "jax" (Xavier, the original Flax code's: much faster at
+        # small widths) or "trunc_normal" (HF's and timm's default); null: trunc_normal
+        "weight_init": (None, (str, type(None)), WEIGHT_INITS),
         # what the head reads: "token" or "avg" (patch mean); null: the checkpoint's, or the class token
         # from scratch. Set it for a timm avg-pool file the loader can only guess about (its report says)
         "global_pool": (None, (str, type(None)), POOLINGS),
@@ -272,7 +275,7 @@ def _check_cross(params):
         raise UserError(f"params key data.std must be positive, got {d['std']}.")
     sizes = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     if m["pretrained"] is not None:
-        given = [k for k in (*sizes, "layer_norm_eps", "qkv_bias") if m[k] is not None] + (["preset"] if m["preset"] else [])
+        given = [k for k in (*sizes, "layer_norm_eps", "qkv_bias", "weight_init") if m[k] is not None] + (["preset"] if m["preset"] else [])
         if given:
             raise UserError(
                 f"params key model.{given[0]} is set but model.pretrained decides the architecture; "
