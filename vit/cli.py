@@ -37,9 +37,11 @@ COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "exp
 
 def main(argv=None, launched=None):
     """Run one command; returns its exit code. `launched` is when the process started (a training
-    run's elapsed_s counts from it), else now."""
+    run's elapsed_s counts from it), else now. Without `argv` the process's own arguments are read,
+    and the commands it suggests start the way it was started; with them, as `python main.py`."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.launched = time.perf_counter() if launched is None else launched
+    args.launcher = launcher() if argv is None else ("python", "main.py")
     try:
         return args.run(args)
     except UserError as e:
@@ -100,6 +102,35 @@ def _checkpoint_args(p):
     p.add_argument("--ema", action="store_true", help="take the file's EMA weights (model_ema / state_dict_ema)")
 
 
+def launcher():
+    """The words that started this process, for the commands it suggests: `torchrun ... main.py`,
+    `python3 main.py`, `python3 -m vit` or `vit`."""
+    python, script = (sys.orig_argv or ["python"])[0], sys.argv[0] if sys.argv else "main.py"
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: the command typed was torchrun's, our parent's
+        try:
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+                words = os.fsdecode(f.read()).split("\0")[:-1]
+        except OSError:
+            words = []
+        return torchrun_words(words, script, os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if os.path.basename(script) == "__main__.py":
+        return (python, "-m", "vit")
+    return (python, script) if script.endswith(".py") else (os.path.basename(script),)
+
+
+def torchrun_words(parent, script, local_world_size):
+    """torchrun's words in its own command line `parent` (from `torchrun`, or the python before
+    `-m torch.distributed.run`, through the training script), else the plain form with the process count."""
+    start = next((i for i, w in enumerate(parent) if os.path.basename(w) == "torchrun"), None)
+    if start is None:
+        start = next((i - 1 for i, w in enumerate(parent[1:-1], 1) if w == "-m" and parent[i + 1] == "torch.distributed.run"), None)
+    end = next((i for i, w in enumerate(parent) if w == script), None)
+    if start is None or end is None or end <= start:
+        return ("torchrun", f"--nproc_per_node={local_world_size}", script)
+    words = parent[start:end + 1]
+    return ("torchrun", *words[1:]) if os.path.basename(words[0]) == "torchrun" else tuple(words)
+
+
 def _prog():
     """What the user typed: `python -m vit`, `main.py` or `vit`."""
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "vit"
@@ -113,7 +144,7 @@ def _prog():
 def _train(args):
     from vit.train import loop
 
-    return loop.train(args.params, args.set, args.resume, args.launched)
+    return loop.train(args.params, args.set, args.resume, args.launched, args.launcher)
 
 
 def _eval(args):

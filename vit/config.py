@@ -27,6 +27,14 @@ WEIGHT_INITS = ("trunc_normal", "jax")  # how a model trained from scratch start
 POOLINGS = ("token", "avg")
 # ViTConfig's fields for the ViT family (DeiT, DINOv2, CLIP, MAE, gap models); all off is the classic ViT
 SWITCHES = ("class_token", "global_pool", "fc_norm", "layer_scale_init", "num_register_tokens", "pre_norm", "distilled", "no_embed_class")
+# (field, lower-bound test, exclusive upper bound, the range in words) of every float field
+FLOAT_FIELDS = (
+    ("hidden_dropout_prob", lambda v: v >= 0, 1, "at least 0 and below 1"),
+    ("attention_probs_dropout_prob", lambda v: v >= 0, 1, "at least 0 and below 1"),
+    ("drop_path_rate", lambda v: v >= 0, 1, "at least 0 and below 1"),
+    ("initializer_range", lambda v: v > 0, math.inf, "above 0"),
+    ("layer_norm_eps", lambda v: v > 0, 1, "above 0 and below 1"),
+)
 
 
 @dataclass
@@ -77,12 +85,22 @@ class ViTConfig:
                 f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}; "
                 f"use a multiple of {self.patch_size} such as {self.patch_size * max(1, round(self.image_size / self.patch_size))}."
             )
-        if self.hidden_act not in ACTIVATIONS:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise UserError(f"hidden_act={self.hidden_act!r} is not known; choose one of {sorted(ACTIVATIONS)}.")
         if self.weight_init not in WEIGHT_INITS:
             raise UserError(f"weight_init={self.weight_init!r} is not known; choose one of {list(WEIGHT_INITS)}.")
+        # a foreign config.json can hold anything: check what the model will compute with before it is built
+        for name, low, high, words in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or not (low(value) and value < high):
+                raise UserError(f"{name}={value!r} must be a number {words}; fix it in the config or the overrides.")
+        for name in ("qkv_bias", "use_pre_logits"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name}={getattr(self, name)!r} must be true or false; fix it in the config or the overrides.")
+        if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 0:
+            raise UserError(f"num_labels={self.num_labels!r} must be an integer, 0 or more; fix it in the config or the overrides.")
         if self.id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            self.id2label = _class_names(self.id2label)
             self.num_labels = len(self.id2label)  # the class names decide the head's size
         self._check_switches()
 
@@ -151,3 +169,21 @@ class ViTConfig:
         """Read an HF config.json body, ignoring the keys this model has no use for."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})  # num_labels follows id2label in __post_init__
+
+
+def _is_number(value):
+    """An int or float, and not a bool (True is an int in Python, but not a probability)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _class_names(id2label):
+    """{0: name, 1: name, ...} from a config's id2label (JSON keys are strings), refused unless it numbers 0..K-1."""
+    if not isinstance(id2label, dict):
+        raise UserError(f"id2label must map class indices to names, got {type(id2label).__name__}; fix it in the config.")
+    try:
+        names = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError):
+        names = {}
+    if sorted(names) != list(range(len(id2label))):
+        raise UserError(f"id2label keys {sorted(id2label, key=str)[:5]} are not the class indices 0..{len(id2label) - 1}; fix it in the config.")
+    return names

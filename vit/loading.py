@@ -19,13 +19,14 @@ import math
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
 from vit.config import SWITCHES, ViTConfig
-from vit.errors import UserError
+from vit.errors import UserError, special_file_kind
 from vit.resize import adapt_input_channels, resample_patch_kernel, resample_pos_embed
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pth.tar")  # .pth.tar: timm's train.py
@@ -130,6 +131,7 @@ TRANSPOSES = {
     "heads_out": lambda t: t.reshape(-1, t.shape[-1]).t(),  # out (heads, head_dim, D) -> (D, D)
     "flatten": lambda t: t.reshape(-1),  # q/k/v bias (heads, head_dim) -> (D,)
 }
+RANKS = {"transpose": 2, "hwio_to_oihw": 4, "heads_in": 3, "heads_out": 3, "flatten": 2}  # what each rule takes
 
 
 def rename(state, table, path):
@@ -140,6 +142,9 @@ def rename(state, table, path):
             m = re.fullmatch(pattern, key)
             if m is None:
                 continue
+            if tensor.ndim == 0 or tensor.ndim != RANKS.get(rule, tensor.ndim):
+                raise UserError(f"checkpoint {path} has tensor {key!r} of shape {tuple(tensor.shape)}, where a ViT "
+                                f"has a {RANKS.get(rule, 'non-scalar')}-D tensor; the file is damaged or not a ViT checkpoint.")
             if rule == "split_qkv":  # timm's fused (3D, D) qkv -> query, key, value
                 for name, part in zip(("query", "key", "value"), tensor.chunk(3)):
                     out[m.expand(target.replace("{q,k,v}", name))] = part
@@ -171,11 +176,19 @@ EMA_KEYS = ("model_ema", "state_dict_ema")
 SAFE_GLOBALS = [argparse.Namespace]
 
 
+def is_file(path):
+    """os.path.isfile, except that a FIFO, device or socket is refused by name before anything opens it."""
+    kind = special_file_kind(path)
+    if kind is not None:
+        raise UserError(f"checkpoint {path} is {kind}, not a regular file; pass a checkpoint file or folder.")
+    return os.path.isfile(path)
+
+
 def read_file(path):
     """What a .safetensors, .pth, .pt, .bin, .ckpt or .pth.tar file holds, read without running code
     from it: safetensors, or torch.load(weights_only=True) with only SAFE_GLOBALS allowed. The
     project's only reader of torch files."""
-    if not os.path.isfile(path):
+    if not is_file(path):
         raise UserError(f"checkpoint {path} does not exist; check the path.")
     try:
         if path.endswith(".safetensors"):
@@ -208,7 +221,7 @@ def run_checkpoint(path):
     """A run folder stands for its best.pt (else its last.pt); any other path for itself."""
     if os.path.isdir(path):
         for name in (BEST, LAST):
-            if os.path.isfile(os.path.join(path, name)):
+            if is_file(os.path.join(path, name)):
                 return os.path.join(path, name)
     return path
 
@@ -260,7 +273,7 @@ def read_hf_folder(path):
     """config.json plus model.safetensors / pytorch_model.bin (or a sharded index) from transformers,
     and the normalization its preprocessor_config.json states."""
     config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
+    if not is_file(config_path):
         raise UserError(f"folder {path} has no config.json; pass a Hugging Face model folder or a checkpoint file.")
     try:
         with open(config_path) as f:
@@ -274,18 +287,18 @@ def read_hf_folder(path):
     if hf_config.get("use_swiglu_ffn"):
         raise UserError(f"config file {config_path} has use_swiglu_ffn=true (DINOv2 giant's SwiGLU MLP), which this ViT has no counterpart for; pass a DINOv2 S, B or L folder.")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if os.path.isfile(os.path.join(path, index)):
+        if is_file(os.path.join(path, index)):
             try:
                 with open(os.path.join(path, index)) as f:
                     files = sorted(set(json.load(f)["weight_map"].values()))
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise UserError(f"shard index {os.path.join(path, index)} is not valid ({type(e).__name__}: {e}); re-save the model folder.") from None
-            missing = [n for n in files if not os.path.isfile(os.path.join(path, n))]
+            missing = [n for n in files if not is_file(os.path.join(path, n))]
             if missing:
                 raise UserError(f"folder {path} lacks the shard {missing[0]} that {index} lists; copy the whole model folder.")
             break
     else:
-        files = [n for n in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, n))][:1]
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if is_file(os.path.join(path, n))][:1]
     if not files:
         raise UserError(f"folder {path} has no model.safetensors or pytorch_model.bin; the weights are missing.")
     state = {}
@@ -334,16 +347,29 @@ CLIP_NOTE = ("norm_pre (CLIP): layer_norm_eps=1e-5 and hidden_act='gelu' assumed
 def read_normalization(folder):
     """{"mean", "std"} from an HF folder's preprocessor_config.json, or {} where it states none."""
     pre = os.path.join(folder, "preprocessor_config.json")
-    if not os.path.isfile(pre):
+    if not is_file(pre):
         return {}
     try:
         with open(pre) as f:
             cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"file {pre} is not valid JSON ({e}); fix it or delete it to use mean/std 0.5.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"file {pre} is not valid JSON ({type(e).__name__}); fix it or delete it to use mean/std 0.5.") from None
     if isinstance(cfg, dict) and "image_mean" in cfg and "image_std" in cfg:
-        return {"mean": list(cfg["image_mean"]), "std": list(cfg["image_std"])}
+        return checked_normalization(cfg["image_mean"], cfg["image_std"], f"file {pre}: image_mean/image_std")
     return {}
+
+
+def checked_normalization(mean, std, where):
+    """{"mean", "std"} as lists of floats (HF allows one number for all channels), refused unless finite
+    numbers with std > 0: a file's values, read before anything is normalized with them."""
+    mean, std = ([v] if isinstance(v, (int, float)) else v for v in (mean, std))
+    for name, values in (("mean", mean), ("std", std)):
+        if (not isinstance(values, (list, tuple)) or not values or len(values) > 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+            raise UserError(f"{where} has {name} {str(values)[:80]}, not a list of 1 to 4 finite numbers; fix the file.")
+    if min(std) <= 0:
+        raise UserError(f"{where} has std {list(std)} with a value <= 0; fix the file.")
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
 
 def config_fields(config, state, path, where):
@@ -363,7 +389,9 @@ def read_state_file(path, ema=False):
     """A timm (or HF-named) state-dict file, or this project's training checkpoint with its config,
     normalization and params; the keys tell which. ema=True takes the file's EMA weights."""
     obj = read_file(path)
-    config = obj["config"] if is_training_checkpoint(obj) else None
+    # ours says model_type "vit"; a foreign {"model", "config"} file (a training script's arguments) is read by its shapes
+    ours = is_training_checkpoint(obj) and obj["config"].get("model_type") == "vit"
+    config = obj["config"] if ours else None
     state = strip_prefixes(tensors_of(obj, path, ema), WRAPPER_PREFIXES)
     notes = []
     if ema:
@@ -386,7 +414,7 @@ def read_state_file(path, ema=False):
             known = ViTConfig.from_hf_dict(config)
         except (TypeError, ValueError, UserError) as e:
             raise UserError(f"checkpoint {path} carries a config this model cannot read ({e}); pass its best_hf folder instead.") from None
-        extras = {k: obj[k] for k in ("mean", "std", "params") if k in obj}
+        extras = run_extras(obj, path)
         return Source(state, config_fields(known, state, path, f"checkpoint {path}: its config"), TRAINING_CHECKPOINT, extras, notes)
     raise UserError(
         f"checkpoint {path} is not a recognised ViT state dict (no patch_embed.proj.weight or "
@@ -394,19 +422,38 @@ def read_state_file(path, ema=False):
     )
 
 
+def run_extras(obj, path):
+    """What a training checkpoint carries for inference (mean and std, the run's params), each checked:
+    a wrong type here would fail later, far from the file."""
+    extras = {}
+    if "mean" in obj or "std" in obj:
+        extras.update(checked_normalization(obj.get("mean"), obj.get("std"), f"checkpoint {path}"))
+    params = obj.get("params")
+    if params is not None:
+        if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
+            raise UserError(f"checkpoint {path} carries params that are not sections of keys ({str(params)[:80]}); "
+                            f"it is damaged or not this project's: pass its best_hf folder instead.")
+        extras["params"] = params
+    return extras
+
+
 def read_npz(path):
     """An original Google JAX/Flax .npz (first in21k release, AugReg, or big_vision), without pickle."""
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"cannot read {path} as a .npz checkpoint ({type(e).__name__}: {e}); the file is corrupt, truncated or pickled.")
+        with zipfile.ZipFile(path) as z:
+            arrays = {}
+            for info in z.infolist():
+                check_npy_header(z, info)  # before numpy allocates what the header declares
+                with z.open(info) as member:
+                    arrays[info.filename.removesuffix(".npy")] = np.lib.format.read_array(member, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, zlib.error, NotImplementedError) as e:
+        raise UserError(f"cannot read {path} as a .npz checkpoint ({type(e).__name__}: {str(e)[:200]}); the file is corrupt, truncated or pickled.") from None
     for prefix in ("params/", "opt/target/"):
         if prefix + "embedding/kernel" in arrays:
             arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
     if "embedding/kernel" not in arrays:
         raise UserError(f"{path} is not a recognised Google ViT .npz (no embedding/kernel); pass a ViT checkpoint.")
-    arrays = unstack_scanned_blocks(arrays)
+    arrays = unstack_scanned_blocks(arrays, path)
     state = rename({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}, NPZ_RENAMES, path)
     # Google's ViTs have a class token only to pool with it (big_vision's pool_type='tok'); else they pool by the mean
     kw = {"layer_norm_eps": 1e-6, "global_pool": "token" if "embeddings.cls_token" in state else "avg"}
@@ -416,17 +463,36 @@ def read_npz(path):
     if query is not None:
         kw["num_attention_heads"] = int(query.shape[1])  # (D, heads, head_dim)
     pos = state.get("embeddings.position_embeddings")
-    if pos is not None and "embeddings.cls_token" in state and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
+    if pos is not None and pos.ndim == 3 and "embeddings.cls_token" in state and math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:
         # big_vision adds position embeddings before the cls token joins: its position is zero
         state["embeddings.position_embeddings"] = torch.cat((pos.new_zeros(1, 1, pos.shape[2]), pos), dim=1)
     return Source(state, kw, "Google .npz")
 
 
-def unstack_scanned_blocks(arrays):
+def check_npy_header(z, info):
+    """ValueError for an .npy member whose header declares more (or other) data than the member holds:
+    numpy would allocate the declared size first (10^12 floats for a 64-byte member), then find the data short."""
+    with z.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"member {info.filename!r} is .npy format {version}, which numpy's savez does not write")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(member)
+        data_bytes = info.file_size - member.tell()
+    if dtype.hasobject:
+        raise ValueError(f"member {info.filename!r} holds pickled objects, which are never loaded")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != data_bytes:
+        raise ValueError(f"member {info.filename!r} declares shape {shape} of {dtype}, {declared:,} bytes, but holds {data_bytes:,}")
+
+
+def unstack_scanned_blocks(arrays, path):
     """big_vision's scanned encoder stores all blocks in one `encoderblock/` with a leading depth axis."""
     out = {}
     for k, v in arrays.items():
         if k.startswith("Transformer/encoderblock/"):
+            if v.ndim == 0:
+                raise UserError(f"{path}: the scanned block array {k!r} is a scalar, not a stack of blocks; the file is damaged or not a ViT checkpoint.")
             for i in range(v.shape[0]):
                 out[k.replace("encoderblock/", f"encoderblock_{i}/")] = v[i]
         else:
@@ -442,9 +508,12 @@ def infer_config(state, path):
     """Width, depth, MLP width, patch, grid and channels from the tensors themselves, and the ViT-family
     switches from which tensors exist (see infer_switches)."""
     need = ("embeddings.patch_embeddings.projection.weight", "embeddings.position_embeddings", "encoder.layer.0.intermediate.dense.weight")
-    for key in need:
+    for key, rank in zip(need, (4, 3, 2)):
         if key not in state:
             raise UserError(f"checkpoint {path} lacks {key!r}, so its architecture cannot be read; pass a complete ViT checkpoint.")
+        if state[key].ndim != rank:
+            raise UserError(f"checkpoint {path} has {key!r} of shape {tuple(state[key].shape)}, where a ViT has a {rank}-D tensor; "
+                            f"the file is damaged or not a ViT checkpoint.")
     kernel = state[need[0]]  # (D, C, p, p)
     width, channels, patch = kernel.shape[0], kernel.shape[1], kernel.shape[2]
     fc2 = state.get("encoder.layer.0.output.dense.weight")  # (D, intermediate)
@@ -452,7 +521,12 @@ def infer_config(state, path):
         raise UserError(f"checkpoint {path} has an MLP whose first layer gives {state[need[2]].shape[0]} features and whose second takes "
                         f"{fc2.shape[1]}: a packed SwiGLU MLP (timm's SwiGLUPacked), which this ViT has no counterpart for.")
     switches = infer_switches(state, path)
-    grid = math.isqrt(state[need[1]].shape[1] - (0 if switches["no_embed_class"] else num_prefix(switches)))
+    positions = state[need[1]].shape[1]  # (1, prefix tokens + grid^2, D), or grid^2 with no_embed_class
+    patches = positions - (0 if switches["no_embed_class"] else num_prefix(switches))
+    if patches < 1:
+        raise UserError(f"checkpoint {path} has position embeddings for {positions} token(s), none left for a patch; "
+                        f"the file is damaged or not a ViT checkpoint.")
+    grid = math.isqrt(patches)
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"encoder\.layer\.(\d+)\.", k)))
     heads = STANDARD_HEADS.get(width)
     kw = dict(
@@ -697,7 +771,10 @@ def inference_info(model):
     extras, channels = report.extras, config.num_channels
     id2label = config.id2label or {}
     if "mean" in extras and "std" in extras:
-        mean, std = list(extras["mean"])[:channels], list(extras["std"])[:channels]
+        mean, std = ([v[0]] * channels if len(v) == 1 else list(v)[:channels] for v in (extras["mean"], extras["std"]))
+        if len(mean) < channels or len(std) < channels:
+            raise UserError(f"{report.path} states mean {extras['mean']} and std {extras['std']} for fewer than its "
+                            f"{channels} input channels; fix its normalization.")
     else:
         print(f"{report.path} states no normalization: assuming mean 0.5 and std 0.5 per channel (the Google checkpoints')")
         mean, std = [0.5] * channels, [0.5] * channels

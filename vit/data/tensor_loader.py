@@ -36,6 +36,11 @@ class TensorLoader:
         """Shuffle and augmentation of the next iteration become a pure function of (seed, epoch)."""
         self.epoch = epoch
 
+    @property
+    def samples(self):
+        """Images this loader draws from (all ranks together)."""
+        return len(self.images)
+
     def __len__(self):
         n = shard_size(len(self.images), self.rank, self.world_size, shuffle=self.train)
         return num_batches(n, self.batch_size, drop_last=self.train)

@@ -142,6 +142,11 @@ class WorkerLoader:
         """Shuffle and augmentation of the next iteration become a pure function of (seed, epoch)."""
         self.batch_sampler.epoch = epoch
 
+    @property
+    def samples(self):
+        """Files (or arrays) this loader draws from (all ranks together)."""
+        return self.batch_sampler.n
+
     def __len__(self):
         return len(self.batch_sampler)
 

@@ -7,12 +7,14 @@ weight files, which also turns a run's `best.pt` into a model) reads it with
 """
 
 import json
+import math
 import os
 import random
 import shutil
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from vit.errors import UserError
 from vit.loading import BEST, LAST, WRAPPER_PREFIXES, read_training_checkpoint, strip_prefixes
@@ -50,20 +52,43 @@ def set_rng_state(state):
 # saving
 
 
+class _Recording:
+    """A file whose write errors are kept: torch.save's zip writer turns the OSError of a full disk
+    into a RuntimeError ("unexpected pos ..."), and this is how atomic_write finds the OSError again."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 def atomic_write(path, write, mode="wb"):
     """Call `write(f)` on a temp file in the same folder, fsync, then os.replace: never a half-written
-    `path`. An OSError (disk full, permissions) removes the temp file and leaves `path` as it was."""
+    `path`. Any failure removes the temp file and leaves `path` as it was; a write error (disk full,
+    permissions) is raised as the OSError it was, even when the writer reported it as another error."""
     tmp = path + ".tmp"
+    recording = None
     try:
         with open(tmp, mode) as f:
-            write(f)
+            recording = _Recording(f)
+            write(recording)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except OSError:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, RuntimeError) and recording is not None and recording.error is not None:
+            raise recording.error from None
         raise
 
 
@@ -78,7 +103,7 @@ def save(path, payload):
 def _write_failed(path, e):
     """The one-sentence error for a failed save of `path` (a file or a folder), saying what is left of it."""
     kept = f"the previous {path} is kept intact" if os.path.exists(path) else f"no earlier {path} exists"
-    return UserError(f"could not write checkpoint {path} ({e.strerror or e}); {kept}; free disk space and resume with --resume.")
+    return UserError(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); {kept}; free disk space and resume with --resume.")
 
 
 def _fsync_dir(directory):
@@ -92,8 +117,8 @@ def _fsync_dir(directory):
 
 def training_payload(model, optimizer, scaler, progress, params, classes, mean, std, rngs, ema=None):
     """Everything `resume` needs, in weights_only-loadable types. `progress` is the loop's counters,
-    `rngs` every rank's `rng_state()` (a mid-epoch resume continues each rank's streams), `ema` the
-    weights' moving average (timm's ModelEmaV3) when the run keeps one."""
+    `rngs` every rank's `rng_state()` (a mid-epoch resume continues each rank's streams: one per process),
+    `ema` the weights' moving average (timm's ModelEmaV3) when the run keeps one."""
     payload = {
         "model": strip_prefixes(model.state_dict(), WRAPPER_PREFIXES),
         "config": model.config.to_hf_dict(),
@@ -108,6 +133,8 @@ def training_payload(model, optimizer, scaler, progress, params, classes, mean, 
         "precision": progress["precision"],  # what train.precision "auto" chose, kept for the resumed run
         "elapsed_s": progress["elapsed_s"],  # the run's wall time so far, summed over resumes
         "rng": rngs,
+        "world_size": len(rngs),  # processes: with batch_size and grad_accum, the effective batch a resume must keep
+        "command": progress["command"],  # what resumes this run: how it was launched, plus --resume
         "params": params,
         "classes": list(classes),
         "mean": list(mean),
@@ -139,7 +166,7 @@ def save_hf(model, directory, mean, std):
         if os.path.isdir(directory):
             os.replace(directory, old)
         os.replace(tmp, directory)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
         shutil.rmtree(tmp, ignore_errors=True)
         if os.path.isdir(old) and not os.path.isdir(directory):
             os.replace(old, directory)  # the swap failed halfway: put the previous folder back
@@ -151,11 +178,17 @@ def save_hf(model, directory, mean, std):
 # resuming
 
 
-def resume(path, model, optimizer, ema=None):
+def resume(path, model, optimizer, launch, ema=None):
     """Load a training checkpoint into model, optimizer and the weights' EMA (when the run keeps one);
     returns the loop's counters, the per-rank RNG states and the gradient scaler's state (empty
-    unless the run trained in fp16)."""
+    unless the run trained in fp16).
+
+    `launch` is this process's (world size, batch_size, grad_accum): their product, the effective batch,
+    must be the checkpoint's, or every epoch would have other steps and the schedule another length.
+    """
     ckpt = read_training_checkpoint(path)
+    check_resumable(ckpt, path)
+    check_same_batch(ckpt, path, launch)
     if (ema is not None) != ("model_ema" in ckpt):
         raise UserError(
             f"checkpoint {path} was saved {'with' if 'model_ema' in ckpt else 'without'} an EMA of the weights but "
@@ -177,3 +210,46 @@ def resume(path, model, optimizer, ema=None):
     # checkpoints from before these were saved: the precision is chosen again, the clock starts at 0
     progress["precision"], progress["elapsed_s"] = ckpt.get("precision"), ckpt.get("elapsed_s", 0.0)
     return progress, ckpt["rng"], ckpt["scaler"]
+
+
+# what resume reads from last.pt beside the weights, and the types it needs
+RESUME_FIELDS = {"optimizer": dict, "scheduler": dict, "scaler": dict, "epoch": int, "step_in_epoch": int,
+                 "sums": (list, type(None)), "best_acc": (int, float), "history": list, "rng": list}
+RNG_KEYS = {"torch", "cuda", "numpy", "python"}
+
+
+def check_resumable(ckpt, path):
+    """Refuse a last.pt that lacks what resume reads, or holds it in the wrong type, before anything is loaded."""
+    def refuse(what):
+        return UserError(f"checkpoint {path} {what}, so the run cannot continue from it; it is damaged or not a "
+                         f"last.pt of this project: start a new run in another output.dir.")
+
+    for key, types in RESUME_FIELDS.items():
+        if key not in ckpt:
+            raise refuse(f"lacks {key!r}")
+        value = ckpt[key]
+        if not isinstance(value, types) or isinstance(value, bool) or (isinstance(value, int) and value < 0):
+            raise refuse(f"has {key}={str(value)[:60]!r}")
+    step = ckpt["scheduler"].get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise refuse(f"has scheduler step {str(step)[:60]!r}")
+    if not ckpt["rng"] or not all(isinstance(r, dict) and RNG_KEYS <= r.keys() for r in ckpt["rng"]):
+        raise refuse("has no RNG state per process")
+    if not all(isinstance(h, dict) for h in ckpt["history"]) or not all(isinstance(s, dict) for s in ckpt["sums"] or []):
+        raise refuse("has metrics records that are not key-value records")
+
+
+def check_same_batch(ckpt, path, launch):
+    """Refuse a resume whose world size x batch_size x grad_accum differs from the run's (checkpoints
+    from before world_size was saved are not checked)."""
+    train = ckpt.get("params", {}).get("train", {}) if isinstance(ckpt.get("params"), dict) else {}
+    saved = (ckpt.get("world_size"), train.get("batch_size"), train.get("grad_accum"))
+    if not all(isinstance(v, int) for v in saved) or math.prod(saved) == math.prod(launch):
+        return
+    again = f" ({ckpt['command']})" if isinstance(ckpt.get("command"), str) else ""
+    raise UserError(
+        f"checkpoint {path} was trained with an effective batch of {math.prod(saved)} ({saved[0]} process(es) x "
+        f"batch_size {saved[1]} x grad_accum {saved[2]}) but this launch gives {math.prod(launch)} ({launch[0]} x "
+        f"{launch[1]} x {launch[2]}), which changes every epoch's steps and the schedule; resume it the way it was "
+        f"started{again}, or set train.batch_size and train.grad_accum so that the product is {math.prod(saved)}."
+    )

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from vit import data
 from vit.config import ViTConfig
 from vit.errors import UserError
+from vit.loading import is_file
 from vit.model import ViTForImageClassification
 from vit.train import checkpoint, distributed, engine, optim
 from vit.train import params as P
@@ -33,16 +34,23 @@ from vit.train import precision as precisions
 from vit.viz import plots
 
 
-def train(params_file="params.json", overrides=(), resume=False, launched=None):
+def train(params_file="params.json", overrides=(), resume=False, launched=None, launcher=("python", "main.py")):
     """The training run: `params_file` with `--set` overrides, or its continuation from last.pt.
 
-    `launched` is when the process started (elapsed_s counts from it), else now. Returns the exit
-    code: 0, or 128 + the signal that asked it to stop.
+    `launched` is when the process started (elapsed_s counts from it), else now; `launcher` the words
+    that started it (`torchrun ... main.py`, `vit`, ...), for the resume command it prints. Returns the
+    exit code: 0, or 128 + the signal that asked it to stop.
     """
-    run = set_up(params_file, list(overrides), resume, time.perf_counter() if launched is None else launched)
+    run = set_up(params_file, list(overrides), resume, time.perf_counter() if launched is None else launched, launcher)
     with StopRequest() as stop:
         code, final_val = run_epochs(run, stop)
-    if code == 0:
+    if code == 0 and distributed.any_rank(stop(), run.d):
+        # the signal came after the last epoch's stop check: that epoch is saved (the last one always is),
+        # and what it asked for is a stop, so the report waits for --resume
+        print(f"stopped after the last epoch, before the end-of-run report; {run.path(checkpoint.LAST)} holds all "
+              f"{run.params['train']['epochs']} epochs. Resume with: {run.resume_hint} (it writes the report)")
+        code = 128 + (stop.signum or signal.SIGINT)
+    elif code == 0:
         finish(run, final_val)
     distributed.cleanup(run.d)
     return code
@@ -50,6 +58,8 @@ def train(params_file="params.json", overrides=(), resume=False, launched=None):
 
 # -----------------------------------------------------------------------------
 # set-up
+
+TINY_LR = 1e-5  # below it, after lr_scale_batch, the start-up lines warn
 
 
 @dataclass
@@ -88,22 +98,24 @@ class Run:
         self.progress["elapsed_s"] = time.perf_counter() - self.started
         rngs = distributed.gather(checkpoint.rng_state(), self.d)
         if self.d.is_main:
-            payload = checkpoint.training_payload(self.model, self.optimizer, self.scaler, {**self.progress, **extra},
+            progress = {**self.progress, "command": self.resume_hint, **extra}
+            payload = checkpoint.training_payload(self.model, self.optimizer, self.scaler, progress,
                                                   self.params, self.loaders.classes, self.loaders.mean, self.loaders.std, rngs,
                                                   self.ema)
             checkpoint.save(path, payload)
         distributed.barrier(self.d)
 
 
-def set_up(params_file, overrides, resume, launched):
+def set_up(params_file, overrides, resume, launched, launcher=("python", "main.py")):
     """Everything the epochs need, in the order that keeps runs reproducible, and the run folder."""
     params = P.load(params_file, overrides)
     d = distributed.init()
     t, out, device = params["train"], params["output"]["dir"], d.device
     last_path = os.path.join(out, checkpoint.LAST)
-    if resume and not os.path.isfile(last_path):
+    command = functools.partial(resume_command, launcher, params_file, overrides)
+    if resume and not is_file(last_path):
         raise UserError(f"--resume found no checkpoint at {last_path}; start without --resume or set output.dir.")
-    if not resume and os.path.isfile(last_path):
+    if not resume and is_file(last_path):
         raise UserError(f"{out} already holds a run ({last_path}); pass --resume to continue it or set output.dir to a new folder.")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (the loss, the optimizer)
@@ -124,7 +136,8 @@ def set_up(params_file, overrides, resume, launched):
         # a copy of the weights, updated after every optimizer step; its decay warms up from 0
         # (1 - (1 + step)^-2/3, capped at ema_decay) so early steps are not averaged with the init
         ema = ModelEmaV3(model, decay=t["ema_decay"], use_warmup=True)
-    progress, rng, scaler_state = restore(last_path, model, optimizer, d, ema) if resume else (fresh_progress(), None, None)
+    progress, rng, scaler_state = (restore(last_path, model, optimizer, d, t, command, ema) if resume
+                                   else (fresh_progress(), None, None))
     sample_shape = (t["batch_size"], params["data"]["channels"], params["data"]["image_size"], params["data"]["image_size"])
     # every rank trains in rank 0's choice (auto times steps, and two ranks could time them differently)
     precision, why = distributed.gather(precisions.resolve(t["precision"], device, model, sample_shape,
@@ -139,18 +152,17 @@ def set_up(params_file, overrides, resume, launched):
     base_lr = optim.scaled_lr(t, d.world_size)
     lr_fn = functools.partial(optim.lr_at, base_lr=base_lr, min_lr=t["min_lr"],
                               # a short run (--set train.epochs=3) may be shorter than the warm-up: clip it
-                              warmup_steps=min(round(t["warmup_epochs"] * steps_per_epoch), t["epochs"] * steps_per_epoch),
+                              warmup_steps=round(min(t["warmup_epochs"], t["epochs"]) * steps_per_epoch),
                               total_steps=t["epochs"] * steps_per_epoch)
     mixup_fn = None
     if t["mixup"] > 0 or t["cutmix"] > 0:
         from timm.data import Mixup
         mixup_fn = Mixup(mixup_alpha=t["mixup"], cutmix_alpha=t["cutmix"], label_smoothing=t["label_smoothing"],
                          num_classes=len(loaders.classes))
-    again = (["--params", params_file] if params_file != "params.json" else []) + (["--set", *overrides] if overrides else [])
     run = Run(params, d, loaders, model, optimizer, scaler, engine.StepSettings.from_params(t, precision), evaluator,
               distributed.wrap(evaluator, d), lr_fn, steps_per_epoch, mixup_fn, progress, rng,
               started=launched - progress["elapsed_s"],  # a resumed run's clock goes on where it stopped
-              resume_hint=shlex.join(["python", "main.py", *again, "--resume"]), ema=ema)
+              resume_hint=command(), ema=ema)
     open_run_folder(run, base_lr, why)
     return run
 
@@ -184,14 +196,32 @@ def fresh_progress():
             "precision": None, "elapsed_s": 0.0}
 
 
-def restore(last_path, model, optimizer, d, ema=None):
-    """Resume from last.pt: its counters, this rank's RNG state and the gradient scaler's state (and the EMA's weights)."""
-    progress, rngs, scaler_state = checkpoint.resume(last_path, model, optimizer, ema)
+def resume_command(launcher, params_file, overrides, more=()):
+    """What continues this run: the words that launched it, its params file, its --set overrides and
+    `more` of them, then --resume."""
+    sets = [*overrides, *more]
+    return shlex.join([*launcher, *(["--params", params_file] if params_file != "params.json" else []),
+                       *(["--set", *sets] if sets else []), "--resume"])
+
+
+def restore(last_path, model, optimizer, d, t, command, ema=None):
+    """Resume from last.pt: its counters, this rank's RNG state and the gradient scaler's state (and the
+    EMA's weights); `command(more)` is the resume command with `more` --set overrides."""
+    progress, rngs, scaler_state = checkpoint.resume(last_path, model, optimizer, (d.world_size, t["batch_size"], t["grad_accum"]), ema)
     # each rank continues its own streams and metric sums (another world size cannot be exact anyway)
     rank = d.rank if d.rank < len(rngs) else 0
     progress["sums"] = progress["sums"][rank] if progress["sums"] else None
-    print(f"resuming {last_path}: {progress['epoch']} epoch(s) done"
-          + (f", {progress['step_in_epoch']} step(s) into the next" if progress["step_in_epoch"] else ""))
+    if progress["epoch"] >= t["epochs"]:
+        more = f"train.epochs={progress['epoch'] + 10}"
+        print(f"{last_path} holds all {progress['epoch']} epochs of its run, which is complete: nothing to train, "
+              f"so this only writes the end-of-run report again. To train longer, resume with more epochs, "
+              f"e.g. {command([more])}")
+    else:
+        print(f"resuming {last_path}: {progress['epoch']} epoch(s) done"
+              + (f", {progress['step_in_epoch']} step(s) into the next" if progress["step_in_epoch"] else ""))
+    if len(rngs) != d.world_size:
+        print(f"note: the run had {len(rngs)} process(es) and this launch has {d.world_size}: the effective batch is "
+              f"the same, but the result will not be bit-identical to an uninterrupted run")
     return progress, rngs[rank], scaler_state
 
 
@@ -207,11 +237,33 @@ def open_run_folder(run, base_lr, why):
     except OSError as e:  # output.dir names an existing file, a folder we may not write, a full disk
         raise UserError(f"params key output.dir={out!r} cannot hold the run ({e.strerror}); "
                         f"choose another folder or free space there.") from None
+    batch = t["batch_size"] * t["grad_accum"] * d.world_size
+    lr = f"lr {base_lr:.3g}"
+    if t["lr_scale_batch"] is not None:  # the linear scaling rule can shrink a recipe's lr by orders of magnitude
+        lr += f" (train.lr {t['lr']:g} x effective batch {batch} / lr_scale_batch {t['lr_scale_batch']})"
     print(f"{run.model.num_parameters():,} parameters, {len(loaders.classes)} classes, {len(loaders.train)} batches/epoch, "
-          f"effective batch {t['batch_size'] * t['grad_accum'] * d.world_size}, lr {base_lr:.3g}, "
-          f"data {loaders.report.get('loader')}, run folder {out}")
+          f"effective batch {batch}, {lr}, data {loaders.report.get('loader')}, run folder {out}")
+    print(data_counts(run.params["data"], loaders, t["batch_size"] * d.world_size))
+    if t["lr_scale_batch"] is not None and base_lr < TINY_LR:
+        print(f"warning: lr_scale_batch makes the learning rate {base_lr:.2g}, too small to learn much in "
+              f"{t['epochs']} epochs; raise train.lr, or set train.lr_scale_batch to the effective batch {batch} or to null")
     where = f"the CPU, {precisions.thread_note()}" if d.device.type == "cpu" else str(d.device)
     print(f"training on {where}; precision {run.settings.precision} ({why})")
+
+
+def data_counts(data_params, loaders, batch):
+    """`data: 72 train images, 8 val images (split off ...); drop_last leaves out 8 train images per epoch`."""
+    r, train = loaders.report, loaders.train
+    where = ""
+    if data_params["dataset"] == "folder" and not data_params["val_dir"]:
+        where = f" (val split off {data_params['train_dir']} by data.val_split {data_params['val_split']})"
+    elif data_params["dataset"] == "fashion_mnist":
+        where = " (val is the official test set)"
+    line = f"data: {r['train_files']} train images, {r['val_files']} val images{where}"
+    dropped = train.samples - len(train) * batch
+    if dropped:  # the shuffled tail that does not fill a batch: other images each epoch
+        line += f"; drop_last leaves out {dropped} train image(s) per epoch, a different {dropped} each epoch"
+    return line
 
 
 def write_history(path, history):
