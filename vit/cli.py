@@ -66,6 +66,7 @@ def parse_args(argv):
     _checkpoint_args(p)
     p.add_argument("--data-dir", default=None, help="folder of class folders (default: the run's own val data)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+    p.add_argument("--workers", type=int, default=None, help="processes decoding images (default: the run's data.workers, at most the CPU count)")
     p.set_defaults(run=_eval)
     p = sub.add_parser("predict", help="top-k classes for images")
     _checkpoint_args(p)
@@ -150,7 +151,7 @@ def _train(args):
 def _eval(args):
     from vit import commands
 
-    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.ema)
+    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.workers, args.ema)
 
 
 def _predict(args):

@@ -13,7 +13,7 @@ import torch
 
 from vit.train import distributed, engine
 from vit.train import params as P
-from vit.errors import UserError
+from vit.errors import UserError, special_file_kind
 from vit.loading import ZERO_HEAD, inference_info, is_zero_head
 from vit.model import ViTForImageClassification
 from vit.train.checkpoint import atomic_write
@@ -38,23 +38,33 @@ def warn_zero_head(model, checkpoint):
     return True
 
 
-def evaluate(checkpoint, data_dir=None, batch_size=None, ema=False):
-    """Accuracy of a checkpoint on `data_dir` (a folder of class folders), or on the run's own val data."""
+def evaluate(checkpoint, data_dir=None, batch_size=None, workers=None, ema=False):
+    """Accuracy of a checkpoint on `data_dir` (a folder of class folders), or on the run's own val data;
+    `workers` decode images (default: the run's data.workers, at most the CPU count)."""
     from vit import data
 
+    for option, value, least in (("--batch-size", batch_size, 1), ("--workers", workers, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{option} {value} must be {least} or more.")
     d = distributed.init()
     model, info = load_model(checkpoint, d.device, ema)
     run_params = P.defaults()  # a pretrained source has no run params, a run older than a key lacks that key
     for section, keys in (info["params"] or {}).items():
         run_params.setdefault(section, {}).update(keys)
+    try:
+        P.check_leaves(run_params, ("data", "train"))  # what eval reads of them
+    except UserError as e:
+        raise UserError(f"checkpoint {model.load_report.path} carries params that no longer validate ({e}); "
+                        f"pass --data-dir with a folder of its classes.") from None
     data_params = dict(run_params["data"])
+    data_params["workers"] = min(data_params["workers"], os.cpu_count() or 1) if workers is None else workers
     batch_size = batch_size or run_params["train"]["batch_size"]
     if data_dir:
         from vit.data.folder import scan_folder
 
         # the folder serves as both splits; files are read lazily, and only the val side is iterated
         data_params.update(dataset="folder", train_dir=data_dir, val_dir=data_dir, in_memory=False)
-        batch_size = min(batch_size, scan_folder(data_dir, data_dir).report["train_files"])
+        batch_size = min(batch_size, scan_folder(data_dir, data_dir, keys=("--data-dir", "--data-dir")).report["train_files"])
     data_params.update(image_size=info["image_size"], channels=info["channels"], mean=info["mean"], std=info["std"])
     train_params = {**run_params["train"], "batch_size": batch_size, "randaugment": None}
     loaders = data.build_loaders(data_params, train_params, d.device, d.rank, d.world_size)
@@ -63,27 +73,46 @@ def evaluate(checkpoint, data_dir=None, batch_size=None, ema=False):
     if model.config.num_labels != len(loaders.classes):  # a source without class names can still disagree in count
         raise UserError(f"checkpoint {checkpoint} has a head for {model.config.num_labels} classes but "
                         f"{data_dir or 'the default dataset'} has {len(loaders.classes)} classes; pass --data-dir with a folder of its classes.")
+    if loaders.val is None:
+        raise UserError(f"the run's val split of {data_params['train_dir']} is empty; pass --data-dir with a folder of its classes.")
+    print(f"evaluating {model.load_report.path} on {_eval_data(data_params, data_dir, loaders.report['val_files'])} "
+          f"({data_params['workers']} worker(s), batch {batch_size})")
     val = engine.evaluate(model, loaders.val, num_classes=len(loaders.classes), d=d,
                           oom_advice=f"pass a smaller --batch-size than {batch_size}.")
-    print(" - ".join(f"{k}: {v:.4f}" for k, v in val.items()))
+    scores = " - ".join(f"{k}: {v:.4f}" for k, v in val.items() if k != "images_per_s")
+    print(f"{scores} - images/s: {val['images_per_s']:,.0f}")
     return 0
 
 
-def predict(checkpoint, images, topk=5, ema=False):
-    """Print the top-k class names with probabilities for each image; 1 when an image could not be read.
-    A head of zeros (an in21k release's) gets a warning and "no prediction" lines instead."""
-    from vit.data.images import BadImage, open_image
-    from vit.data.transforms import eval_transform
+def _eval_data(data_params, data_dir, count):
+    """What eval reads, in words: `--data-dir X (N images)`, the Fashion-MNIST test set, or the run's val folder or split."""
+    if data_dir:
+        return f"--data-dir {data_dir} ({count} images)"
+    if data_params["dataset"] == "fashion_mnist":
+        return f"the Fashion-MNIST test set ({count} images)"
+    if data_params["val_dir"]:
+        return f"the run's data.val_dir {data_params['val_dir']} ({count} images)"
+    return (f"the run's val split of {data_params['train_dir']} ({count} images: data.val_split {data_params['val_split']}, "
+            f"data.split_seed {data_params['split_seed']})")
 
+
+def predict(checkpoint, images, topk=5, ema=False):
+    """Print the top-k class names with probabilities for each image (a folder stands for the images
+    in it); 1 when an image could not be read. A head of zeros (an in21k release's) gets a warning and
+    "no prediction" lines instead."""
+    from vit.data.images import BadImage
+
+    if topk < 1:
+        raise UserError(f"--topk {topk} must be 1 or more.")
+    images = image_arguments(images)
     device = distributed.init().device
     model, info = load_model(checkpoint, device, ema)
-    tf = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
     classes = info["classes"] or [str(i) for i in range(model.config.num_labels)]
     zero_head = warn_zero_head(model, checkpoint)
     failed = 0
     for path in images:
         try:
-            x = tf(open_image(path, info["channels"]))[None].to(device)  # (1, C, H, W)
+            x = _preprocess(path, info).to(device)  # (1, C, H, W)
         except (BadImage, OSError) as e:
             print(f"{path}: cannot read ({e})", file=sys.stderr)
             failed += 1
@@ -105,6 +134,7 @@ def attention(checkpoint, images, out=None, device=None, ema=False):
     from vit.data.images import BadImage
     from vit.viz import analysis, plots
 
+    images = image_arguments(images)
     device = distributed.init().device if device is None else device
     out_dir = out or _default_out(checkpoint, "attention")
     model, info = load_model(checkpoint, device, ema)
@@ -259,9 +289,9 @@ def _default_out(checkpoint_path, name):
 def _preprocess(path, info):
     """Decode and eval-transform one image to (1, C, H, W); data.images.BadImage if unreadable."""
     from vit.data.images import open_image
-    from vit.data.transforms import eval_transform
+    from vit.data.transforms import eval_transform, resize_size
 
-    image = open_image(path, info["channels"])
+    image = open_image(path, info["channels"], resize_to=resize_size(info["image_size"]))
     transform = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
     return transform(image).unsqueeze(0)
 
@@ -271,20 +301,38 @@ def _class_name(info, index):
     return classes[index] if classes else str(index)
 
 
-def _image_files(folder):
-    """Up to INSPECT_IMAGES image files under folder, spread evenly over its sorted listing (so over classes)."""
+def image_arguments(paths):
+    """The images named on a command line: a folder stands for the image files under it; a FIFO, device
+    or socket is refused before anything opens it. Other paths stay as given (predict says which it cannot read)."""
+    out = []
+    for path in paths:
+        kind = special_file_kind(path)
+        if kind is not None:
+            raise UserError(f"image {path} is {kind}, not an image file; pass image files or folders of them.")
+        out += _images_under(path, path) if os.path.isdir(path) else [path]
+    return out
+
+
+def _images_under(folder, name):
+    """The image files under `folder`, sorted, hidden ones left out (as the training scan does); `name` is how messages call it."""
     from vit.data.images import IMAGE_EXTENSIONS
 
     if not os.path.isdir(folder):
-        raise UserError(f"--data-dir {folder} is not a folder; pass a folder of images (class subfolders are fine).")
-    files = sorted(
-        os.path.join(root, f)
-        for root, _, names in os.walk(folder)
-        for f in names
-        if f.lower().endswith(IMAGE_EXTENSIONS)
-    )
+        raise UserError(f"{name} is not a folder; pass a folder of images (class subfolders are fine).")
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints and the like
+        files += [os.path.join(root, f) for f in names  # isfile: FIFOs and devices are left out, never opened
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".") and os.path.isfile(os.path.join(root, f))]
+    files.sort()
     if not files:
-        raise UserError(f"--data-dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of images.")
+        raise UserError(f"{name} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of images.")
+    return files
+
+
+def _image_files(folder):
+    """Up to INSPECT_IMAGES image files under folder, spread evenly over its sorted listing (so over classes)."""
+    files = _images_under(folder, f"--data-dir {folder}")
     step = max(1, len(files) // INSPECT_IMAGES)
     return files[::step][:INSPECT_IMAGES]
 

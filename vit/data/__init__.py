@@ -122,7 +122,7 @@ def _worker_loader_factory(dataset, data_params, device, report, common, randaug
         if dataset == "fashion_mnist":
             source, labels = ArraySource(samples[0], channels), samples[1]
         else:
-            source, labels = FileSource([p for p, _ in samples], channels), [y for _, y in samples]
+            source, labels = FileSource([p for p, _ in samples], channels, resize_size(image_size)), [y for _, y in samples]
         if train:
             transform = train_transform(image_size, channels, mean, std, randaugment=randaugment, **aug)
         else:
@@ -138,7 +138,7 @@ def _device_decode_factory(data_params, device, report, common):
     decoder = DeviceDecoder(data_params["image_size"], data_params["channels"], data_params["mean"], data_params["std"], device)
 
     def make(samples, train, **aug):
-        source = EncodedSource([p for p, _ in samples], data_params["channels"])
+        source = EncodedSource([p for p, _ in samples], data_params["channels"], resize_size(data_params["image_size"]))
         plan = CropPlan(data_params["image_size"], train, **aug)
         sampler = EpochBatchSampler(len(source), shuffle=train, drop_last=train, **common)
         return DeviceDecodeLoader(SampleDataset(source, [y for _, y in samples], plan), sampler, device=device,

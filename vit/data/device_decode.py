@@ -29,7 +29,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
-from vit.data.images import BadImage, open_image, probe_jpeg
+from vit.data.images import BadImage, check_regular, open_image, probe_jpeg
 from vit.data.transforms import resize_size
 from vit.data.worker_loader import WorkerLoader, split_bad
 
@@ -50,24 +50,26 @@ class Encoded:
 
 
 class EncodedSource:
-    """Sample i -> Encoded for paths[i]: bytes and header for plain JPEGs, PIL pixels for the rest."""
+    """Sample i -> Encoded for paths[i]: bytes and header for plain JPEGs, PIL pixels for the rest;
+    `resize_to` is the eval resize's shorter side (see open_image)."""
 
-    def __init__(self, paths, channels):
-        self.paths, self.channels = [str(p) for p in paths], channels
+    def __init__(self, paths, channels, resize_to=None):
+        self.paths, self.channels, self.resize_to = [str(p) for p in paths], channels, resize_to
 
     def __len__(self):
         return len(self.paths)
 
     def __call__(self, i):
         path = self.paths[i]
+        check_regular(path)
         try:
             data = Path(path).read_bytes()
         except OSError as e:
             raise BadImage(f"{path}: {type(e).__name__}: {e}") from e
-        plain, size, orientation = probe_jpeg(path, data)
+        plain, size, orientation = probe_jpeg(path, data, self.resize_to)
         if plain:
             return Encoded(path, torch.frombuffer(bytearray(data), dtype=torch.uint8), None, size, orientation)
-        pixels = TF.pil_to_tensor(open_image(path, self.channels))  # (C, H, W) uint8, already oriented
+        pixels = TF.pil_to_tensor(open_image(path, self.channels, resize_to=self.resize_to))  # (C, H, W) uint8, already oriented
         return Encoded(path, None, pixels, tuple(pixels.shape[1:]))
 
 

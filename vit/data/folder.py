@@ -41,14 +41,15 @@ class FolderSplit:
     report: dict = field(default_factory=dict)
 
 
-def scan_folder(train_dir, val_dir=None, *, val_split=None, split_seed=None, threads=8):
+def scan_folder(train_dir, val_dir=None, *, val_split=None, split_seed=None, threads=8, keys=("data.train_dir", "data.val_dir")):
     """Scan train_dir (and val_dir), apply the policy above, and split when there is no val_dir
-    (then val_split and split_seed say how: data.val_split and data.split_seed)."""
+    (then val_split and split_seed say how: data.val_split and data.split_seed). `keys` name the two
+    folders in messages: the params keys, or the option the user typed."""
     if not train_dir:
-        raise UserError("data.train_dir is not set; point it at a folder with one sub-folder per class.")
-    train_classes, train_files, skipped = _scan_root(Path(train_dir), "data.train_dir", threads)
+        raise UserError(f"{keys[0]} is not set; point it at a folder with one sub-folder per class.")
+    train_classes, train_files, skipped = _scan_root(Path(train_dir), keys[0], threads)
     if val_dir:
-        val_classes, val_files, val_skipped = _scan_root(Path(val_dir), "data.val_dir", threads)
+        val_classes, val_files, val_skipped = _scan_root(Path(val_dir), keys[1], threads)
         skipped += val_skipped
         if val_classes != train_classes:
             missing = sorted(set(train_classes) - set(val_classes))
@@ -122,7 +123,7 @@ def decode_all(samples, channels, size, threads=8):
     """
     def one(sample):
         try:
-            im = open_image(sample[0], channels, size_hint=size)
+            im = open_image(sample[0], channels, size_hint=size, resize_to=size)
         except BadImage as e:
             return str(e)
         im = TF.center_crop(TF.resize(im, size, interpolation=TF.InterpolationMode.BICUBIC), size)

@@ -10,12 +10,16 @@ resized crops from that stored center square, the file loaders from the whole or
 same for square images such as Fashion-MNIST's).
 """
 
+import copy
 import math
 
 from PIL import Image
 from torchvision import transforms as T
 
 from vit.errors import UserError
+
+
+MSTD_REACH = 6  # RandAugment's gaussian magnitudes are probed this many std from the mean (1e-9 per draw beyond)
 
 
 def crop_pct(image_size):
@@ -48,15 +52,35 @@ def train_transform(image_size, channels, mean, std, *, scale, hflip, randaugmen
     if hflip > 0:
         ops.append(T.RandomHorizontalFlip(hflip))
     if randaugment:
-        from timm.data.auto_augment import rand_augment_transform
-        fill = tuple(round(255 * m) for m in mean)  # rotate/shear fill with the mean colour, as timm does
-        try:
-            ops.append(rand_augment_transform(randaugment, dict(translate_const=int(image_size * 0.45), img_mean=fill)))
-        except AssertionError as e:  # timm asserts on malformed strings
-            raise UserError(f"train.randaugment {randaugment!r} is not a timm RandAugment string "
-                            f"like \"rand-m9-mstd0.5\" ({e}).") from e
+        ops.append(rand_augment(randaugment, image_size, channels, mean))
     ops += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(ops)
+
+
+def rand_augment(spec, image_size, channels, mean):
+    """timm's RandAugment for a string like "rand-m9-mstd0.5", each of its ops tried once on a small
+    image at the lowest and highest magnitude it can draw (mean +- MSTD_REACH std, clipped as timm
+    clips): a string timm parses but cannot run is refused here, at validation, instead of in some
+    training step ("rand-inc1" posterizes to 0 bits, which Pillow refuses). UserError when it fails."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    fill = tuple(round(255 * m) for m in mean)  # rotate/shear fill with the mean colour, as timm does
+    probe = Image.new("L" if channels == 1 else "RGB", (8, 8), fill if channels == 3 else fill[0])
+    trial = None
+    try:
+        transform = rand_augment_transform(spec, dict(translate_const=int(image_size * 0.45), img_mean=fill))
+        for op in transform.ops:
+            top = op.magnitude_max or 10  # timm clips every drawn magnitude to [0, top]
+            std = op.magnitude if op.magnitude_std == math.inf else op.magnitude_std * MSTD_REACH  # inf: uniform(0, m)
+            for magnitude in {max(0.0, min(op.magnitude - std, top)), max(0.0, min(op.magnitude + std, top))}:
+                trial = copy.copy(op)
+                trial.prob, trial.magnitude, trial.magnitude_std = 1.0, magnitude, 0
+                trial(probe)
+    except Exception as e:  # noqa: BLE001  timm asserts, int()s or fails inside an op: any of it means "cannot run"
+        where = f" in {trial.name} at magnitude {trial.magnitude:g}" if trial is not None else ""
+        raise UserError(f"train.randaugment {spec!r} is not a RandAugment string timm can run ({type(e).__name__}{where}: "
+                        f"{str(e)[:120]}); use one like \"rand-m9-mstd0.5\" or null.") from None
+    return transform
 
 
 class _ToChannels:

@@ -20,16 +20,16 @@ from vit.data.sampler import epoch_generator, num_batches, shard_indices, shard_
 
 
 class FileSource:
-    """Sample i -> PIL image decoded from paths[i]."""
+    """Sample i -> PIL image decoded from paths[i]; `resize_to` is the eval resize's shorter side (see open_image)."""
 
-    def __init__(self, paths, channels):
-        self.paths, self.channels = list(paths), channels
+    def __init__(self, paths, channels, resize_to=None):
+        self.paths, self.channels, self.resize_to = list(paths), channels, resize_to
 
     def __len__(self):
         return len(self.paths)
 
     def __call__(self, i):
-        return open_image(self.paths[i], self.channels)
+        return open_image(self.paths[i], self.channels, resize_to=self.resize_to)
 
 
 class ArraySource:

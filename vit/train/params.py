@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import sys
 
 from vit.errors import UserError
 from vit.config import POOLINGS, PRESET_RE, PRESETS, WEIGHT_INITS
@@ -23,11 +24,12 @@ DATASETS = ("fashion_mnist", "folder")
 # each leaf: (default, allowed types, rule). rule is None, a tuple of choices, or a string:
 #   ">0"  strictly positive     ">=0"  non-negative     "(0,1)"  open unit interval
 #   "[0,1]"  closed unit interval     "[0,1)"  half-open     "(0,4096]"  a side length in pixels
-#   "path"  a non-empty string     "preset" / "scale" / "floats" / "randaugment": see _check_rule
+#   "path"  a non-empty string the OS can take as a file name     "alpha"  0 (off) or a Beta parameter
+#   "preset" / "scale" / "floats" / "randaugment": see _check_rule
 SCHEMA = {
     "model": {
         "preset": (None, (str, type(None)), "preset"),  # "Ti/16", "B/16", ...; null: explicit sizes
-        "pretrained": (None, (str, type(None)), None),  # HF folder, timm file or Google .npz
+        "pretrained": (None, (str, type(None)), "path"),  # HF folder, timm file or Google .npz
         "pretrained_ema": (False, bool, None),  # take the pretrained file's EMA weights (timm's state_dict_ema, model_ema)
         # explicit sizes: override the preset's; null keeps the preset's (or the checkpoint's)
         "patch_size": (None, (int, type(None)), ">0"),
@@ -48,8 +50,8 @@ SCHEMA = {
     },
     "data": {
         "dataset": ("fashion_mnist", str, DATASETS),
-        "train_dir": (None, (str, type(None)), None),
-        "val_dir": (None, (str, type(None)), None),  # null: split val_split off train_dir
+        "train_dir": (None, (str, type(None)), "path"),
+        "val_dir": (None, (str, type(None)), "path"),  # null: split val_split off train_dir
         "val_split": (0.1, NUMBER, "(0,1)"),
         "split_seed": (0, int, ">=0"),
         "image_size": (28, int, "(0,4096]"),  # the bound refuses sizes no memory holds
@@ -69,8 +71,8 @@ SCHEMA = {
         "weight_decay": (0.05, NUMBER, ">=0"),
         "warmup_epochs": (5, NUMBER, ">=0"),
         "label_smoothing": (0.1, NUMBER, "[0,1)"),
-        "mixup": (0.0, NUMBER, ">=0"),  # Beta(alpha, alpha); 0 is off
-        "cutmix": (0.0, NUMBER, ">=0"),
+        "mixup": (0.0, NUMBER, "alpha"),  # Beta(alpha, alpha); 0 is off
+        "cutmix": (0.0, NUMBER, "alpha"),
         "randaugment": (None, (str, type(None)), "randaugment"),  # timm string, e.g. "rand-m9-mstd0.5"
         "random_resized_crop_scale": ([0.8, 1.0], list, "scale"),
         "hflip": (0.5, NUMBER, "[0,1]"),
@@ -80,7 +82,7 @@ SCHEMA = {
         "grad_accum": (1, int, ">0"),
         "clip_grad": (1.0, (int, float, type(None)), ">0"),  # max global grad norm; null: no clipping
         "seed": (0, int, ">=0"),
-        "layer_decay": (None, (int, float, type(None)), "(0,1]"),  # BEiT/MAE per-layer lr decay
+        "layer_decay": (None, (int, float, type(None)), "[0.01,1]"),  # BEiT/MAE per-layer lr decay; below, deep layers' lr underflows
         "freeze_backbone": (False, bool, None),  # linear probe: only the classifier trains
         "eval_every": (1, int, ">0"),
         "grad_checkpointing": (False, bool, None),  # recompute each block in the backward pass: less memory, ~1/3 more time
@@ -95,6 +97,9 @@ SCHEMA = {
 }
 
 DOC_KEY = "_doc"
+MAX_INT = 2**63 - 1  # beyond it no count, size or seed means anything, and float() of it may overflow
+MAX_NESTING = 8  # a value is a number, a string or a flat list: deeper JSON is a mistake (and deepcopy recurses on it)
+ALPHA = (0.01, 100)  # mixup/cutmix Beta(alpha, alpha): numpy draws NaN below ~1e-300, and nothing else is useful
 
 
 def defaults():
@@ -127,6 +132,8 @@ def read_json(path):
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}.") from None
+    except (ValueError, RecursionError) as e:  # an integer over Python's digit limit; nesting deeper than the stack
+        raise UserError(f"{path} cannot be read as params: {_json_limit(e)}.") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} must hold a JSON object with sections {list(SCHEMA)}, not {type(obj).__name__}.")
     return obj
@@ -139,9 +146,34 @@ def parse_override(item):
     key, raw = item.split("=", 1)
     try:
         value = json.loads(raw)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if raw.lstrip()[:1] in ("[", "{", '"'):  # meant as a list, an object or a quoted string
+            raise UserError(f"--set {key.strip()}={raw[:60]} is not valid JSON ({e.msg} at column {e.colno}); "
+                            f"write lists like [0.5, 0.5, 0.5].") from None
         value = raw  # bare words like fp16 or runs/x stay strings
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"--set {key.strip()} cannot be read: {_json_limit(e)}.") from None
     return key.strip(), value
+
+
+def _json_limit(e):
+    """What a JSON parse hit besides a syntax error, in words."""
+    if isinstance(e, RecursionError):
+        return "its JSON nests lists or objects deeper than Python reads"
+    return f"it holds an integer of more than {sys.get_int_max_str_digits()} digits, more than Python reads"
+
+
+def _nesting(value):
+    """How deep lists and dicts nest in `value` (0 for a number or a string), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (list, dict)):
+            if depth + 1 > MAX_NESTING:
+                return depth + 1  # deep enough to refuse: no need to walk the rest
+            deepest = max(deepest, depth + 1)
+            stack += [(x, depth + 1) for x in (v.values() if isinstance(v, dict) else v)]
+    return deepest
 
 
 def nest(dotted, value):
@@ -166,6 +198,9 @@ def merge(base, update, source, prefix=""):
             raise UserError(_unknown_key(name, list(base), source))
         if isinstance(base[key], dict):
             merge(base[key], value, source, name + ".")
+        elif _nesting(value) > 1:
+            raise UserError(f"{source}: params key {name} holds lists or objects inside one another; "
+                            f"a value is a number, a string, true/false/null or a flat list.")
         else:
             base[key] = copy.deepcopy(value)
 
@@ -187,21 +222,39 @@ def _unknown_key(name, valid, source):
 
 def validate(params):
     """Types, ranges and cross-field rules; raises UserError on the first problem."""
-    for section, keys in SCHEMA.items():
-        for key, (_, types, rule) in keys.items():
+    check_leaves(params, SCHEMA)
+    _check_cross(params)
+
+
+def check_leaves(params, sections):
+    """Each key's type and rule in `sections` (eval checks a run's saved data and train sections this way)."""
+    for section in sections:
+        for key, (_, types, rule) in SCHEMA[section].items():
             name = f"{section}.{key}"
             value = params[section][key]
             # bool is an int in Python: refuse true for a number, and 1 for a bool
             ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in _as_tuple(types))
             if not ok:
-                raise UserError(f"params key {name} must be {_type_names(types)}, got {json.dumps(value)}.")
+                raise UserError(_wrong_type(name, value, types))
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+                raise UserError(f"params key {name} has {len(str(abs(value)))} digits; use a value below 2**63.")
             # json.loads reads NaN and Infinity, and NaN slips past every bound (all comparisons are false)
             numbers = value if isinstance(value, list) else [value]
             if not all(math.isfinite(v) for v in numbers if isinstance(v, float)):
                 raise UserError(f"params key {name} is {json.dumps(value)}; NaN and Infinity are not allowed, use finite numbers.")
             if value is not None and rule is not None:
                 _check_rule(name, value, rule)
-    _check_cross(params)
+
+
+def _wrong_type(name, value, types):
+    """The sentence for a value of the wrong type; a number written as a string gets the number it meant."""
+    message = f"params key {name} must be {_type_names(types)}, got {json.dumps(value)[:80]}"
+    if isinstance(value, str) and float in _as_tuple(types):
+        try:
+            return f"{message}, a string; write the number without quotes: {float(value):g}."
+        except ValueError:
+            pass
+    return message + "."
 
 
 def _as_tuple(types):
@@ -231,8 +284,9 @@ def _check_rule(name, value, rule):
         "(0,1)": (lambda v: 0 < v < 1, "strictly between 0 and 1"),
         "[0,1]": (lambda v: 0 <= v <= 1, "between 0 and 1"),
         "[0,1)": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
-        "(0,1]": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
         "(0,4096]": (lambda v: 0 < v <= 4096, "between 1 and 4096"),
+        "[0.01,1]": (lambda v: 0.01 <= v <= 1, "at least 0.01 and at most 1"),
+        "alpha": (lambda v: v == 0 or ALPHA[0] <= v <= ALPHA[1], f"0 (off) or between {ALPHA[0]} and {ALPHA[1]}"),
     }
     if rule in bounds:
         test, words = bounds[rule]
@@ -240,7 +294,14 @@ def _check_rule(name, value, rule):
             raise UserError(f"params key {name} is {json.dumps(value)}; it must be {words}.")
     elif rule == "path":
         if not value.strip():
-            raise UserError(f"params key {name} is empty; set it to a folder, e.g. \"runs/my_run\".")
+            raise UserError(f"params key {name} is empty; set it to a path, e.g. \"runs/my_run\".")
+        try:
+            os.fsencode(value)
+        except UnicodeEncodeError:  # a lone surrogate from a \udXXX escape: no file name can hold it
+            raise UserError(f"params key {name} is {json.dumps(value)[:80]}, which holds a character no file name "
+                            f"can hold (a lone UTF-16 surrogate); use a plain path.") from None
+        if "\0" in value:
+            raise UserError(f"params key {name} is {json.dumps(value)[:80]}, which holds a NUL character; use a plain path.")
     elif rule == "floats":
         if not value or not _all_numbers(value):
             raise UserError(f"params key {name} must be a non-empty list of numbers, got {json.dumps(value)}.")
@@ -273,6 +334,10 @@ def _check_cross(params):
             )
     if any(v <= 0 for v in d["std"]):
         raise UserError(f"params key data.std must be positive, got {d['std']}.")
+    if t["randaugment"]:  # built and tried now: timm parses strings it cannot run
+        from vit.data.transforms import rand_augment
+
+        rand_augment(t["randaugment"], d["image_size"], d["channels"], d["mean"])
     sizes = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     if m["pretrained"] is not None:
         given = [k for k in (*sizes, "layer_norm_eps", "qkv_bias", "weight_init") if m[k] is not None] + (["preset"] if m["preset"] else [])
