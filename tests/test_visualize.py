@@ -153,7 +153,7 @@ def test_plot_functions_write_pngs(tmp_path):
     assert_png(tmp_path / "sub" / "mis.png", (320, 180))  # 2 columns of 1.6 in, 1 row of 1.8 in
 
     plots.plot_attention_distance(rng.random((4, 3)) * 20, tmp_path / "dist.png")
-    assert_png(tmp_path / "dist.png", (600, 450))
+    assert_png(tmp_path / "dist.png", (600, 470))  # one legend row below the axes
 
 
 # -----------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_inspect_command(checkpoint, images, tmp_path, capsys):
     assert names == ["embedding_filters.png", "position_similarity.png", "attention_distance.png"]
     assert_png(written[0], (700, 340))  # 16 components (= width), 7 per row, 3 rows of 1 in + title
     assert_png(written[1], (550, 400))  # 4x4 grid -> the 4-inch minimum side, + 1.5 in colour bar
-    assert_png(written[2], (600, 450))
+    assert_png(written[2], (600, 470))  # one legend row below the axes
     assert "skipped 1 unreadable" in capsys.readouterr().out
 
 
@@ -228,7 +228,7 @@ def test_inspect_without_folder(tmp_path, capsys):
                        id2label=dict(enumerate(CLASSES)))
     ViTForImageClassification(config).save_pretrained(tmp_path / "fm")
     written = commands.inspect(str(tmp_path / "fm"), None, str(tmp_path / "fig7fm"), "cpu")
-    assert_png(written[2], (600, 450))
+    assert_png(written[2], (600, 470))  # one legend row below the axes
     assert "64 images from the Fashion-MNIST test set" in capsys.readouterr().out
 
 

@@ -39,6 +39,9 @@ def main(argv=None, launched=None):
     """Run one command; returns its exit code. `launched` is when the process started (a training
     run's elapsed_s counts from it), else now. Without `argv` the process's own arguments are read,
     and the commands it suggests start the way it was started; with them, as `python main.py`."""
+    for stream in (sys.stdout, sys.stderr):  # names from the file system may hold bytes no encoding can print
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     args.launched = time.perf_counter() if launched is None else launched
     args.launcher = launcher() if argv is None else ("python", "main.py")

@@ -101,6 +101,7 @@ def predict(checkpoint, images, topk=5, ema=False):
     in it); 1 when an image could not be read. A head of zeros (an in21k release's) gets a warning and
     "no prediction" lines instead."""
     from vit.data.images import BadImage
+    from vit.viz.plots import label
 
     if topk < 1:
         raise UserError(f"--topk {topk} must be 1 or more.")
@@ -123,7 +124,7 @@ def predict(checkpoint, images, topk=5, ema=False):
         with torch.no_grad():
             probs = model(x).logits.float().softmax(-1)[0]  # (K,)
         top = probs.topk(min(topk, len(classes)))
-        print(f"{path}: " + ", ".join(f"{classes[i]} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
+        print(f"{path}: " + ", ".join(f"{label(classes[i])} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
     return 1 if failed else 0
 
 
@@ -297,8 +298,10 @@ def _preprocess(path, info):
 
 
 def _class_name(info, index):
+    from vit.viz.plots import label
+
     classes = info.get("classes")
-    return classes[index] if classes else str(index)
+    return label(classes[index]) if classes else str(index)
 
 
 def image_arguments(paths):

@@ -460,7 +460,7 @@ def report(val, loaders, out, n_mistakes, d):
     per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(classes)}
     with open(os.path.join(out, "per_class_accuracy.json"), "w") as f:
         json.dump(per_class, f, indent=2)
-    print("per-class accuracy: " + ", ".join(f"{c} {a:.4f}" for c, a in per_class.items()))
+    print("per-class accuracy: " + ", ".join(f"{plots.label(c)} {a:.4f}" for c, a in per_class.items()))
     plots.plot_confusion(matrix, classes, os.path.join(out, "confusion.png"))
     wrong = val["mistakes"][:n_mistakes]
     plots.plot_misclassified([img.numpy() for img, _, _ in wrong], [classes[t] for _, t, _ in wrong],

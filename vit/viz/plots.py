@@ -15,8 +15,12 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from vit.errors import UserError
 
 DPI = 100  # pixels per inch of every saved PNG
+LEGEND_COLUMNS = 6  # heads per legend row in the attention-distance figure
 
 
 def _figure(width, height):
@@ -27,11 +31,24 @@ def _figure(width, height):
 
 
 def _save(fig, path):
-    """Write the PNG (creating its folder) and return its size in pixels."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    """Write the PNG (creating its folder) and return its size in pixels; a full disk or an unwritable
+    folder is one sentence naming the file, and a half-written PNG is removed."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=DPI)
+    except OSError as e:
+        if os.path.isfile(path):
+            os.remove(path)
+        raise UserError(f"could not write figure {path} ({e.strerror or e}); free space there or choose another folder.") from None
     w, h = fig.get_size_inches()
     return round(w * DPI), round(h * DPI)
+
+
+def label(name):
+    """A name (a class folder's, a file's) as text a figure or a terminal can show: characters that
+    cannot be drawn or printed (undecodable bytes the file system handed over as surrogates, line
+    breaks, control characters) become "?". For display only: the names themselves stay as they are."""
+    return "".join(c if c.isprintable() else "?" for c in str(name))
 
 
 def _show(ax, image, **kwargs):
@@ -72,6 +89,7 @@ def plot_curves(history, path):
                 x, y = zip(*points)
                 ax.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, label=label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         if ax.get_lines():
@@ -101,8 +119,9 @@ def plot_confusion(matrix, class_names, path):
             if matrix[i, j] or K <= 20:
                 ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=font,
                         color="white" if rates[i, j] > 0.5 else "black", in_layout=False)
-    ax.set_xticks(range(K), class_names, rotation=90, fontsize=max(font, 4))
-    ax.set_yticks(range(K), class_names, fontsize=max(font, 4))
+    names = [label(c) for c in class_names]
+    ax.set_xticks(range(K), names, rotation=90, fontsize=max(font, 4))
+    ax.set_yticks(range(K), names, fontsize=max(font, 4))
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     acc = np.trace(matrix) / max(matrix.sum(), 1)
@@ -112,8 +131,8 @@ def plot_confusion(matrix, class_names, path):
 
 
 def plot_misclassified(images, true_names, pred_names, path):
-    """Grid of images (HxWxC uint8, C=1 or 3) titled "true / pred", 8 per row, 1.6x1.8 in each
-    (at least two columns wide, so an empty grid still has room for its note)."""
+    """Grid of images (HxWxC uint8, C=1 or 3) titled "true: ..." over "predicted: ...", 8 per row,
+    1.6x1.8 in each (at least two columns wide, so an empty grid still has room for its note)."""
     rows, cols = _grid(len(images), 8)
     fig = _figure(max(cols, 2) * 1.6, rows * 1.8)
     axes = np.atleast_1d(fig.subplots(rows, max(cols, 2))).ravel()
@@ -121,7 +140,7 @@ def plot_misclassified(images, true_names, pred_names, path):
         ax.axis("off")
     for ax, image, t, p in zip(axes, images, true_names, pred_names):
         _show(ax, image)
-        ax.set_title(f"{t} / {p}", fontsize=7, color="tab:red")
+        ax.set_title(f"true: {label(t)}\npredicted: {label(p)}", fontsize=7, color="tab:red")
     if not images:
         fig.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
     return _save(fig, path)
@@ -166,7 +185,7 @@ def plot_attention(image, rollout_map, head_maps, path, title=None):
         ax.imshow(m, cmap="viridis")
         ax.set_title(f"last layer, head {i + 1}", fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(label(title))
     return _save(fig, path)
 
 
@@ -223,10 +242,12 @@ def plot_position_similarity(similarity, path):
 
 
 def plot_attention_distance(distances, path):
-    """Mean attention distance (layers, heads) in pixels: one dot per head at each depth; 600x450 px."""
+    """Mean attention distance (layers, heads) in pixels: one dot per head at each depth, the legend
+    below the axes; 600 px wide, 450 px plus 20 per legend row high."""
     distances = np.asarray(distances)
     layers, heads = distances.shape
-    fig = _figure(6, 4.5)
+    legend_rows = math.ceil(heads / LEGEND_COLUMNS)
+    fig = _figure(6, 4.5 + 0.2 * legend_rows)  # the legend's rows below the axes, inside the figure
     ax = fig.subplots()
     depth = np.arange(1, layers + 1)
     colors = colormaps["tab20" if heads <= 20 else "turbo"].resampled(heads)  # tab10 would repeat after 10 heads
@@ -237,6 +258,6 @@ def plot_attention_distance(distances, path):
     ax.set_xticks(depth)
     ax.set_ylim(0, max(1.1 * distances.max(), 1.0))
     ax.grid(alpha=0.3)
-    fig.legend(fontsize=6, ncol=2 if heads > 16 else 1, loc="outside right upper")  # off the dots
+    fig.legend(fontsize=7, ncol=min(heads, LEGEND_COLUMNS), loc="outside lower center", frameon=False, columnspacing=1.0)  # off the dots
     ax.set_title("mean attention distance per head")
     return _save(fig, path)
