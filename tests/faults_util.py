@@ -23,13 +23,17 @@ import io
 import json
 import multiprocessing
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 
 import helpers
 
@@ -59,10 +63,58 @@ def tiny_params(folder, out_dir, **train):
     }
 
 
+def tiny_model(**config):
+    """A 2-layer width-32 ViT classifier for 16x16 RGB images with classes a, b, c (`config` changes fields)."""
+    import torch
+
+    from vit import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=16,
+              patch_size=4, num_channels=3, num_labels=3, layer_norm_eps=1e-6, id2label={0: "a", 1: "b", 2: "c"})
+    return ViTForImageClassification(ViTConfig(**{**kw, **config}))
+
+
 def write_params(path, params):
     with open(path, "w") as f:
         json.dump(params, f)
     return str(path)
+
+
+@contextmanager
+def small_disk(size):
+    """A real tmpfs of `size` bytes, yielded as a folder any process of this user can write to; or
+    None (with the reason) where this machine cannot mount one.
+
+    A helper process mounts it in a mount namespace of its own (`unshare --user --map-root-user
+    --mount`: no root needed where the kernel allows user namespaces; as root, a plain `unshare
+    --mount` too) and sleeps; the folder is seen through /proc/<helper>/root. Killing the helper
+    unmounts it, and nothing leaks into the machine's own mounts.
+    """
+    mount_point = tempfile.mkdtemp(prefix="faults_tmpfs_")
+    script = f"mount -t tmpfs -o size={int(size)} tmpfs {shlex.quote(mount_point)} && echo mounted && exec sleep 600"
+    tries = [["unshare", "--user", "--map-root-user", "--mount"]] + ([["unshare", "--mount"]] if os.geteuid() == 0 else [])
+    helper, reasons = None, []
+    for prefix in tries:
+        try:
+            p = subprocess.Popen([*prefix, "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except OSError as e:  # no unshare binary
+            reasons.append(f"{' '.join(prefix)}: {e}")
+            break
+        if p.stdout.readline().strip() == "mounted":  # EOF at once when the mount fails: no hang
+            helper = p
+            break
+        p.wait()
+        reasons.append(f"{' '.join(prefix)}: {p.stderr.read().strip()[:200]}")
+    try:
+        yield (f"/proc/{helper.pid}/root{mount_point}", None) if helper else (None, "; ".join(reasons))
+    finally:
+        if helper is not None:
+            helper.kill()
+            helper.wait()
+            helper.stdout.close()
+            helper.stderr.close()
+        os.rmdir(mount_point)
 
 
 # -----------------------------------------------------------------------------
@@ -85,11 +137,13 @@ def run_cli(args, timeout=120, **faults):
 
 @dataclass
 class Result:
-    """What a finished run left: like subprocess.CompletedProcess (returncode -9 after SIGKILL)."""
+    """What a finished run left: like subprocess.CompletedProcess (returncode -9 after SIGKILL), and the
+    process's peak resident memory in MB (None when it was killed before it could say)."""
 
     returncode: int
     stdout: str
     stderr: str
+    max_rss_mb: Optional[float] = None
 
 
 class Child:
@@ -104,9 +158,9 @@ class Child:
     def __init__(self, args, log_dir, **faults):
         Child._count += 1
         base = os.path.join(str(log_dir), f"run{Child._count}")
-        self.out_path, self.err_path = base + ".out", base + ".err"
+        self.out_path, self.err_path, self.rss_path = base + ".out", base + ".err", base + ".rss"
         self.args = list(args)
-        self.process = _context().Process(target=_child_main, args=(self.args, faults, self.out_path, self.err_path))
+        self.process = _context().Process(target=_child_main, args=(self.args, faults, self.out_path, self.err_path, self.rss_path))
         self.process.start()
         self.pid = self.process.pid
 
@@ -120,7 +174,12 @@ class Child:
             self.process.join()
             raise AssertionError(f"main.py {' '.join(self.args)} did not finish in {timeout} s")
         with open(self.out_path) as f, open(self.err_path) as g:
-            return Result(self.process.exitcode, f.read(), g.read())
+            out, err = f.read(), g.read()
+        rss = None
+        if os.path.exists(self.rss_path):
+            with open(self.rss_path) as f:
+                rss = float(f.read())
+        return Result(self.process.exitcode, out, err, rss)
 
 
 def run(args, log_dir, timeout=120, **faults):
@@ -141,8 +200,9 @@ def _context():
     return _CTX[0]
 
 
-def _child_main(args, faults, out_path, err_path):
-    """In the forked process: point fds 1 and 2 at files, install the hooks, run the command line's main, exit with its code."""
+def _child_main(args, faults, out_path, err_path, rss_path):
+    """In the forked process: point fds 1 and 2 at files, install the hooks, run the command line's main,
+    write the peak memory, exit with its code."""
     for fd, path in ((1, out_path), (2, err_path)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
@@ -169,11 +229,40 @@ def _child_main(args, faults, out_path, err_path):
         traceback.print_exc()
     sys.stdout.flush()
     sys.stderr.flush()
+    import resource
+
+    with open(rss_path, "w") as f:
+        f.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))  # KB on Linux
     os._exit(code or 0)
 
 
+@contextmanager
+def deadline(seconds):
+    """Raise TimeoutError in this process after `seconds` (SIGALRM): an in-process call that hangs, on a
+    FIFO say, fails its test instead of stalling the suite (a blocking open() is interrupted too)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+MAX_RSS_MB = 1500  # a forked child starts near 450 MB (torch and the project preloaded); a blow-up passes this
+
+
+def assert_bounded(proc):
+    """The process's peak memory stayed under MAX_RSS_MB: nothing was allocated from a file's say-so."""
+    assert proc.max_rss_mb is None or proc.max_rss_mb < MAX_RSS_MB, f"peak memory {proc.max_rss_mb:.0f} MB"
+
+
 def assert_clean_refusal(proc, *words):
-    """Exit 2, one `error: ...` sentence naming `words` on stderr, and no traceback anywhere."""
+    """Exit 2, one `error: ...` sentence naming `words` on stderr, no traceback anywhere, bounded memory."""
+    assert_bounded(proc)
     err = proc.stderr
     assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{err[-3000:]}"
     assert "Traceback" not in err and "Traceback" not in proc.stdout, err[-3000:]
@@ -212,7 +301,8 @@ def reference(folder, tmp, epochs, **train):
         params = write_params(os.path.join(str(tmp), "reference.json"), tiny_params(folder, run_dir, epochs=epochs, **train))
         r = run(["--params", params], tmp)
         assert r.returncode == 0, r.stderr[-3000:]
-        _REFERENCES[key] = {"state": load_state(os.path.join(run_dir, "last.pt")), "metrics": read_metrics(run_dir)}
+        _REFERENCES[key] = {"state": load_state(os.path.join(run_dir, "last.pt")), "metrics": read_metrics(run_dir),
+                            "last_bytes": os.path.getsize(os.path.join(run_dir, "last.pt"))}
     return _REFERENCES[key]
 
 
@@ -264,6 +354,11 @@ def summary_line():
     return (f"FAULTS SUMMARY: kills survived {total.get('kill', 0)}, signals tested {total.get('signals', 0)}, "
             f"bad images tried {bad_images}, bad checkpoints refused {total.get('checkpoints', 0)}, "
             f"params cases {total.get('params', 0)}, disk/NaN faults {total.get('disk', 0)}, "
+            f"real full disks {total.get('fulldisk', 0)}, thin images {total.get('thin', 0)}, "
+            f"special files {total.get('special', 0)}, foreign values {total.get('values', 0)}, "
+            f"npz headers {total.get('npz', 0)}, odd names {total.get('names', 0)}, "
+            f"late-failing params {total.get('late', 0)}, signals in the last epoch's tail {total.get('tail', 0)}, "
+            f"everyday mistakes {total.get('mistakes', 0)}, "
             f"resumed runs bit-exact {total.get('exact', 0)}, data lost {len(LOST)}")
 
 

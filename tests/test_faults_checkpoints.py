@@ -16,19 +16,14 @@ import pytest
 import torch
 
 import faults_util as fu
-from vit import ViTConfig, ViTForImageClassification
+from vit import ViTForImageClassification
 from vit.commands import load_model
 from vit.errors import UserError
 
 MARKER = "pwned_marker"  # a file the hostile pickles try to create (in the case's folder)
 
 
-def tiny_model():
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       image_size=16, patch_size=4, num_channels=3, num_labels=3, layer_norm_eps=1e-6,
-                       id2label={0: "a", 1: "b", 2: "c"})
-    return ViTForImageClassification(config)
+tiny_model = fu.tiny_model
 
 
 def torch_bytes(obj):

@@ -8,6 +8,7 @@ os.replace, or at the metrics rewrite; NaN by a training forward that returns Na
 
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -88,3 +89,63 @@ def test_nan_message_is_on_its_own_line(tmp_path, folder):
     params = fu.write_params(tmp_path / "params.json", fu.tiny_params(folder, tmp_path / "run", epochs=1))
     r = fu.run(["--params", params], tmp_path, nan_at=2)
     fu.assert_clean_refusal(r, "loss became nan")
+
+
+# -----------------------------------------------------------------------------
+# a real full disk: a small tmpfs, where torch.save's zip writer raises RuntimeError, not OSError
+
+# tmpfs sizes in units of one last.pt: before any checkpoint, in best.pt / best_hf / the first last.pt,
+# in a later epoch's last.pt (the previous one must survive), and roomy enough to finish
+DISK_SIZES = (0.05, 1.2, 1.5, 2.5, 3.2, 6.0)
+
+
+def leftovers(run_dir):
+    """Temp files and folders a failed write must not leave (atomic_write's .tmp, save_hf's .tmp/.old)."""
+    return [n for n in os.listdir(run_dir) if n.endswith((".tmp", ".old"))] if os.path.isdir(run_dir) else []
+
+
+def check_full_disk_run(r, run_dir):
+    """Exit 0, or one sentence about the full disk (exit 2) that says truthfully what to do; then every
+    checkpoint on the disk loads and metrics.jsonl holds no epoch its last.pt does not."""
+    last = os.path.join(run_dir, checkpoint.LAST)
+    if r.returncode != 0:
+        line = fu.assert_clean_refusal(r)
+        assert "No space left on device" in line or "os error 28" in line, line
+        assert ("--resume" in line) == os.path.isfile(last), line  # only a run with a last.pt can resume
+    assert not leftovers(run_dir), f"left behind: {leftovers(run_dir)}"
+    for name in (checkpoint.BEST, checkpoint.LAST):
+        if os.path.isfile(os.path.join(run_dir, name)):
+            load_model(os.path.join(run_dir, name), torch.device("cpu"))
+    if os.path.isfile(last):
+        epochs = [h["epoch"] for h in fu.read_metrics(run_dir)]
+        assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) <= read_training_checkpoint(last)["epoch"]
+        return read_training_checkpoint(last)["epoch"]
+    return 0
+
+
+def test_a_real_full_disk_at_several_sizes_keeps_the_previous_checkpoint(tmp_path, folder, reference):
+    outcomes = {}
+    for k, units in enumerate(DISK_SIZES):
+        size = int(units * reference["last_bytes"])
+        with fu.small_disk(size) as (disk, why):
+            if disk is None:
+                pytest.skip(f"no small filesystem can be mounted here (not root, and user namespaces refused: {why})")
+            run_dir = os.path.join(disk, "run")
+            params = fu.write_params(tmp_path / f"params{k}.json", fu.tiny_params(folder, run_dir, epochs=EPOCHS))
+            r = fu.run(["--params", params], tmp_path)
+            epochs = check_full_disk_run(r, run_dir)
+            outcomes[units] = (r.returncode, epochs)
+            if r.returncode == 2 and epochs >= 1 and "resumed" not in outcomes:
+                # the disk is freed (the run folder moves to a roomy one): --resume ends as if nothing happened
+                moved = tmp_path / "resumed"
+                shutil.copytree(run_dir, moved)
+                params = fu.write_params(tmp_path / "resume.json", fu.tiny_params(folder, moved, epochs=EPOCHS))
+                assert fu.run(["--params", params, "--resume"], tmp_path).returncode == 0
+                fu.assert_same_as(reference, str(moved), f"full disk of {size} bytes")
+                outcomes["resumed"] = units
+        fu.record("fulldisk", f"a real {size:,}-byte tmpfs: exit {r.returncode}, {epochs} epoch(s) kept, no temp file", 1)
+    codes = [outcomes[u] for u in DISK_SIZES]
+    assert (2, 0) in codes, f"no size failed before the first last.pt: {outcomes}"
+    assert any(code == 2 and epochs >= 1 for code, epochs in codes), f"no size failed after a last.pt was kept: {outcomes}"
+    assert (0, EPOCHS) in codes, f"no size was big enough to finish: {outcomes}"
+    assert "resumed" in outcomes

@@ -8,6 +8,7 @@ from vit/viz/plots.py.
 
 import os
 import sys
+from contextlib import contextmanager
 
 import torch
 
@@ -165,7 +166,8 @@ def attention(checkpoint, images, out=None, device=None, ema=False):
         png, k = os.path.join(out_dir, f"{stem}_attention.png"), 1
         while png in written:  # two inputs with one file name, e.g. a/img.png and b/img.png
             png, k = os.path.join(out_dir, f"{stem}_{k}_attention.png"), k + 1
-        plots.plot_attention(image, rollout, heads, png, f"{stem}: {verdict}")
+        with _writing(png):
+            plots.plot_attention(image, rollout, heads, png, f"{stem}: {verdict}")
         print(f"{path}: {verdict}; wrote {png}")
         written.append(png)
     return written
@@ -188,12 +190,14 @@ def inspect(checkpoint, data_dir=None, out=None, device=None, ema=False):
     written = []
 
     png = os.path.join(out_dir, "embedding_filters.png")
-    plots.plot_embedding_filters(analysis.embedding_filter_components(embeddings.patch_embeddings.projection.weight), png)
+    with _writing(png):
+        plots.plot_embedding_filters(analysis.embedding_filter_components(embeddings.patch_embeddings.projection.weight), png)
     written.append(png)
 
     png = os.path.join(out_dir, "position_similarity.png")
-    plots.plot_position_similarity(analysis.position_similarity(embeddings.position_embeddings,
-                                                                num_prefix_tokens=model.config.num_pos_prefix_tokens), png)
+    with _writing(png):
+        plots.plot_position_similarity(analysis.position_similarity(embeddings.position_embeddings,
+                                                                    num_prefix_tokens=model.config.num_pos_prefix_tokens), png)
     written.append(png)
 
     if data_dir is not None:
@@ -205,7 +209,8 @@ def inspect(checkpoint, data_dir=None, out=None, device=None, ema=False):
               "figure; pass --data-dir with a folder of images to get it")
     else:
         png = os.path.join(out_dir, "attention_distance.png")
-        plots.plot_attention_distance(analysis.dataset_attention_distance(model, images, device).numpy(), png)
+        with _writing(png):
+            plots.plot_attention_distance(analysis.dataset_attention_distance(model, images, device).numpy(), png)
         print(f"inspect: attention distance averaged over {len(images)} images from {source}")
         written.append(png)
     for png in written:
@@ -279,6 +284,15 @@ def _input_images(inputs):
         else:
             raise UserError(f"{item} is neither an image file nor a folder; check the path.")
     return files
+
+
+@contextmanager
+def _writing(path):
+    """Around a figure's write: a full disk or an unwritable --out folder is one sentence naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); free space there or pass --out with another folder.") from None
 
 
 def _default_out(checkpoint_path, name):

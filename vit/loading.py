@@ -142,9 +142,11 @@ def rename(state, table, path):
             m = re.fullmatch(pattern, key)
             if m is None:
                 continue
-            if tensor.ndim == 0 or tensor.ndim != RANKS.get(rule, tensor.ndim):
+            want = RANKS.get(rule)
+            if tensor.ndim == 0 or tensor.ndim != (want or tensor.ndim):
+                where = f"a {want}-D tensor" if want else "a tensor, not a scalar"
                 raise UserError(f"checkpoint {path} has tensor {key!r} of shape {tuple(tensor.shape)}, where a ViT "
-                                f"has a {RANKS.get(rule, 'non-scalar')}-D tensor; the file is damaged or not a ViT checkpoint.")
+                                f"has {where}; the file is damaged or not a ViT checkpoint.")
             if rule == "split_qkv":  # timm's fused (3D, D) qkv -> query, key, value
                 for name, part in zip(("query", "key", "value"), tensor.chunk(3)):
                     out[m.expand(target.replace("{q,k,v}", name))] = part
@@ -618,6 +620,7 @@ def read_source(path, ema=False):
         raise UserError(f"checkpoint {path} holds no EMA weights (only torch files from a training run do); load it without asking for them.")
     if os.path.isdir(path):
         return read_hf_folder(path)
+    is_file(path)  # a FIFO, device or socket is refused here, before any reader opens it
     if path.endswith(".npz"):
         return read_npz(path)
     if path.endswith(TORCH_SUFFIXES):

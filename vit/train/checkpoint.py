@@ -103,7 +103,8 @@ def save(path, payload):
 def _write_failed(path, e):
     """The one-sentence error for a failed save of `path` (a file or a folder), saying what is left of it."""
     kept = f"the previous {path} is kept intact" if os.path.exists(path) else f"no earlier {path} exists"
-    return UserError(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); {kept}; free disk space and resume with --resume.")
+    then = "resume with --resume" if os.path.isfile(os.path.join(os.path.dirname(path), LAST)) else "start the run again"
+    return UserError(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); {kept}; free disk space and {then}.")
 
 
 def _fsync_dir(directory):

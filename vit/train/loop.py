@@ -9,6 +9,7 @@ DeiT's main.py in four parts, each one function:
 `train` runs them and returns the exit code.
 """
 
+import contextlib
 import functools
 import json
 import math
@@ -383,14 +384,23 @@ def end_epoch(run, epoch, stats, epoch_start, stop):
     if (epoch + 1) % run.params["output"]["save_every"] == 0 or is_last or stopping:
         run.save(last_path)
     if d.is_main:
-        try:
+        with writing(metrics_path, last_path):  # resuming rebuilds metrics.jsonl from the checkpoint's records
             write_history(metrics_path, progress["history"])  # after the checkpoint: a line never outlives its epoch's state
-        except OSError as e:  # resuming rebuilds metrics.jsonl from the checkpoint's records
-            then = (f"{last_path} is saved, so free space and resume with --resume" if os.path.isfile(last_path)
-                    else "no checkpoint was saved yet, so free space and start again")
-            raise UserError(f"could not write {metrics_path} ({e.strerror}); {then}.") from None
-        plots.plot_curves(progress["history"], run.path("curves.png"))
+        with writing(run.path("curves.png"), last_path):
+            plots.plot_curves(progress["history"], run.path("curves.png"))
     return final_val, stopping
+
+
+@contextlib.contextmanager
+def writing(path, last_path):
+    """Around a write of one of the run's files: a full disk or an unwritable folder stops the run with
+    one sentence that says what is saved and how to go on."""
+    try:
+        yield
+    except OSError as e:
+        then = (f"{last_path} is saved, so free space and resume with --resume" if os.path.isfile(last_path)
+                else "no checkpoint was saved yet, so free space and start again")
+        raise UserError(f"could not write {path} ({e.strerror or e}); {then}.") from None
 
 
 def eval_kw(run, report=False):
@@ -458,13 +468,16 @@ def report(val, loaders, out, n_mistakes, d):
         return
     classes, matrix = loaders.classes, val["confusion"]
     per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(classes)}
-    with open(os.path.join(out, "per_class_accuracy.json"), "w") as f:
-        json.dump(per_class, f, indent=2)
+    path, last_path = os.path.join(out, "per_class_accuracy.json"), os.path.join(out, checkpoint.LAST)
+    with writing(path, last_path):  # resuming a complete run writes the report again
+        checkpoint.atomic_write(path, lambda f: json.dump(per_class, f, indent=2), mode="w")
     print("per-class accuracy: " + ", ".join(f"{plots.label(c)} {a:.4f}" for c, a in per_class.items()))
-    plots.plot_confusion(matrix, classes, os.path.join(out, "confusion.png"))
+    with writing(os.path.join(out, "confusion.png"), last_path):
+        plots.plot_confusion(matrix, classes, os.path.join(out, "confusion.png"))
     wrong = val["mistakes"][:n_mistakes]
-    plots.plot_misclassified([img.numpy() for img, _, _ in wrong], [classes[t] for _, t, _ in wrong],
-                             [classes[p] for _, _, p in wrong], os.path.join(out, "misclassified.png"))
+    with writing(os.path.join(out, "misclassified.png"), last_path):
+        plots.plot_misclassified([img.numpy() for img, _, _ in wrong], [classes[t] for _, t, _ in wrong],
+                                 [classes[p] for _, _, p in wrong], os.path.join(out, "misclassified.png"))
 
 
 def summary_line(history, elapsed, out, metric="val_acc"):

@@ -17,8 +17,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vit.errors import UserError
-
 DPI = 100  # pixels per inch of every saved PNG
 LEGEND_COLUMNS = 6  # heads per legend row in the attention-distance figure
 
@@ -31,15 +29,15 @@ def _figure(width, height):
 
 
 def _save(fig, path):
-    """Write the PNG (creating its folder) and return its size in pixels; a full disk or an unwritable
-    folder is one sentence naming the file, and a half-written PNG is removed."""
+    """Write the PNG (creating its folder) and return its size in pixels; on a full disk the
+    half-written PNG is removed and the OSError raised (the callers say what it means for them)."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fig.savefig(path, dpi=DPI)
-    except OSError as e:
+    except OSError:
         if os.path.isfile(path):
             os.remove(path)
-        raise UserError(f"could not write figure {path} ({e.strerror or e}); free space there or choose another folder.") from None
+        raise
     w, h = fig.get_size_inches()
     return round(w * DPI), round(h * DPI)
 
