@@ -5,6 +5,7 @@ The per-function checks of open_image live in test_data_images.py; here the whol
 """
 
 import io
+import os
 import re
 import struct
 import zlib
@@ -142,3 +143,127 @@ def test_the_odd_images_are_trained_on_not_dropped(tmp_path):
     assert report["dropped_at_load"] == len(LOAD_BAD)
     assert not any("/odd_" in f for f in report["skipped_files"] + report["dropped_files"])
     assert len(loaders.train.images) + len(loaders.val.images) == good
+
+
+# -----------------------------------------------------------------------------
+# thin images: a few KB on disk, under PIL's pixel limit, and gigabytes once the shorter side is resized
+
+
+def thin(w, h, fmt="PNG"):
+    return encoded(Image.new("L", (w, h), 200), fmt)
+
+
+THIN = {  # under the 89 M pixel limit, all of them
+    "strip_2000000x1.png": lambda: thin(2_000_000, 1),
+    "strip_1x2000000.png": lambda: thin(1, 2_000_000),
+    "strip_65000x3.jpg": lambda: thin(65_000, 3, "JPEG"),
+    "strip_5000x40.png": lambda: thin(5000, 40),  # 125:1, just past the 100:1 bound
+}
+
+
+def write_thin(folder):
+    paths = []
+    for name, make in THIN.items():
+        (folder / name).write_bytes(make())
+        paths.append(folder / name)
+    return paths
+
+
+def test_thin_images_are_refused_from_the_header_by_every_reader(tmp_path):
+    import resource
+
+    from vit.data.device_decode import EncodedSource
+    from vit.data.folder import decode_all
+    from vit.data.images import BadImage, check_header
+    from vit.data.worker_loader import FileSource
+
+    paths = write_thin(tmp_path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for path in paths:
+        readers = {"scan": lambda: check_header(path), "open_image": lambda: open_image(path, 3, resize_to=18),
+                   "workers": lambda: FileSource([path], 3, 18)(0), "device decode": lambda: EncodedSource([path], 3, 18)(0)}
+        for reader, read in readers.items():
+            with pytest.raises(BadImage, match="longer than 100 times"):
+                read()
+        images, labels, failed = decode_all([(path, 0)], 3, 18, threads=1)  # the tensor loader's decode-all
+        assert len(images) == 0 and len(failed) == 1 and "longer than 100 times" in failed[0]
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown < 200, f"peak memory grew by {grown:.0f} MB while refusing thin images"
+    # 90:1 passes the ratio, but its shorter side resized to 2000 would make 2000 x 180,000 pixels
+    (tmp_path / "wide.png").write_bytes(thin(9000, 100))
+    assert open_image(tmp_path / "wide.png", 1, resize_to=18).size == (9000, 100)
+    with pytest.raises(BadImage, match="resized to a shorter side of 2000"):
+        open_image(tmp_path / "wide.png", 1, resize_to=2000)
+    fu.record("thin", "thin images refused by the scan, open_image, the workers, device decode and decode-all", len(THIN) * 5 + 1)
+
+
+@pytest.mark.parametrize("in_memory,decode", [(True, "workers"), (False, "workers"), (False, "device")])
+def test_training_with_thin_images_in_train_and_val_finishes(tmp_path, in_memory, decode):
+    fu.make_folder(tmp_path / "train")
+    fu.make_folder(tmp_path / "val", per_class=4)
+    write_thin(tmp_path / "train" / "class_0")
+    write_thin(tmp_path / "val" / "class_1")
+    params = fu.tiny_params(tmp_path / "train", tmp_path / "run", epochs=1)
+    params["data"].update(val_dir=str(tmp_path / "val"), in_memory=in_memory, decode=decode)
+    r = fu.run(["--params", fu.write_params(tmp_path / "params.json", params)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fu.assert_bounded(r)
+    assert f"bad files: {2 * len(THIN)} skipped at scan" in r.stdout, r.stdout[-2000:]
+    fu.record("thin", f"a training run over thin images in train and val (in_memory={in_memory}, decode={decode})", 2 * len(THIN))
+
+
+def test_thin_images_through_the_commands(tmp_path):
+    """predict reports each unreadable image and goes on (exit 1); attention refuses (exit 2); eval and
+    inspect over a folder skip them."""
+    fu.make_folder(tmp_path / "data", per_class=4)
+    thin_paths = write_thin(tmp_path / "data" / "class_2")
+    model = fu.tiny_model(id2label={0: "class_0", 1: "class_1", 2: "class_2"})
+    model.save_pretrained(tmp_path / "model")
+    ckpt, good = str(tmp_path / "model"), str(tmp_path / "data" / "class_0" / "0.png")
+    r = fu.run(["predict", "--checkpoint", ckpt, good, *map(str, thin_paths)], tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stdout.count(": class_") == 1 and r.stderr.count("cannot read") == len(THIN), r.stderr[-2000:]
+    fu.assert_bounded(r)
+    r = fu.run(["attention", "--checkpoint", ckpt, str(thin_paths[0]), "--out", str(tmp_path / "att")], tmp_path)
+    fu.assert_clean_refusal(r, str(thin_paths[0]), "longer than 100 times")
+    r = fu.run(["eval", "--checkpoint", ckpt, "--data-dir", str(tmp_path / "data"), "--workers", "0"], tmp_path)
+    assert r.returncode == 0 and f"skipped {len(THIN)} file(s)" in r.stderr, r.stderr[-2000:]
+    fu.assert_bounded(r)
+    r = fu.run(["inspect", "--checkpoint", ckpt, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "fig7")], tmp_path)
+    assert r.returncode == 0 and f"skipped {len(THIN)} unreadable image(s)" in r.stdout, r.stdout[-2000:]
+    fu.assert_bounded(r)
+    fu.record("thin", "thin images through predict, attention, eval --data-dir and inspect --data-dir", 4)
+
+
+# -----------------------------------------------------------------------------
+# class folders whose names a figure or a terminal cannot show as they are
+
+
+ODD_NAMES = [b"bad\xff\nname", b"tab\tand\rreturn", "emoji \U0001f600".encode(), "\u202eright-to-left".encode(),
+             b"x" * 200]
+
+
+def test_class_folders_with_odd_names_train_plot_and_predict(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for c, name in enumerate(ODD_NAMES):
+        folder = os.path.join(bytes(root), name)
+        os.makedirs(folder)
+        for i in range(6):
+            a = (rng.random((16, 16, 3)) * 60).astype(np.uint8)
+            a[:, :, c % 3] += 150
+            a[: 4 * (c // 3 + 1)] = 255
+            Image.fromarray(a).save(os.path.join(folder, b"%d.png" % i))
+    params = fu.tiny_params(root, tmp_path / "run", epochs=1)
+    r = fu.run(["--params", fu.write_params(tmp_path / "params.json", params)], tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    for png in ("confusion.png", "misclassified.png", "curves.png"):
+        assert (tmp_path / "run" / png).stat().st_size > 0
+    per_class = [line for line in r.stdout.splitlines() if line.startswith("per-class accuracy: ")]
+    assert len(per_class) == 1 and per_class[0].count(" 0.") + per_class[0].count(" 1.") == len(ODD_NAMES), r.stdout[-2000:]
+    image = os.path.join(bytes(root), ODD_NAMES[0], b"0.png")
+    r = fu.run(["predict", "--checkpoint", str(tmp_path / "run"), os.fsdecode(image)], tmp_path)
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1, r.stderr[-2000:]
+    r = fu.run(["attention", "--checkpoint", str(tmp_path / "run"), os.fsdecode(image)], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    fu.record("names", "class folders named with invalid UTF-8, newlines, tabs, emoji, RTL marks and 200 characters", len(ODD_NAMES))

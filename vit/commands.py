@@ -8,6 +8,7 @@ from vit/viz/plots.py.
 
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -65,7 +66,9 @@ def evaluate(checkpoint, data_dir=None, batch_size=None, workers=None, ema=False
 
         # the folder serves as both splits; files are read lazily, and only the val side is iterated
         data_params.update(dataset="folder", train_dir=data_dir, val_dir=data_dir, in_memory=False)
-        batch_size = min(batch_size, scan_folder(data_dir, data_dir, keys=("--data-dir", "--data-dir")).report["train_files"])
+        with warnings.catch_warnings():  # build_loaders scans it again and warns about its bad files then
+            warnings.simplefilter("ignore")
+            batch_size = min(batch_size, scan_folder(data_dir, data_dir, keys=("--data-dir", "--data-dir")).report["train_files"])
     data_params.update(image_size=info["image_size"], channels=info["channels"], mean=info["mean"], std=info["std"])
     train_params = {**run_params["train"], "batch_size": batch_size, "randaugment": None}
     loaders = data.build_loaders(data_params, train_params, d.device, d.rank, d.world_size)
@@ -116,7 +119,7 @@ def predict(checkpoint, images, topk=5, ema=False):
         try:
             x = _preprocess(path, info).to(device)  # (1, C, H, W)
         except (BadImage, OSError) as e:
-            print(f"{path}: cannot read ({e})", file=sys.stderr)
+            print(f"{label(path)}: cannot read ({label(e)})", file=sys.stderr)
             failed += 1
             continue
         if zero_head:
@@ -125,7 +128,7 @@ def predict(checkpoint, images, topk=5, ema=False):
         with torch.no_grad():
             probs = model(x).logits.float().softmax(-1)[0]  # (K,)
         top = probs.topk(min(topk, len(classes)))
-        print(f"{path}: " + ", ".join(f"{label(classes[i])} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
+        print(f"{label(path)}: " + ", ".join(f"{label(classes[i])} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
     return 1 if failed else 0
 
 
@@ -168,7 +171,7 @@ def attention(checkpoint, images, out=None, device=None, ema=False):
             png, k = os.path.join(out_dir, f"{stem}_{k}_attention.png"), k + 1
         with _writing(png):
             plots.plot_attention(image, rollout, heads, png, f"{stem}: {verdict}")
-        print(f"{path}: {verdict}; wrote {png}")
+        print(f"{plots.label(path)}: {verdict}; wrote {plots.label(png)}")
         written.append(png)
     return written
 

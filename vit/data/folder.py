@@ -49,7 +49,8 @@ def scan_folder(train_dir, val_dir=None, *, val_split=None, split_seed=None, thr
         raise UserError(f"{keys[0]} is not set; point it at a folder with one sub-folder per class.")
     train_classes, train_files, skipped = _scan_root(Path(train_dir), keys[0], threads)
     if val_dir:
-        val_classes, val_files, val_skipped = _scan_root(Path(val_dir), keys[1], threads)
+        same = Path(val_dir).resolve() == Path(train_dir).resolve()  # eval --data-dir: one folder, both sides
+        val_classes, val_files, val_skipped = (train_classes, train_files, []) if same else _scan_root(Path(val_dir), keys[1], threads)
         skipped += val_skipped
         if val_classes != train_classes:
             missing = sorted(set(train_classes) - set(val_classes))
