@@ -214,3 +214,88 @@ def test_real_interpreter_refuses_invalid_json(tmp_path):
     path.write_text('{"train": {"epochs": 3,}}')
     r = fu.run_cli(["--params", str(path)])
     fu.assert_clean_refusal(r, str(path), "not valid JSON")
+
+
+# -----------------------------------------------------------------------------
+# params that pass a type check and used to fail later: in timm, mid-epoch, or at os.makedirs after
+# the data and the model were built. Each is now refused at validation, naming the key (or it works).
+
+def deep(n):
+    return "[" * n + "]" * n
+
+
+LATE = {  # --set items (or a params file's text, for "file:"), and the words the refusal must hold
+    "randaugment rand-m9.5": (["train.randaugment=rand-m9.5"], ["train.randaugment", "rand-m9.5"]),
+    "randaugment rand-mmax1.5": (["train.randaugment=rand-mmax1.5"], ["train.randaugment"]),
+    "randaugment rand-inc1 (posterizes to 0 bits)": (["train.randaugment=rand-inc1"], ["train.randaugment", "Posterize"]),
+    "randaugment rand-m1 (posterizes to 0 bits)": (["train.randaugment=rand-m1"], ["train.randaugment", "Posterize"]),
+    "randaugment rand-m9-mstd5-inc1": (["train.randaugment=rand-m9-mstd5-inc1"], ["train.randaugment"]),
+    "randaugment rand-w0": (["train.randaugment=rand-w0"], ["train.randaugment"]),
+    "layer_decay 5e-324": (["train.layer_decay=5e-324"], ["train.layer_decay"]),
+    "layer_decay 1e-300": (["train.layer_decay=1e-300"], ["train.layer_decay"]),
+    "cutmix 5e-324": (["train.cutmix=5e-324"], ["train.cutmix"]),
+    "mixup 1e-310": (["train.mixup=1e-310"], ["train.mixup"]),
+    "mixup 1e308": (["train.mixup=1e308"], ["train.mixup"]),
+    "epochs with 5000 digits": ([f"train.epochs={'1' * 5000}"], ["train.epochs", "digits"]),
+    "seed 2**70": ([f"train.seed={2**70}"], ["train.seed", "2**63"]),
+    "batch_size 10**30": ([f"train.batch_size={10**30}"], ["train.batch_size"]),
+    "--set value 600 lists deep": ([f"data.mean={deep(600)}"], ["data.mean"]),
+    "--set value 5000 lists deep": ([f"data.mean={deep(5000)}"], ["--set data.mean"]),
+    "--set mean [0.5, (not valid JSON)": (["data.mean=[0.5,"], ["data.mean", "not valid JSON"]),
+    "--set mean {\"a\": (not valid JSON)": (['data.mean={"a":'], ["data.mean", "not valid JSON"]),
+    "lr \"1e-3\" (a string)": (['train.lr="1e-3"'], ["train.lr", "a string", "0.001"]),
+    "output.dir with a NUL": (['output.dir="runs/a\\u0000b"'], ["output.dir", "NUL"]),
+    "output.dir with a lone surrogate": (['output.dir="runs/\\ud800"'], ["output.dir", "surrogate"]),
+    "train_dir with a NUL": (['data.train_dir="d\\u0000"'], ["data.train_dir", "NUL"]),
+    "pretrained with a lone surrogate": (['model.pretrained="w\\udfff.pth"', "model.patch_size=null"], ["model.pretrained"]),
+    "file: an integer with 5000 digits": ('{"train": {"epochs": ' + "7" * 5000 + "}}", ["digits"]),
+    "file: lists 100,000 deep": ('{"data": {"mean": ' + deep(100_000) + "}}", ["deeper than Python reads"]),
+    "file: lists 900 deep": ('{"data": {"mean": ' + deep(900) + "}}", ["data.mean"]),
+    "file: lr as a string": ('{"train": {"lr": "3e-4"}}', ["train.lr", "0.0003"]),
+}
+
+
+def late_case(tmp_path, name):
+    """(argv for main.py, the params file): a valid tiny params file plus the case's change."""
+    change, _ = LATE[name]
+    if isinstance(change, str):  # the params file's whole text
+        path = tmp_path / "case.json"
+        path.write_text(change)
+        return ["--params", str(path)], str(path)
+    path = fu.write_params(tmp_path / "params.json", base_params(tmp_path))
+    return ["--params", path, "--set", *change], path
+
+
+@pytest.mark.parametrize("name", list(LATE))
+def test_params_that_used_to_fail_later_are_refused_at_validation(tmp_path, name):
+    argv, path = late_case(tmp_path, name)
+    with pytest.raises(UserError) as e:
+        P.load(path, argv[3:] if "--set" in argv else ())
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 800, message
+    for w in LATE[name][1]:
+        assert w in message, f"{w!r} not in {message!r}"
+    fu.record("late", f"{name} refused at validation", 1)
+
+
+def test_params_that_used_to_fail_later_through_main(tmp_path):
+    """A sample through the command line: exit 2 before the data is read (no data line, no run folder)."""
+    fu.make_folder(tmp_path / "data")
+    names = ["randaugment rand-inc1 (posterizes to 0 bits)", "cutmix 5e-324", "layer_decay 5e-324", "output.dir with a NUL",
+             "--set value 600 lists deep", "file: lists 100,000 deep", "epochs with 5000 digits"]
+    for name in names:
+        argv, _ = late_case(tmp_path, name)
+        r = fu.run(argv, tmp_path)
+        fu.assert_clean_refusal(r, *LATE[name][1])
+        assert "data: " not in r.stdout and not os.path.exists(tmp_path / "run"), r.stdout[-2000:]
+    fu.record("late", "late-failing params refused through main.py before the data is read", len(names))
+
+
+def test_a_warmup_longer_than_any_run_trains(tmp_path):
+    """warmup_epochs=1e308 overflowed when rounded to steps; it is clipped to the run first, so the run
+    is all warm-up and finishes."""
+    fu.make_folder(tmp_path / "data")
+    path = fu.write_params(tmp_path / "params.json", base_params(tmp_path))
+    r = fu.run(["--params", path, "--set", "train.warmup_epochs=1e308"], tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    fu.record("late", "warmup_epochs=1e308 trains (clipped to the run)", 1)
