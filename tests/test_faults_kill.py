@@ -143,8 +143,9 @@ def test_sigkill_around_best_checkpoint_keeps_best(tmp_path, folder, at):
     fu.record("kill", f"SIGKILL before a best rename ({at}) survived", kills)
 
 
-def signal_then_resume(tmp_path, folder, fault, signum):
-    """Stop the run with `signum` (from outside when fault says WAIT), check the save, then resume to the end."""
+def signal_then_resume(tmp_path, folder, fault, signum, report_after=False):
+    """Stop the run with `signum` (from outside when fault says WAIT), check the save, then resume to the
+    end; with report_after, the stop came after the last epoch: no report yet, and the resume writes it."""
     params, run_dir = setup_run(tmp_path, folder)
     marker = str(tmp_path / "marker")
     child = fu.Child(["--params", params], tmp_path, marker=marker, **fault)
@@ -161,8 +162,13 @@ def signal_then_resume(tmp_path, folder, fault, signum):
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "--resume" in r.stdout, r.stdout[-2000:]  # it tells how to go on
     ckpt = read_training_checkpoint(os.path.join(run_dir, checkpoint.LAST))
+    if report_after:
+        assert "stopped after the last epoch, before the end-of-run report" in r.stdout, r.stdout[-2000:]
+        assert not os.path.exists(os.path.join(run_dir, "confusion.png"))
     r = fu.run(["--params", params, "--resume"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    if report_after:
+        assert "which is complete" in r.stdout and os.path.exists(os.path.join(run_dir, "confusion.png")), r.stdout[-2000:]
     return run_dir, ckpt
 
 
@@ -196,3 +202,19 @@ def test_best_hf_swap_killed_midway_is_repaired_by_the_next_save(tmp_path, left)
     checkpoint.save_hf(model, folder, [0.5] * 3, [0.25] * 3)
     assert sorted(os.listdir(tmp_path)) == [checkpoint.HF_DIR]
     load_model(folder, torch.device("cpu"))
+
+
+# a signal after the last epoch's stop check (while the final last.pt, metrics.jsonl or curves are
+# written) was announced as "saving ... then stopping", and the run then finished with exit 0 and no
+# resume hint. Now the save happens (the last epoch always saves), the exit code is 128 + signal, and
+# the resume it prints writes the end-of-run report.
+# A fresh 3-epoch run: replace:8 is the final last.pt's rename, history:4 the final metrics rewrite.
+@pytest.mark.parametrize("signum, fault", [
+    (signal.SIGTERM, {"at": "replace:8", "action": "WAIT"}),  # from outside, while the final last.pt is renamed
+    (signal.SIGINT, {"at": "history:4", "action": "INT"}),  # sent to itself, in the final metrics rewrite
+])
+def test_signal_in_the_last_epochs_tail_says_what_happened(tmp_path, folder, reference, signum, fault):
+    run_dir, ckpt = signal_then_resume(tmp_path, folder, fault, signum, report_after=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (EPOCHS, 0), "the last epoch was not saved"
+    fu.assert_same_as(reference, run_dir, f"{signal.Signals(signum).name} in the tail")
+    fu.record("tail", f"{signal.Signals(signum).name} at {fault['at']}: saved, exit {128 + signum}, resume writes the report", 1)
