@@ -307,6 +307,39 @@ def reference(folder, tmp, epochs, **train):
     return _REFERENCES[key]
 
 
+_FINISHED = []
+
+
+def finished_run(tmp):
+    """A finished 1-epoch tiny run on a folder made by make_folder, shared by the session (built in
+    `tmp` on first use): (its folder, params path, run folder, its stdout). Tests change copies only."""
+    if not _FINISHED:
+        make_folder(os.path.join(str(tmp), "data"))
+        params = write_params(os.path.join(str(tmp), "params.json"),
+                              tiny_params(os.path.join(str(tmp), "data"), os.path.join(str(tmp), "run"), epochs=1))
+        r = run(["--params", params], tmp)
+        assert r.returncode == 0, r.stderr[-3000:]
+        _FINISHED.append((tmp, params, os.path.join(str(tmp), "run"), r.stdout))
+    return _FINISHED[0]
+
+
+def copy_run(finished, dest, edit=None):
+    """The finished run's last.pt (changed in place by `edit(checkpoint dict)`) in dest/run, and a params
+    file like the run's whose output.dir points there."""
+    import torch
+
+    _, params, run_dir, _ = finished
+    ckpt = torch.load(os.path.join(run_dir, "last.pt"), weights_only=True)
+    if edit:
+        edit(ckpt)
+    os.makedirs(os.path.join(str(dest), "run"))
+    torch.save(ckpt, os.path.join(str(dest), "run", "last.pt"))
+    with open(params) as f:
+        p = json.load(f)
+    p["output"]["dir"] = os.path.join(str(dest), "run")
+    return write_params(os.path.join(str(dest), "params.json"), p)
+
+
 def assert_same_as(ref, run_dir, tag):
     """Bit-exact weights (and EMA weights), and metrics.jsonl with exactly one line per epoch holding the reference's numbers."""
     try:

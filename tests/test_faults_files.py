@@ -315,13 +315,7 @@ def test_foreign_model_config_pt_files_are_read_by_their_shapes(root, tmp_path):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A 1-epoch tiny run: (tmp, params path, run folder)."""
-    tmp = tmp_path_factory.mktemp("faults_files_run")
-    fu.make_folder(tmp / "data")
-    params = fu.write_params(tmp / "params.json", fu.tiny_params(tmp / "data", tmp / "run", epochs=1))
-    r = fu.run(["--params", params], tmp)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tmp, params, tmp / "run"
+    return fu.finished_run(tmp_path_factory.mktemp("faults_finished"))
 
 
 def last_pt_cases():
@@ -341,21 +335,16 @@ def last_pt_cases():
 
 @pytest.mark.parametrize("name", list(last_pt_cases()))
 def test_resume_refuses_a_last_pt_without_what_it_reads(finished_run, tmp_path, name):
-    tmp, params, run = finished_run
-    ckpt = torch.load(run / checkpoint.LAST, weights_only=True)
-    for k, v in last_pt_cases()[name].items():
-        if v is None:
-            ckpt.pop(k)
-        else:
-            ckpt[k] = v
-    bad_run = tmp_path / "run"
-    bad_run.mkdir()
-    torch.save(ckpt, bad_run / checkpoint.LAST)
-    with open(params) as f:
-        p = json.load(f)
-    p["output"]["dir"] = str(bad_run)
-    r = fu.run(["--params", fu.write_params(tmp_path / "p.json", p), "--resume"], tmp_path, timeout=HANG)
-    fu.assert_clean_refusal(r, str(bad_run / checkpoint.LAST), "cannot continue")
+    def damage(ckpt):
+        for k, v in last_pt_cases()[name].items():
+            if v is None:
+                ckpt.pop(k)
+            else:
+                ckpt[k] = v
+
+    params = fu.copy_run(finished_run, tmp_path, damage)
+    r = fu.run(["--params", params, "--resume"], tmp_path, timeout=HANG)
+    fu.assert_clean_refusal(r, str(tmp_path / "run" / checkpoint.LAST), "cannot continue")
     fu.record("values", f"last.pt {name} refused by --resume", 1)
 
 

@@ -10,6 +10,8 @@ import shlex
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -24,27 +26,12 @@ ROOT = fu.ROOT
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A 1-epoch tiny run: (tmp, params path, run folder, its stdout)."""
-    tmp = tmp_path_factory.mktemp("faults_mistakes")
-    fu.make_folder(tmp / "data")
-    params = fu.write_params(tmp / "params.json", fu.tiny_params(tmp / "data", tmp / "run", epochs=1))
-    r = fu.run(["--params", params], tmp)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return tmp, params, tmp / "run", r.stdout
+    """The session's finished 1-epoch tiny run: (its folder, params path, run folder, its stdout), as Paths."""
+    tmp, params, run, out = fu.finished_run(tmp_path_factory.mktemp("faults_finished"))
+    return Path(tmp), params, Path(run), out
 
 
-def copy_run(finished, tmp_path, edit=None):
-    """The finished run's last.pt in a new run folder (optionally edited), and a params file pointing there."""
-    tmp, params, run, _ = finished
-    ckpt = torch.load(run / checkpoint.LAST, weights_only=True)
-    if edit:
-        edit(ckpt)
-    (tmp_path / "run").mkdir()
-    torch.save(ckpt, tmp_path / "run" / checkpoint.LAST)
-    with open(params) as f:
-        p = json.load(f)
-    p["output"]["dir"] = str(tmp_path / "run")
-    return fu.write_params(tmp_path / "params.json", p)
+copy_run = fu.copy_run
 
 
 # -----------------------------------------------------------------------------
