@@ -123,7 +123,7 @@ def predict(checkpoint, images, topk=5, ema=False):
             failed += 1
             continue
         if zero_head:
-            print(f"{path}: no prediction (the head is all zeros)")
+            print(f"{label(path)}: no prediction (the head is all zeros)")
             continue
         with torch.no_grad():
             probs = model(x).logits.float().softmax(-1)[0]  # (K,)
@@ -229,12 +229,13 @@ def features(checkpoint, inputs, out, batch_size=FEATURES_BATCH, ema=False):
     import numpy as np
 
     from vit.data.images import BadImage
+    from vit.viz.plots import label
 
     if not out.endswith(".npy"):
         raise UserError(f"--out {out} must end in .npy (the file order goes beside it as .txt); e.g. --out feats.npy.")
     device = distributed.init().device
     model, info = load_model(checkpoint, device, ema)
-    files = _input_images(inputs)
+    files = image_arguments(inputs)
     rows, kept, batch, skipped = [], [], [], 0
 
     def flush():
@@ -248,7 +249,7 @@ def features(checkpoint, inputs, out, batch_size=FEATURES_BATCH, ema=False):
         try:
             batch.append((path, _preprocess(path, info)))
         except (BadImage, OSError) as e:
-            print(f"{path}: cannot read ({e}); skipped", file=sys.stderr)
+            print(f"{label(path)}: cannot read ({label(e)}); skipped", file=sys.stderr)
             skipped += 1
             continue
         if len(batch) == batch_size:
@@ -271,22 +272,6 @@ def features(checkpoint, inputs, out, batch_size=FEATURES_BATCH, ema=False):
 
 # -----------------------------------------------------------------------------
 # reading images for the commands
-
-
-def _input_images(inputs):
-    """Image files named directly, and those under folders (recursively, sorted), in the order given."""
-    from vit.data.images import IMAGE_EXTENSIONS
-
-    files = []
-    for item in inputs:
-        if os.path.isdir(item):
-            files += sorted(os.path.join(root, f) for root, _, names in os.walk(item) for f in names
-                            if f.lower().endswith(IMAGE_EXTENSIONS))
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise UserError(f"{item} is neither an image file nor a folder; check the path.")
-    return files
 
 
 @contextmanager
