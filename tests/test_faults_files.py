@@ -402,7 +402,7 @@ def npz_cases(root):
                                                                    arrays["Transformer/posembed_input/pos_embedding"].reshape(-1)}),
         "2-D query kernel": write_npz(root / "flat_query.npz", {**arrays, block: arrays[block].reshape(arrays[block].shape[0], -1)}),
         "0-d scanned block array": write_npz(root / "scanned_scalar.npz", {**arrays, "Transformer/encoderblock/LayerNorm_0/scale": np.float32(1)}),
-        "position embeddings for no tokens": write_npz(root / "no_tokens.npz", {**arrays, "Transformer/posembed_input/pos_embedding":
+        "position embeddings for no tokens": write_npz(root / "no_tokens.npz", {**without("cls"), "Transformer/posembed_input/pos_embedding":
                                                                              np.zeros((1, 0, 32), np.float32)}),
         "a plain .npy named .npz": root / "plain.npz",
     }

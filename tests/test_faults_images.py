@@ -222,7 +222,7 @@ def test_thin_images_through_the_commands(tmp_path):
     ckpt, good = str(tmp_path / "model"), str(tmp_path / "data" / "class_0" / "0.png")
     r = fu.run(["predict", "--checkpoint", ckpt, good, *map(str, thin_paths)], tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert r.stdout.count(": class_") == 1 and r.stderr.count("cannot read") == len(THIN), r.stderr[-2000:]
+    assert r.stdout.count(f"{good}: ") == 1 and r.stderr.count("cannot read") == len(THIN), r.stderr[-2000:]
     fu.assert_bounded(r)
     r = fu.run(["attention", "--checkpoint", ckpt, str(thin_paths[0]), "--out", str(tmp_path / "att")], tmp_path)
     fu.assert_clean_refusal(r, str(thin_paths[0]), "longer than 100 times")

@@ -308,36 +308,43 @@ def _class_name(info, index):
 
 def image_arguments(paths):
     """The images named on a command line: a folder stands for the image files under it; a FIFO, device
-    or socket is refused before anything opens it. Other paths stay as given (predict says which it cannot read)."""
+    or socket is refused before anything opens it. Other paths stay as given (predict says which it
+    cannot read). Refused when that leaves no path at all (only empty folders)."""
+    from vit.data.images import IMAGE_EXTENSIONS
+
     out = []
     for path in paths:
         kind = special_file_kind(path)
         if kind is not None:
             raise UserError(f"image {path} is {kind}, not an image file; pass image files or folders of them.")
-        out += _images_under(path, path) if os.path.isdir(path) else [path]
+        out += _images_under(path) if os.path.isdir(path) else [path]
+    if not out:
+        raise UserError(f"no readable images in {', '.join(paths)}: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                        f"there; pass image files or folders that hold some.")
     return out
 
 
-def _images_under(folder, name):
-    """The image files under `folder`, sorted, hidden ones left out (as the training scan does); `name` is how messages call it."""
+def _images_under(folder):
+    """The image files under `folder`, sorted, hidden ones left out (as the training scan does)."""
     from vit.data.images import IMAGE_EXTENSIONS
 
-    if not os.path.isdir(folder):
-        raise UserError(f"{name} is not a folder; pass a folder of images (class subfolders are fine).")
     files = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints and the like
         files += [os.path.join(root, f) for f in names  # isfile: FIFOs and devices are left out, never opened
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".") and os.path.isfile(os.path.join(root, f))]
-    files.sort()
-    if not files:
-        raise UserError(f"{name} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of images.")
-    return files
+    return sorted(files)
 
 
 def _image_files(folder):
     """Up to INSPECT_IMAGES image files under folder, spread evenly over its sorted listing (so over classes)."""
-    files = _images_under(folder, f"--data-dir {folder}")
+    from vit.data.images import IMAGE_EXTENSIONS
+
+    if not os.path.isdir(folder):
+        raise UserError(f"--data-dir {folder} is not a folder; pass a folder of images (class subfolders are fine).")
+    files = _images_under(folder)
+    if not files:
+        raise UserError(f"--data-dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of images.")
     step = max(1, len(files) // INSPECT_IMAGES)
     return files[::step][:INSPECT_IMAGES]
 
