@@ -437,7 +437,8 @@ def cost_line(rate, train_images, val_images, eval_every, epochs, epochs_left, d
     """What the run will cost, from the measured training speed: evaluation is a forward pass only,
     about a third of a training step per image."""
     epoch_s = train_images / rate + val_images / (3 * rate) / eval_every
-    where = f"CPU ({torch.get_num_threads()} threads, {precision})" if device.type == "cpu" else f"{device} ({precision})"
+    threads = torch.get_num_threads()
+    where = f"CPU ({threads} thread{'s' * (threads > 1)}, {precision})" if device.type == "cpu" else f"{device} ({precision})"
     left = f" ({duration(epoch_s * epochs_left)} left)" if epochs_left < epochs else ""
     return (f"speed: {rate:,.0f} images/s on the {where}: ≈ {duration(epoch_s)}/epoch with evaluation, "
             f"≈ {duration(epoch_s * epochs)} for {epochs} epochs{left}")
