@@ -30,10 +30,17 @@ def test_shipped_params_are_valid(name):
     assert set(p) == {"model", "data", "train", "output"}
 
 
-def test_default_recipe_is_the_fashion_mnist_one():
+def test_default_recipe_is_the_cpu_sized_fashion_mnist_one():
+    # params.json is sized for a 2-core CPU (>= 90% in 15 minutes, README's cost table); the GPU recipe is a config.
+    # Pinned parameter counts (big_vision's habit): a changed shape must be a deliberate change of this test.
+    from vit.train.loop import build_model
     p = load_with()
     assert p["data"]["dataset"] == "fashion_mnist" and p["data"]["image_size"] == 28 and p["data"]["channels"] == 1
-    assert p["model"]["patch_size"] == 4 and p["train"]["precision"] == "bf16"
+    assert p["train"]["precision"] == "auto" and p["train"]["epochs"] == 15 and p["model"]["weight_init"] == "jax"
+    assert sum(t.numel() for t in build_model(p, list("0123456789")).parameters()) == 306_826
+    gpu = P.load(os.path.join(ROOT, "configs", "vit_lite_7_4_gpu.json"))
+    assert gpu["train"]["epochs"] == 60 and "UNMEASURED" in open(os.path.join(ROOT, "configs", "vit_lite_7_4_gpu.json")).read()
+    assert sum(t.numel() for t in build_model(gpu, list("0123456789")).parameters()) == 3_710_218
 
 
 def test_overrides_parse_json_and_fall_back_to_strings():
@@ -68,7 +75,7 @@ def test_unknown_key_is_named_with_a_suggestion_and_the_valid_keys():
     ("data.channels=2", ["data.channels", "[1, 3]"]),
     ("data.mean=[0.5,0.5,0.5]", ["data.mean", "data.channels is 1"]),
     ("data.image_size=30", ["data.image_size", "patch size 4"]),
-    ("model.num_attention_heads=3", ["model.num_attention_heads", "hidden_size=256"]),
+    ("model.num_attention_heads=5", ["model.num_attention_heads", "hidden_size=96"]),
     ("model.preset=\"X/16\"", ["model.preset", "B/16"]),
     ("train.random_resized_crop_scale=[0.9,0.1]", ["train.random_resized_crop_scale", "0 < lo <= hi <= 1"]),
     ("train.min_lr=1", ["train.min_lr", "train.lr"]),
