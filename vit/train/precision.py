@@ -2,10 +2,12 @@
 
 `train.precision` is "auto", "bf16", "fp16" or "fp32", on the GPU and on the CPU alike:
 - CUDA: auto is bf16 where the GPU has it, else fp16 (with a gradient scaler).
-- CPU: bf16 autocast pays off only on CPUs with native bf16 matmuls (AVX512-BF16, AMX) and only for
-  shapes wide enough to keep them busy (on a 2-core AVX512-BF16 EPYC: 1.7x for width 192, none for
-  width 96). So auto times a few training steps of the actual model in both precisions and takes
-  bf16 only when it is clearly faster. fp16 has no fast CPU kernels and is refused there.
+- CPU: bf16 autocast pays off only on CPUs with native bf16 matmuls (AVX512-BF16, AMX), and by how
+  much depends on the shapes (a training step on a 2-core AVX512-BF16 EPYC: 1.9x for the default
+  width-96 model, 2.7x for width 192; the model's attention avoids SDPA's slow bf16 CPU kernel). Where
+  the flags cannot tell, or a CPU's bf16 is slow, only timing can, so auto times a few training steps of
+  the actual model in both precisions and takes bf16 only when it is clearly faster. fp16 has no fast
+  CPU kernels and is refused there.
 The choice is saved in the checkpoint and reused on resume, so a resumed run stays bit-exact.
 """
 
