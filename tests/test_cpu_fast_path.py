@@ -101,7 +101,7 @@ def test_a_bf16_cpu_run_saves_its_precision_and_resume_keeps_it(tmp_path, capsys
     params = tiny_params(tmp_path, tmp_path / "images", epochs=2, precision="bf16")
     code, out, err = run_main(["--params", params, "--set", "train.epochs=1"], capsys)
     assert code == 0, err
-    assert "precision bf16 (train.precision)" in out and "speed: " in out and "done: 1 epochs in " in out
+    assert "precision bf16 (train.precision)" in out and "speed: " in out and "done: 1 epoch in " in out
     assert read_training_checkpoint(str(tmp_path / "run" / "last.pt"))["precision"] == "bf16"
     # resumed with precision "auto": the run goes on in what it started with, and its clock goes on
     code, out, err = run_main(["--params", params, "--set", "train.precision=auto", "--resume"], capsys)

@@ -80,7 +80,7 @@ def test_resume_of_a_finished_run_says_it_is_complete_with_the_command_used(fini
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     again = shlex.join([sys.executable, "-m", "vit", "--params", params, "--set", "train.epochs=11", "--resume"])
-    assert "holds all 1 epochs of its run, which is complete" in r.stdout and again in r.stdout, r.stdout[-2000:]
+    assert "holds all 1 epoch of its run, which is complete" in r.stdout and again in r.stdout, r.stdout[-2000:]
     assert (tmp_path / "run" / "confusion.png").exists()
     fu.record("mistakes", "--resume on a finished run: says complete, how to extend, with python -m vit", 1)
 

@@ -49,7 +49,7 @@ def train(params_file="params.json", overrides=(), resume=False, launched=None, 
         # the signal came after the last epoch's stop check: that epoch is saved (the last one always is),
         # and what it asked for is a stop, so the report waits for --resume
         print(f"stopped after the last epoch, before the end-of-run report; {run.path(checkpoint.LAST)} holds all "
-              f"{run.params['train']['epochs']} epochs. Resume with: {run.resume_hint} (it writes the report)")
+              f"{count(run.params['train']['epochs'], 'epoch')}. Resume with: {run.resume_hint} (it writes the report)")
         code = 128 + (stop.signum or signal.SIGINT)
     elif code == 0:
         finish(run, final_val)
@@ -214,7 +214,7 @@ def restore(last_path, model, optimizer, d, t, command, ema=None):
     progress["sums"] = progress["sums"][rank] if progress["sums"] else None
     if progress["epoch"] >= t["epochs"]:
         more = f"train.epochs={progress['epoch'] + 10}"
-        print(f"{last_path} holds all {progress['epoch']} epochs of its run, which is complete: nothing to train, "
+        print(f"{last_path} holds all {count(progress['epoch'], 'epoch')} of its run, which is complete: nothing to train, "
               f"so this only writes the end-of-run report again. To train longer, resume with more epochs, "
               f"e.g. {command([more])}")
     else:
@@ -426,6 +426,11 @@ def epoch_line(record):
     return line
 
 
+def count(n, noun):
+    """'1 epoch', '20 epochs'."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def duration(seconds):
     """'42 s', '3.5 min' or '2.1 h'."""
     if seconds < 90:
@@ -438,10 +443,10 @@ def cost_line(rate, train_images, val_images, eval_every, epochs, epochs_left, d
     about a third of a training step per image."""
     epoch_s = train_images / rate + val_images / (3 * rate) / eval_every
     threads = torch.get_num_threads()
-    where = f"CPU ({threads} thread{'s' * (threads > 1)}, {precision})" if device.type == "cpu" else f"{device} ({precision})"
+    where = f"CPU ({count(threads, 'thread')}, {precision})" if device.type == "cpu" else f"{device} ({precision})"
     left = f" ({duration(epoch_s * epochs_left)} left)" if epochs_left < epochs else ""
     return (f"speed: {rate:,.0f} images/s on the {where}: ≈ {duration(epoch_s)}/epoch with evaluation, "
-            f"≈ {duration(epoch_s * epochs)} for {epochs} epochs{left}")
+            f"≈ {duration(epoch_s * epochs)} for {count(epochs, 'epoch')}{left}")
 
 
 # -----------------------------------------------------------------------------
@@ -489,4 +494,4 @@ def summary_line(history, elapsed, out, metric="val_acc"):
     scored = [h for h in history if metric in h]
     best = max(scored, key=lambda h: h[metric], default=None)  # the first of equals, as best.pt keeps it
     result = f"best {metric} {best[metric]:.4f} at epoch {best['epoch']}" if best else "no validation data"
-    return f"done: {len(history)} epochs in {duration(elapsed)}, {result}; in {out}: {', '.join(present)}"
+    return f"done: {count(len(history), 'epoch')} in {duration(elapsed)}, {result}; in {out}: {', '.join(present)}"
