@@ -73,7 +73,6 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_on_the_cpu():
         assert (x @ x.T).dtype == torch.float32
 
 
-
 def test_bf16_attention_on_the_cpu_takes_the_explicit_path_and_agrees_with_sdpa(monkeypatch):
     # SDPA's CPU flash kernel is several times slower in bf16 than the explicit softmax(QK^T)V, so the
     # model takes the explicit path there; in fp32 it keeps SDPA. Both give the same attention.
@@ -90,11 +89,11 @@ def test_bf16_attention_on_the_cpu_takes_the_explicit_path_and_agrees_with_sdpa(
     assert calls == []
     model(x)  # fp32: SDPA
     assert calls == [torch.float32]
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
-        q = k = v = torch.randn(2, 2, 17, 16).bfloat16()
-        torch.testing.assert_close(real_sdpa(q, k, v).float(),
-                                   ((q @ k.transpose(-2, -1) / 4).softmax(-1) @ v).float(), atol=2e-2, rtol=2e-2)
+    q, k, v = torch.randn(3, 2, 2, 17, 16).bfloat16()  # (B, heads, N, head_dim) each, head_dim 16: scale 1/4
+    torch.testing.assert_close(real_sdpa(q, k, v).float(),
+                               ((q @ k.transpose(-2, -1) / 4).softmax(-1) @ v).float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(explicit, model(x).logits, atol=5e-2, rtol=5e-2)  # bf16 against fp32
+
 
 def test_a_bf16_cpu_run_saves_its_precision_and_resume_keeps_it(tmp_path, capsys):
     make_folder(tmp_path / "images")
