@@ -5,8 +5,6 @@ vit/ run one way, downward through the layers, without a loop."""
 import ast
 import os
 import re
-import subprocess
-import sys
 import tomllib
 
 import pytest

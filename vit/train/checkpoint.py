@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from vit.errors import UserError
-from vit.loading import BEST, LAST, WRAPPER_PREFIXES, read_training_checkpoint, strip_prefixes
+from vit.loading import BEST, LAST, WRAPPER_PREFIXES, read_training_checkpoint, strip_prefixes  # noqa: F401 (BEST: the run folder's names live here, with LAST and HF_DIR)
 
 HF_DIR = "best_hf"  # beside LAST and BEST in the run folder
 
