@@ -33,8 +33,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ab import interleaved, make_step, ratio
-from common import ROOT
+from ab import interleaved, make_step, model_spec, ratio
+from common import ROOT, build_model
 
 from vit.data.fashion_mnist import load_fashion_mnist  # noqa: E402  (common puts the repository on sys.path)
 
@@ -72,16 +72,12 @@ def run_ours(params_path, budget):
     return [(r["elapsed_s"], r["val_acc"]) for r in records if "val_acc" in r]
 
 
-def run_baseline(model_params, budget):
+def run_baseline(params_path, budget):
     """[(elapsed_s, val_acc), ...] of the naive fp32 loop on timm's VisionTransformer, within `budget` s."""
-    from timm.models.vision_transformer import VisionTransformer
-
     started = time.perf_counter()
     torch.manual_seed(0)
-    m = model_params
-    model = VisionTransformer(img_size=28, patch_size=m["patch_size"], in_chans=1, num_classes=10,
-                              embed_dim=m["hidden_size"], depth=m["num_hidden_layers"], num_heads=m["num_attention_heads"],
-                              mlp_ratio=m["intermediate_size"] / m["hidden_size"])
+    sizes, image_size, channels, classes = model_spec(SimpleNamespace(params=params_path))
+    model = build_model("timm", sizes, image_size, num_labels=classes, num_channels=channels)
     (x_train, y_train), (x_test, y_test) = (
         (torch.from_numpy(x.copy())[:, None].float().div(255).sub(0.286).div(0.353), torch.from_numpy(y))
         for x, y in (load_fashion_mnist("train"), load_fashion_mnist("val")))
@@ -162,7 +158,7 @@ def main():
         print(f"ours: python main.py --params {args.params} (load average {load_average()})", flush=True)
         ours = run_ours(args.params, args.budget)
         print(f"baseline: timm VisionTransformer, plain fp32 loop (load average {load_average()})", flush=True)
-        base = run_baseline(params["model"], args.budget)
+        base = run_baseline(args.params, args.budget)
         print(f"done (load average {load_average()})")
         results.update(ours=ours, baseline=base)
         marks = [m for m in MARKS_S if m <= args.budget] or [args.budget]
