@@ -9,19 +9,20 @@ from vit/viz/plots.py.
 import os
 import sys
 import warnings
-from contextlib import contextmanager
 
 import torch
 
 from vit.train import distributed, engine
 from vit.train import params as P
-from vit.errors import UserError, special_file_kind
+from vit.errors import UserError, special_file_kind, writing
 from vit.loading import ZERO_HEAD, inference_info, is_zero_head
 from vit.model import ViTForImageClassification
 from vit.train.checkpoint import atomic_write
 
 INSPECT_IMAGES = 64  # images the attention distance is averaged over
 FEATURES_BATCH = 64  # images per forward pass in `features`
+FIGURE_ADVICE = "free space there or pass --out with another folder"  # a figure's write failed
+OUT_ADVICE = "choose another --out or free space there"  # features' or export's --out failed
 
 
 def load_model(path, device, ema=False):
@@ -169,7 +170,7 @@ def attention(checkpoint, images, out=None, device=None, ema=False):
         png, k = os.path.join(out_dir, f"{stem}_attention.png"), 1
         while png in written:  # two inputs with one file name, e.g. a/img.png and b/img.png
             png, k = os.path.join(out_dir, f"{stem}_{k}_attention.png"), k + 1
-        with _writing(png):
+        with writing(png, FIGURE_ADVICE):
             plots.plot_attention(image, rollout, heads, png, f"{stem}: {verdict}")
         print(f"{plots.label(path)}: {verdict}; wrote {plots.label(png)}")
         written.append(png)
@@ -193,12 +194,12 @@ def inspect(checkpoint, data_dir=None, out=None, device=None, ema=False):
     written = []
 
     png = os.path.join(out_dir, "embedding_filters.png")
-    with _writing(png):
+    with writing(png, FIGURE_ADVICE):
         plots.plot_embedding_filters(analysis.embedding_filter_components(embeddings.patch_embeddings.projection.weight), png)
     written.append(png)
 
     png = os.path.join(out_dir, "position_similarity.png")
-    with _writing(png):
+    with writing(png, FIGURE_ADVICE):
         plots.plot_position_similarity(analysis.position_similarity(embeddings.position_embeddings,
                                                                     num_prefix_tokens=model.config.num_pos_prefix_tokens), png)
     written.append(png)
@@ -212,7 +213,7 @@ def inspect(checkpoint, data_dir=None, out=None, device=None, ema=False):
               "figure; pass --data-dir with a folder of images to get it")
     else:
         png = os.path.join(out_dir, "attention_distance.png")
-        with _writing(png):
+        with writing(png, FIGURE_ADVICE):
             plots.plot_attention_distance(analysis.dataset_attention_distance(model, images, device).numpy(), png)
         print(f"inspect: attention distance averaged over {len(images)} images from {source}")
         written.append(png)
@@ -259,12 +260,10 @@ def features(checkpoint, inputs, out, batch_size=FEATURES_BATCH, ema=False):
     if not kept:
         raise UserError(f"no readable images in {', '.join(inputs)}; pass image files or folders that hold some.")
     listing = out[: -len(".npy")] + ".txt"
-    try:
+    with writing(out, OUT_ADVICE):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         atomic_write(out, lambda f: np.save(f, np.concatenate(rows)))
         atomic_write(listing, lambda f: f.write("".join(p + "\n" for p in kept)), mode="w")
-    except OSError as e:
-        raise UserError(f"could not write {out} ({e.strerror or e}); choose another --out or free space there.") from None
     print(f"wrote {out}: {len(kept)} x {rows[0].shape[1]} embeddings (float32), file order in {listing}"
           + (f"; skipped {skipped} unreadable" if skipped else ""))
     return out, listing
@@ -272,15 +271,6 @@ def features(checkpoint, inputs, out, batch_size=FEATURES_BATCH, ema=False):
 
 # -----------------------------------------------------------------------------
 # reading images for the commands
-
-
-@contextmanager
-def _writing(path):
-    """Around a figure's write: a full disk or an unwritable --out folder is one sentence naming the file."""
-    try:
-        yield
-    except OSError as e:
-        raise UserError(f"could not write {path} ({e.strerror or e}); free space there or pass --out with another folder.") from None
 
 
 def _default_out(checkpoint_path, name):

@@ -1,5 +1,6 @@
-"""The one exception type for mistakes a user can make (a bad path, key, value or shape), and the
-check every reader of a user's path makes first (`special_file_kind`).
+"""The one exception type for mistakes a user can make (a bad path, key, value or shape), the
+check every reader of a user's path makes first (`special_file_kind`), and the sentence every writer
+of a user's file gives when the disk or folder refuses it (`writing`).
 
 Its message is a single sentence that names the file, key or value and says what to do;
 the command line (vit/cli.py) prints it without a traceback. Bugs in this project stay ordinary exceptions.
@@ -7,6 +8,7 @@ the command line (vit/cli.py) prints it without a traceback. Bugs in this projec
 
 import os
 import stat
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -27,3 +29,13 @@ def special_file_kind(path):
     except (OSError, ValueError):  # missing, unreadable, or a name with a NUL byte: the caller's own check says so
         return None
     return next((kind for test, kind in SPECIAL_KINDS if test(mode)), None)
+
+
+@contextmanager
+def writing(path, advice):
+    """Around a write of `path`: an OSError (a full disk, a folder we may not write) becomes one sentence
+    naming the file and ending with `advice`, a string or a function that gives it when the write fails."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"could not write {path} ({e.strerror or e}); {advice() if callable(advice) else advice}.") from None

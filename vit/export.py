@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vit.errors import UserError
+from vit.errors import UserError, writing
 from vit.model import ViTForImageClassification
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # torch's exporter needs the first two, the check the third
@@ -53,22 +53,21 @@ def export_onnx(checkpoint, out, image_size=None, ema=False):
     tmp_dir = out + ".tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     try:
-        os.makedirs(tmp_dir)
-        tmp = os.path.join(tmp_dir, os.path.basename(out))
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        with torch.no_grad():
-            torch.onnx.export(wrapped, (torch.randn(2, *shape, generator=gen),), tmp, dynamo=True,
-                              input_names=["pixel_values"], output_names=["logits"],
-                              dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
-                              external_data=weights > INLINE_LIMIT, verbose=False)
-        worst = check(wrapped, tmp, [torch.randn(b, *shape, generator=gen) for b in CHECK_BATCHES])
-        if worst > CHECK_TOLERANCE:
-            raise UserError(f"the ONNX export of {checkpoint} differs from PyTorch by up to {worst:.2e} (relative), above "
-                            f"{CHECK_TOLERANCE:g}, so {out} was not written; report it with your torch and onnxruntime versions.")
-        for name in os.listdir(tmp_dir):  # the .onnx, and its .onnx.data when the weights are large
-            os.replace(os.path.join(tmp_dir, name), os.path.join(os.path.dirname(os.path.abspath(out)), name))
-    except OSError as e:
-        raise UserError(f"could not write {out} ({e.strerror or e}); choose another --out or free space there.") from None
+        with writing(out, "choose another --out or free space there"):
+            os.makedirs(tmp_dir)
+            tmp = os.path.join(tmp_dir, os.path.basename(out))
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            with torch.no_grad():
+                torch.onnx.export(wrapped, (torch.randn(2, *shape, generator=gen),), tmp, dynamo=True,
+                                  input_names=["pixel_values"], output_names=["logits"],
+                                  dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}},
+                                  external_data=weights > INLINE_LIMIT, verbose=False)
+            worst = check(wrapped, tmp, [torch.randn(b, *shape, generator=gen) for b in CHECK_BATCHES])
+            if worst > CHECK_TOLERANCE:
+                raise UserError(f"the ONNX export of {checkpoint} differs from PyTorch by up to {worst:.2e} (relative), above "
+                                f"{CHECK_TOLERANCE:g}, so {out} was not written; report it with your torch and onnxruntime versions.")
+            for name in os.listdir(tmp_dir):  # the .onnx, and its .onnx.data when the weights are large
+                os.replace(os.path.join(tmp_dir, name), os.path.join(os.path.dirname(os.path.abspath(out)), name))
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     print(f"wrote {out}: input pixel_values (batch, {', '.join(map(str, shape))}), output logits (batch, "

@@ -9,7 +9,6 @@ DeiT's main.py in four parts, each one function:
 `train` runs them and returns the exit code.
 """
 
-import contextlib
 import functools
 import json
 import math
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from vit import data
 from vit.config import ViTConfig
+from vit import errors
 from vit.errors import UserError
 from vit.loading import is_file
 from vit.model import ViTForImageClassification
@@ -391,16 +391,12 @@ def end_epoch(run, epoch, stats, epoch_start, stop):
     return final_val, stopping
 
 
-@contextlib.contextmanager
 def writing(path, last_path):
     """Around a write of one of the run's files: a full disk or an unwritable folder stops the run with
-    one sentence that says what is saved and how to go on."""
-    try:
-        yield
-    except OSError as e:
-        then = (f"{last_path} is saved, so free space and resume with --resume" if os.path.isfile(last_path)
-                else "no checkpoint was saved yet, so free space and start again")
-        raise UserError(f"could not write {path} ({e.strerror or e}); {then}.") from None
+    one sentence that says what is saved and how to go on (decided when the write fails)."""
+    return errors.writing(path, lambda: (f"{last_path} is saved, so free space and resume with --resume"
+                                         if os.path.isfile(last_path)
+                                         else "no checkpoint was saved yet, so free space and start again"))
 
 
 def eval_kw(run, report=False):
