@@ -30,8 +30,8 @@ from PIL import Image
 from common import ROOT, Logits, build_model, cpu_threads, environment, make_optimizer, sync, train_step
 
 from vit import data  # noqa: E402  (common put the repository root on sys.path)
-from vit.train import params as vit_params  # noqa: E402
-from vit.train.loop import build_model as build_trained_model  # noqa: E402
+from vit import params as vit_params  # noqa: E402
+from vit.factory import build_model as build_trained_model  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 NOISE_SIGMA = 20  # pixel noise on smooth colour fields: about 100 KB per 500x375 JPEG at quality 90, like ImageNet

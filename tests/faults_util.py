@@ -194,7 +194,7 @@ def _context():
     """The forkserver, preloaded once per test session with everything main.py imports."""
     if not _CTX:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["faults_util", "vit.cli", "vit.commands", "vit.train.loop", "vit.loading",
+        ctx.set_forkserver_preload(["faults_util", "vit.cli", "vit.commands", "vit.train.loop", "vit.loading.load",
                                     "timm.data", "safetensors.torch"])
         _CTX.append(ctx)
     return _CTX[0]

@@ -1,6 +1,6 @@
 """Test-side writer of Google JAX .npz checkpoints, from a timm VisionTransformer's state dict.
 
-Writes the key names and layouts of the three Google forms (the inverse of vit/loading.py's
+Writes the key names and layouts of the three Google forms (the inverse of vit/loading/npz.py's
 rules, written independently from timm's `_load_weights` so the two can be checked against it):
 - "original": the first imagenet21k release (google-research/vision_transformer), optionally
   with the `pre_logits` representation layer;

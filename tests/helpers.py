@@ -46,9 +46,16 @@ def tiny_params(tmp_path, folder, **train):
 def section(name, **keys):
     """params.json's defaults for one section with `keys` changed: the whole section that
     build_loaders takes (it restates no default)."""
-    from vit.train import params as P
+    from vit import params as P
 
     return {**P.defaults()[name], **keys}
+
+
+def logged(caplog):
+    """What the library logged on the `vit` logger (the load report, ...) since the last call, as text."""
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name.split(".")[0] == "vit")
+    caplog.clear()
+    return text
 
 
 def run_main(argv, capsys):

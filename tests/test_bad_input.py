@@ -13,8 +13,9 @@ import torch
 
 from helpers import make_folder, run_main, tiny_params
 from vit.errors import UserError
-from vit.loading import read_training_checkpoint
-from vit.train import checkpoint, distributed, engine
+from vit.loading.project import read_training_checkpoint
+from vit import distributed, evaluation
+from vit.train import checkpoint, engine
 
 
 def test_broken_files_are_skipped_and_counted(tmp_path, capsys):
@@ -70,6 +71,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert len(open(tmp_path / "run" / "metrics.jsonl").read().splitlines()) == 1
 
 
+def trainer(model, optimizer, train):
+    """An engine.Trainer for `model` at a constant lr of 1e-3, fp32, one process."""
+    return engine.Trainer(model, optimizer, torch.amp.GradScaler("cuda", enabled=False), lambda s: 1e-3,
+                          engine.StepSettings.from_params(train, train["precision"]), distributed.Dist())
+
+
 class _Linear(torch.nn.Module):
     """A classifier small enough to run 25 steps in no time; returns an object with `.logits` like ours."""
 
@@ -104,8 +111,7 @@ def test_nan_between_syncs_stops_at_the_next_sync_and_names_its_first_batch(monk
                 yield b
 
     with pytest.raises(engine.NonFiniteLoss, match=r"became nan at epoch 1, batch 3/25 \(lr 0.001\)"):
-        engine.train_one_epoch(model, Loader(), opt, torch.amp.GradScaler("cuda", enabled=False), lambda s: 1e-3, 0,
-                               settings=engine.StepSettings.from_params(train, train["precision"]), d=distributed.Dist())
+        engine.train_one_epoch(trainer(model, opt, train), Loader(), engine.Epoch(0))
     assert len(consumed) == engine.SYNC_EVERY + 1  # caught at the first sync after it (batch index 10)
 
 
@@ -126,13 +132,12 @@ def test_out_of_memory_suggests_smaller_batch_or_accumulation():
     train = {"batch_size": 128, "grad_accum": 1, "precision": "fp32", "label_smoothing": 0.0, "clip_grad": None}
     loader = [(torch.zeros(2, 3, 16, 16), torch.zeros(2, dtype=torch.long))]
     with pytest.raises(UserError) as e:
-        engine.train_one_epoch(model, loader, opt, torch.amp.GradScaler("cuda", enabled=False), lambda s: 1e-3, 0,
-                               settings=engine.StepSettings.from_params(train, train["precision"]), d=distributed.Dist())
+        engine.train_one_epoch(trainer(model, opt, train), loader, engine.Epoch(0))
     msg = str(e.value)
     assert "out of memory" in msg and "train.batch_size=64" in msg and "train.grad_accum" in msg
     with pytest.raises(UserError, match="out of memory; pass a smaller --batch-size than 2"):
-        engine.evaluate(model, loader, num_classes=3, d=distributed.Dist(),
-                        oom_advice="pass a smaller --batch-size than 2.")
+        evaluation.evaluate(model, loader, num_classes=3, d=distributed.Dist(),
+                            oom_advice="pass a smaller --batch-size than 2.")
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

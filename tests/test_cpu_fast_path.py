@@ -11,9 +11,9 @@ import torch
 
 from helpers import ROOT, make_folder, run_main, tiny_params
 from vit import ViTConfig, ViTForImageClassification, UserError
-from vit.loading import read_training_checkpoint
-from vit.train import precision
-from vit.train.loop import cost_line, duration, summary_line
+from vit.loading.project import read_training_checkpoint
+from vit import precision
+from vit.train.report import cost_line, duration, summary_line
 
 CPU = torch.device("cpu")
 SHAPE = (4, 3, 16, 16)

@@ -6,7 +6,7 @@ import os
 import re
 
 from helpers import make_folder, run_subprocess, tiny_params
-from vit.commands import load_model
+from vit.factory import load_model
 
 LAYOUT = {"params.json", "metrics.jsonl", "curves.png", "confusion.png", "misclassified.png",
           "per_class_accuracy.json", "last.pt", "best.pt", "best_hf"}

@@ -10,7 +10,7 @@ from helpers import make_folder, run_main, tiny_params
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vit import ViTForImageClassification
-from vit.loading import read_training_checkpoint
+from vit.loading.project import read_training_checkpoint
 
 DECAY = 0.9
 
@@ -25,20 +25,20 @@ def timm_decay(step):
 def ema_run(tmp_path_factory):
     """A 2-epoch run with the EMA picking best, and its weights after each of its optimizer steps."""
     from vit import cli
-    from vit.train import loop
+    from vit import factory
 
     tmp = tmp_path_factory.mktemp("ema")
     make_folder(tmp / "images", classes=3, per_class=10)
     models, seen = [], []
-    build = loop.build_model
-    loop.build_model = lambda *a: models.append(build(*a)) or models[-1]
+    build = factory.build_model
+    factory.build_model = lambda *a: models.append(build(*a)) or models[-1]
     hook = register_optimizer_step_post_hook(
         lambda *_: seen.append({n: p.detach().clone() for n, p in models[0].named_parameters()}))
     try:
         code = cli.main(["--params", tiny_params(tmp, tmp / "images", ema_decay=DECAY), "--set", "output.best_metric=val_acc_ema"])
     finally:
         hook.remove()
-        loop.build_model = build
+        factory.build_model = build
     assert code == 0
     return tmp / "run", seen
 

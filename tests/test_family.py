@@ -9,7 +9,7 @@ import timm
 import torch
 import transformers
 from google_npz import randomize_
-from helpers import assert_close, make_folder, run_main, tiny_params
+from helpers import assert_close, logged, make_folder, run_main, tiny_params
 
 from vit import UserError, ViTConfig, ViTForImageClassification, ViTModel
 from vit.config import SWITCHES
@@ -135,22 +135,22 @@ def avg_without_fc_norm(tmp_path_factory):
     return model, path
 
 
-def test_silent_pooling_is_reported_and_overridable(avg_without_fc_norm, capsys):
+def test_silent_pooling_is_reported_and_overridable(avg_without_fc_norm, caplog):
     theirs, path = avg_without_fc_norm
     x = torch.randn(2, 3, 64, 64)
     assumed = ViTForImageClassification.from_pretrained(path, num_attention_heads=HEADS).eval()
-    out = capsys.readouterr().out
+    out = logged(caplog)
     assert "global_pool='token' assumed" in out and "global_pool='avg'" in out and "model.global_pool" in out
     assert assumed.config.global_pool == "token"
     with torch.no_grad():
         assert (assumed(x).logits - theirs(x)).abs().max() > 1e-3  # the wrong guess gives other logits
     told = ViTForImageClassification.from_pretrained(path, num_attention_heads=HEADS, global_pool="avg").eval()
-    assert "assumed" not in capsys.readouterr().out
+    assert "assumed" not in logged(caplog)
     with torch.no_grad():
         assert_close(told(x).logits, theirs(x), "logits with global_pool='avg'")
 
 
-def test_config_sources_state_their_pooling(tmp_path, capsys):
+def test_config_sources_state_their_pooling(tmp_path, caplog):
     """Our own save_pretrained writes the switches, so reading it back assumes nothing."""
     config = ViTConfig(hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=64,
                        image_size=16, patch_size=4, num_labels=3, global_pool="avg", fc_norm=False)
@@ -159,7 +159,7 @@ def test_config_sources_state_their_pooling(tmp_path, capsys):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert {k: saved[k] for k in SWITCHES} == {k: getattr(config, k) for k in SWITCHES}
     again = ViTForImageClassification.from_pretrained(tmp_path).eval()
-    assert "assumed" not in capsys.readouterr().out and again.config.global_pool == "avg"
+    assert "assumed" not in logged(caplog) and again.config.global_pool == "avg"
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(again(x).logits, model(x).logits)
 
@@ -289,14 +289,14 @@ def test_hf_deit_backbone_into_classifier_gets_fresh_heads(tmp_path):
         assert_close(backbone(x).pooler_output, ref.pooler_output, "DeiT's pooler")
 
 
-def test_hf_deit_single_head_folder_gets_fresh_heads(tmp_path, capsys):
+def test_hf_deit_single_head_folder_gets_fresh_heads(tmp_path, caplog):
     """DeiTForImageClassification reads the class token alone beside a distillation token: its head is not
     half of our pair, so both start fresh (said), and the backbone is still exact."""
     theirs = transformers.DeiTForImageClassification(transformers.DeiTConfig(
         **hf_kw(intermediate_size=64, image_size=32, patch_size=8, num_labels=3)))
     randomize_(theirs).eval().save_pretrained(tmp_path)
     ours = ViTForImageClassification.from_pretrained(tmp_path).eval()
-    assert "no distillation head beside it" in capsys.readouterr().out
+    assert "no distillation head beside it" in logged(caplog)
     assert ours.load_report.ignored == ["classifier.bias", "classifier.weight"]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -386,18 +386,18 @@ def test_params_fine_tune_dinov2_with_registers(tmp_path, capsys):
     assert not again.load_report.fresh and not again.load_report.ignored
 
 
-def test_params_global_pool_settles_the_silent_case(tmp_path, capsys):
-    from vit.train import params as P
-    from vit.train.loop import build_model
+def test_params_global_pool_settles_the_silent_case(tmp_path, caplog):
+    from vit import params as P
+    from vit.factory import build_model
 
     pretrained = ti_file(tmp_path, "vit_tiny_patch16_224", 32, global_pool="avg", fc_norm=False)
     make_folder(tmp_path / "images", classes=3, per_class=2)
     path = tiny_params(tmp_path, tmp_path / "images")
     overrides = [f"model.pretrained={pretrained}", "data.image_size=32", *NULL_SIZES]
     build_model(P.load(path, overrides), ["a", "b", "c"])
-    assert "global_pool='token' assumed" in capsys.readouterr().out
+    assert "global_pool='token' assumed" in logged(caplog)
     model = build_model(P.load(path, overrides + ["model.global_pool=avg"]), ["a", "b", "c"])
-    assert model.config.global_pool == "avg" and "assumed" not in capsys.readouterr().out
+    assert model.config.global_pool == "avg" and "assumed" not in logged(caplog)
     with pytest.raises(UserError, match="model.global_pool"):
         P.load(path, overrides + ["model.global_pool=max"])
 

@@ -17,7 +17,7 @@ import torch
 
 import faults_util as fu
 from vit import ViTForImageClassification
-from vit.commands import load_model
+from vit.factory import load_model
 from vit.errors import UserError
 
 MARKER = "pwned_marker"  # a file the hostile pickles try to create (in the case's folder)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import faults_util as fu
-from vit.commands import load_model
-from vit.loading import read_training_checkpoint
-from vit.train import checkpoint
+from vit.factory import load_model
+from vit.loading.project import read_training_checkpoint
+from vit import run_folder
 
 EPOCHS = 3  # the same tiny run as test_faults_kill, so the session shares one reference run
 
@@ -44,7 +44,7 @@ def stop_then_resume(tmp_path, folder, reference, fault, words):
     assert m, r.stderr[-3000:]
     for w in words:
         assert w in m.group(1), f"{w!r} not in {m.group(1)!r}"
-    last = os.path.join(run_dir, checkpoint.LAST)
+    last = os.path.join(run_dir, run_folder.LAST)
     assert read_training_checkpoint(last)["epoch"] == 1, "the last good checkpoint is not epoch 1's"
     load_model(last, torch.device("cpu"))
     assert [h["epoch"] for h in fu.read_metrics(run_dir)] == [1], "metrics.jsonl must hold the finished epochs only"
@@ -107,13 +107,13 @@ def leftovers(run_dir):
 def check_full_disk_run(r, run_dir):
     """Exit 0, or one sentence about the full disk (exit 2) that says truthfully what to do; then every
     checkpoint on the disk loads and metrics.jsonl holds no epoch its last.pt does not."""
-    last = os.path.join(run_dir, checkpoint.LAST)
+    last = os.path.join(run_dir, run_folder.LAST)
     if r.returncode != 0:
         line = fu.assert_clean_refusal(r)
         assert "No space left on device" in line or "os error 28" in line, line
         assert ("--resume" in line) == os.path.isfile(last), line  # only a run with a last.pt can resume
     assert not leftovers(run_dir), f"left behind: {leftovers(run_dir)}"
-    for name in (checkpoint.BEST, checkpoint.LAST):
+    for name in (run_folder.BEST, run_folder.LAST):
         if os.path.isfile(os.path.join(run_dir, name)):
             load_model(os.path.join(run_dir, name), torch.device("cpu"))
     if os.path.isfile(last):

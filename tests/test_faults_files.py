@@ -25,7 +25,7 @@ import torch
 import faults_util as fu
 from vit import ViTForImageClassification
 from vit.errors import UserError
-from vit.train import checkpoint
+from vit import run_folder
 
 HANG = 60  # seconds a refusal may take through the command line before the case counts as a hang
 
@@ -78,7 +78,7 @@ def special_checkpoints(root):
         cases[f"hf folder, {part} a FIFO"] = (folder, special(folder, "fifo", part))
     run = root / "run_with_fifo_best"
     run.mkdir()
-    cases["run folder, best.pt a FIFO"] = (run, special(run, "fifo", checkpoint.BEST))
+    cases["run folder, best.pt a FIFO"] = (run, special(run, "fifo", run_folder.BEST))
     cases["/dev/zero itself"] = ("/dev/zero", "/dev/zero")
     return cases
 
@@ -150,7 +150,7 @@ def test_special_file_as_params_pretrained_or_last_pt_is_refused(root, tmp_path)
     r = fu.run(["--params", path, "--set", f"model.pretrained={pretrained}", *sizes], tmp_path, timeout=HANG)
     fu.assert_clean_refusal(r, pretrained)
     (tmp_path / "run").mkdir()
-    last = str(special(tmp_path / "run", "fifo", checkpoint.LAST))
+    last = str(special(tmp_path / "run", "fifo", run_folder.LAST))
     r = fu.run(["--params", path, "--resume"], tmp_path, timeout=HANG)
     fu.assert_clean_refusal(r, last, "FIFO")
     r = fu.run(["--params", path], tmp_path, timeout=HANG)  # a plain start must not take the FIFO for no run at all
@@ -344,7 +344,7 @@ def test_resume_refuses_a_last_pt_without_what_it_reads(finished_run, tmp_path, 
 
     params = fu.copy_run(finished_run, tmp_path, damage)
     r = fu.run(["--params", params, "--resume"], tmp_path, timeout=HANG)
-    fu.assert_clean_refusal(r, str(tmp_path / "run" / checkpoint.LAST), "cannot continue")
+    fu.assert_clean_refusal(r, str(tmp_path / "run" / run_folder.LAST), "cannot continue")
     fu.record("values", f"last.pt {name} refused by --resume", 1)
 
 

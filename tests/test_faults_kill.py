@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import faults_util as fu
-from vit.commands import load_model
-from vit.loading import read_training_checkpoint
+from vit.factory import load_model
+from vit.loading.project import read_training_checkpoint
+from vit import run_folder
 from vit.train import checkpoint
 
 EPOCHS, STEPS = 3, 4  # 36 training images / batch 8 -> 4 steps per epoch; 9 val images -> 2 eval batches
@@ -48,7 +49,7 @@ def metric_epochs(run_dir):
 
 def check_after_kill(run_dir, saved_before, tag):
     """The invariants that hold after any kill. Returns whether a `last` checkpoint exists now."""
-    last = os.path.join(run_dir, checkpoint.LAST)
+    last = os.path.join(run_dir, run_folder.LAST)
     if saved_before:
         assert os.path.isfile(last), f"{tag}: last.pt vanished after a kill"
     if os.path.isfile(last):
@@ -64,8 +65,8 @@ def drive(params, run_dir, log_dir, faults, tag):
     """Run with each fault in turn (resuming whenever last.pt exists), then to the end; returns kills survived."""
     kills, saved, lives = 0, False, []
     for fault in [*faults, {}]:
-        resume = os.path.isfile(os.path.join(run_dir, checkpoint.LAST))
-        lives.append((fault.get("at"), read_training_checkpoint(os.path.join(run_dir, checkpoint.LAST))["epoch"] if resume else None))
+        resume = os.path.isfile(os.path.join(run_dir, run_folder.LAST))
+        lives.append((fault.get("at"), read_training_checkpoint(os.path.join(run_dir, run_folder.LAST))["epoch"] if resume else None))
         r = fu.run(["--params", params] + (["--resume"] if resume else []), log_dir, **fault)
         if r.returncode == 0:
             assert "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -136,10 +137,10 @@ def test_sigkill_around_best_checkpoint_keeps_best(tmp_path, folder, at):
     params, run_dir = setup_run(tmp_path, folder, epochs=2)
     kills = drive(params, run_dir, tmp_path, [{"at": at}], "best window")
     assert kills == 1
-    best = os.path.join(run_dir, checkpoint.BEST)
+    best = os.path.join(run_dir, run_folder.BEST)
     assert os.path.isfile(best), f"no best.pt after a kill at {at} and a resume"
     load_model(best, torch.device("cpu"))
-    load_model(os.path.join(run_dir, checkpoint.HF_DIR), torch.device("cpu"))
+    load_model(os.path.join(run_dir, run_folder.HF_DIR), torch.device("cpu"))
     fu.record("kill", f"SIGKILL before a best rename ({at}) survived", kills)
 
 
@@ -161,7 +162,7 @@ def signal_then_resume(tmp_path, folder, fault, signum, report_after=False):
     assert r.returncode == 128 + signum, f"{name}: exit {r.returncode}\n{r.stderr[-3000:]}"
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "--resume" in r.stdout, r.stdout[-2000:]  # it tells how to go on
-    ckpt = read_training_checkpoint(os.path.join(run_dir, checkpoint.LAST))
+    ckpt = read_training_checkpoint(os.path.join(run_dir, run_folder.LAST))
     if report_after:
         assert "stopped after the last epoch, before the end-of-run report" in r.stdout, r.stdout[-2000:]
         assert not os.path.exists(os.path.join(run_dir, "confusion.png"))
@@ -194,13 +195,13 @@ def test_best_hf_swap_killed_midway_is_repaired_by_the_next_save(tmp_path, left)
 
     model = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                                  intermediate_size=64, image_size=16, patch_size=4, num_labels=3))
-    folder = str(tmp_path / checkpoint.HF_DIR)
+    folder = str(tmp_path / run_folder.HF_DIR)
     checkpoint.save_hf(model, folder, [0.5] * 3, [0.25] * 3)
     shutil.copytree(folder, folder + ".old")
     if left == "best_hf.old only":
         shutil.rmtree(folder)
     checkpoint.save_hf(model, folder, [0.5] * 3, [0.25] * 3)
-    assert sorted(os.listdir(tmp_path)) == [checkpoint.HF_DIR]
+    assert sorted(os.listdir(tmp_path)) == [run_folder.HF_DIR]
     load_model(folder, torch.device("cpu"))
 
 

@@ -18,7 +18,7 @@ import torch
 
 import faults_util as fu
 from vit import cli
-from vit.train import checkpoint
+from vit import run_folder
 from vit.viz import plots
 
 ROOT = fu.ROOT
@@ -144,11 +144,11 @@ def test_eval_says_what_it_evaluated(finished, tmp_path):
     tmp, _, run, _ = finished
     r = fu.run(["eval", "--checkpoint", str(run)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"evaluating {run / checkpoint.BEST} on the run's val split of {tmp / 'data'} (12 images" in r.stdout, r.stdout[-2000:]
+    assert f"evaluating {run / run_folder.BEST} on the run's val split of {tmp / 'data'} (12 images" in r.stdout, r.stdout[-2000:]
     line = r.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"loss: \d\.\d{4} - acc: \d\.\d{4} - images/s: [\d,]+", line), line
-    r = fu.run(["eval", "--checkpoint", str(run / checkpoint.LAST), "--data-dir", str(tmp / "data"), "--workers", "0"], tmp_path)
-    assert r.returncode == 0 and f"evaluating {run / checkpoint.LAST} on --data-dir {tmp / 'data'} (48 images)" in r.stdout, r.stdout[-2000:]
+    r = fu.run(["eval", "--checkpoint", str(run / run_folder.LAST), "--data-dir", str(tmp / "data"), "--workers", "0"], tmp_path)
+    assert r.returncode == 0 and f"evaluating {run / run_folder.LAST} on --data-dir {tmp / 'data'} (48 images)" in r.stdout, r.stdout[-2000:]
     assert "(0 worker(s)" in r.stdout
     fu.record("mistakes", "eval names the checkpoint file and the data, images/s as a whole number", 2)
 
@@ -164,7 +164,7 @@ def test_eval_names_the_data_dir_option_and_bounds_its_workers(finished, tmp_pat
     r = fu.run(["eval", "--checkpoint", str(run), "--workers", "-1"], tmp_path)
     fu.assert_clean_refusal(r, "--workers -1")
     # the default: the run's data.workers, at most the CPU count (a run made on a 64-core machine, eval on this one)
-    best = torch.load(run / checkpoint.BEST, weights_only=True)
+    best = torch.load(run / run_folder.BEST, weights_only=True)
     best["params"]["data"]["workers"] = 64
     torch.save(best, tmp_path / "from_a_big_machine.pt")
     r = fu.run(["eval", "--checkpoint", str(tmp_path / "from_a_big_machine.pt"), "--data-dir", str(tmp / "data")], tmp_path)

@@ -1,7 +1,7 @@
 """params.json fuzzer: seeded mutations of a valid tiny params file (wrong types, negative / zero / huge /
 non-finite values, unknown keys, deleted keys and sections, invalid JSON text). Every case either
 validates or is refused with one line naming the key or the file; none ends in a traceback, through
-`vit.train.params.load` (hundreds of cases) or through `python main.py` (a dozen).
+`vit.params.load` (hundreds of cases) or through `python main.py` (a dozen).
 """
 
 import copy
@@ -14,7 +14,7 @@ import pytest
 
 import faults_util as fu
 from vit.errors import UserError
-from vit.train import params as P
+from vit import params as P
 
 N_CASES = 400
 VALUES = [None, True, False, 0, -1, 1, 3, -0.5, 0.5, 1.5, 1e-12, 10**9, 10**30, 1e308, float("inf"), float("-inf"),
@@ -72,7 +72,7 @@ def numbers(obj):
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory):
-    """Each seeded case through vit.train.params.load: (text, kind, touched, outcome, detail)."""
+    """Each seeded case through vit.params.load: (text, kind, touched, outcome, detail)."""
     tmp = tmp_path_factory.mktemp("faults_params")
     rng = np.random.default_rng(0)
     base = base_params(tmp)
@@ -103,7 +103,7 @@ def test_fuzzed_params_validate_or_are_refused_by_name(fuzzed):
     refused = sum(c[4] == "refused" for c in fuzzed)
     valid = sum(c[4] == "valid" for c in fuzzed)
     assert refused > N_CASES // 2 and valid > 20, (refused, valid)  # the fuzzer reaches both sides
-    fu.record("params", f"mutated params files through vit.train.params.load ({refused} refused, {valid} valid)", len(fuzzed))
+    fu.record("params", f"mutated params files through vit.params.load ({refused} refused, {valid} valid)", len(fuzzed))
 
 
 def test_fuzzed_params_that_validate_hold_only_finite_numbers(fuzzed):

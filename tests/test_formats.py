@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 from google_npz import randomize_, timm_vit, to_google, write_npz
+from helpers import logged
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import _load_weights
 
@@ -65,13 +66,13 @@ def test_hf_folder_same_class(hf_folders, kind):
     assert not ours.load_report.fresh and not ours.load_report.ignored
 
 
-def test_hf_backbone_folder_into_classifier_gets_fresh_head(hf_folders, capsys):
+def test_hf_backbone_folder_into_classifier_gets_fresh_head(hf_folders, caplog):
     root, models = hf_folders
     ours = ViTForImageClassification.from_pretrained(root / "backbone", num_labels=7)
     rep = ours.load_report
     assert rep.fresh == ["classifier.weight", "classifier.bias"]
     assert rep.ignored == ["vit.pooler.dense.bias", "vit.pooler.dense.weight"]
-    assert "new classifier for num_labels=7" in capsys.readouterr().out
+    assert "new classifier for num_labels=7" in logged(caplog)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(ours(x).logits, torch.zeros(2, 7))  # zero-initialised head
     assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True), models["backbone"](x).last_hidden_state[:, 0], "cls features")
@@ -195,14 +196,14 @@ def test_npz_in21k_keeps_pre_logits_and_head(in21k):
     assert "vit.pooler.dense.weight" in ours.load_report.mapped
 
 
-def test_npz_in21k_new_head_drops_pre_logits(in21k, capsys):
+def test_npz_in21k_new_head_drops_pre_logits(in21k, caplog):
     t, _, path = in21k
     ours = ViTForImageClassification.from_pretrained(path, num_labels=10)
     assert not ours.config.use_pre_logits
     rep = ours.load_report
     assert rep.fresh == ["classifier.weight", "classifier.bias"]
     assert rep.ignored == ["classifier.bias", "classifier.weight", "vit.pooler.dense.bias", "vit.pooler.dense.weight"]
-    assert "the checkpoint's head has 21843 classes" in capsys.readouterr().out
+    assert "the checkpoint's head has 21843 classes" in logged(caplog)
     x = torch.randn(2, 3, 32, 32)
     feats = ours.forward_head(ours.forward_features(x), pre_logits=True)
     assert_close(feats, t.forward_head(t.forward_features(x), pre_logits=True), "pre-logits features")
@@ -216,7 +217,7 @@ def test_npz_in21k_into_backbone_uses_pooler(in21k):
     assert ours.load_report.ignored == ["classifier.bias", "classifier.weight"]
 
 
-def test_npz_in21k_zero_head_is_named_and_not_presented_as_a_prediction(tmp_path, capsys):
+def test_npz_in21k_zero_head_is_named_and_not_presented_as_a_prediction(tmp_path, capsys, caplog):
     """The released in21k heads are zeros by design (google-research/vision_transformer#10, #32): the
     load report says so, and predict / attention warn instead of showing equal scores as a prediction."""
     from PIL import Image
@@ -229,7 +230,7 @@ def test_npz_in21k_zero_head_is_named_and_not_presented_as_a_prediction(tmp_path
     path = write_npz(tmp_path / "ViT-B_16.npz", t.state_dict(), HEADS, "original", pre_logits=(torch.randn(32, 32), torch.randn(32)))
     ours = ViTForImageClassification.from_pretrained(path)
     assert "this head is all zeros: the checkpoint is meant for fine-tuning" in ours.load_report.notes
-    assert "this head is all zeros" in capsys.readouterr().out
+    assert "this head is all zeros" in logged(caplog)
     fine_tune = ViTForImageClassification.from_pretrained(path, num_labels=10)  # a new head: nothing to warn about
     assert not any("all zeros" in n for n in fine_tune.load_report.notes)
     image = tmp_path / "cat.png"

@@ -6,7 +6,7 @@ import torch
 from helpers import assert_close, make_folder, run_main, tiny_params
 
 from vit import ViTConfig, ViTForImageClassification
-from vit.loading import read_training_checkpoint
+from vit.loading.project import read_training_checkpoint
 
 CONFIG = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, patch_size=4,
               image_size=16, num_labels=5, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, drop_path_rate=0.2)

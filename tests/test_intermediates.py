@@ -8,7 +8,8 @@ from helpers import assert_close, make_folder, run_main
 from google_npz import timm_vit
 
 from vit import UserError, ViTConfig, ViTForImageClassification, ViTModel
-from vit.loading import TIMM_RENAMES, rename
+from vit.loading.core import rename
+from vit.loading.timm import TIMM_RENAMES
 
 WIDTH, DEPTH, HEADS, PATCH, IMAGE = 32, 4, 4, 8, 32
 
@@ -142,7 +143,8 @@ def test_features_command_writes_pooled_embeddings_in_file_order(tmp_path, capsy
     assert feats.shape == (4, WIDTH) and feats.dtype == np.float32
     assert "broken.png" in err and "skipped 1" in stdout
     # each row is what the head sees for that file, through the model's own eval transform
-    from vit.commands import _preprocess, load_model
+    from vit.commands import _preprocess
+    from vit.factory import load_model
 
     model, info = load_model(str(tmp_path / "model"), torch.device("cpu"))
     with torch.no_grad():

@@ -11,7 +11,8 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Attention, Block
 
 from vit import ViTConfig, ViTForImageClassification, ViTModel
-from vit.loading import TIMM_RENAMES, rename
+from vit.loading.core import rename
+from vit.loading.timm import TIMM_RENAMES
 from vit.model import PatchEmbeddings, ViTAttention, ViTLayer, ViTSelfAttention
 
 # (width, heads, depth, patch, image): small, odd head_dim, many heads, one head, non-square-ish grids

@@ -119,7 +119,7 @@ def test_bad_overrides(timm_file):
 def test_every_activation_the_config_accepts_builds():
     """vit.config lists the activation names without torch; vit.model maps each to a module."""
     from vit.config import ACTIVATIONS
-    from vit.model import ACT2FN
+    from vit.layers import ACT2FN
 
     assert sorted(ACT2FN) == sorted(ACTIVATIONS)
     for act in ACTIVATIONS:
@@ -156,7 +156,7 @@ def test_pickle_that_runs_code_is_refused(timm_file, tmp_path, where):
 
 
 def test_broken_shard_index_and_processor_config_are_named(tmp_path):
-    from vit.commands import load_model
+    from vit.factory import load_model
 
     folder = tmp_path / "hf"
     ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,

@@ -15,11 +15,15 @@ VIT = os.path.join(ROOT, "vit")
 COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export")
 
 # bottom to top: a module may import only modules of lower layers, and modules of its own subpackage
-LAYERS = ["vit.errors", "vit.config", "vit.resize", "vit.loading", "vit.model", "vit.data", "vit.viz", "vit.train", "vit.export",
-          "vit.commands", "vit.cli", "vit.__main__"]
+LAYERS = ["vit.errors", "vit.config", "vit.run_folder", "vit.files", "vit.resize", "vit.loading", "vit.outputs", "vit.layers",
+          "vit.pretrained", "vit.model", "vit.data", "vit.viz", "vit.params", "vit.factory", "vit.distributed", "vit.precision",
+          "vit.evaluation", "vit.train", "vit.export", "vit.commands", "vit.cli", "vit.__main__"]
 # stricter than the layers allow: what each part may import of the project besides itself
-ONLY = {"vit.errors": set(), "vit.config": {"vit.errors"}, "vit.data": {"vit.errors"}, "vit.viz": {"vit.errors"},
-        "vit.resize": {"vit.errors"}}
+ONLY = {"vit.errors": set(), "vit.config": {"vit.errors"}, "vit.run_folder": set(), "vit.files": set(),
+        "vit.data": {"vit.errors"}, "vit.viz": {"vit.errors"}, "vit.resize": {"vit.errors"}, "vit.distributed": set(),
+        "vit.precision": {"vit.errors"}}
+# what inference (the commands and export) must not import: the training code, and matplotlib where no figure is drawn
+INFERENCE = ("vit.commands", "vit.export")
 
 
 def requirement_names(lines):
@@ -118,3 +122,52 @@ def test_no_import_loops():
     for node in sorted(g):
         if node not in state:
             visit(node, [node])
+
+
+def reachable(start, g):
+    """Every project module that importing `start` can load (its imports, theirs, ...)."""
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in g.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_inference_imports_no_training_code():
+    """The commands and export reach the model, the loader and the evaluation pass, never vit/train/ (timm's inference.py)."""
+    g = graph()
+    for module in INFERENCE:
+        training = sorted(m for m in reachable(module, g) if part_of(m) == "vit.train")
+        assert not training, f"{module} reaches {training}"
+
+
+def test_predict_loads_no_matplotlib(tmp_path):
+    """predict prints names and scores: it loads no plotting library (matplotlib costs a second at start-up)."""
+    from PIL import Image
+
+    from vit import ViTConfig, ViTForImageClassification
+
+    ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                         image_size=16, patch_size=8, num_labels=2)).save_pretrained(tmp_path / "model")
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(tmp_path / "a.png")
+    code = ("import sys; from vit import cli; "
+            f"code = cli.main(['predict', '--checkpoint', {str(tmp_path / 'model')!r}, {str(tmp_path / 'a.png')!r}]); "
+            "print('matplotlib' in sys.modules); sys.exit(code)")
+    r = run_subprocess(["-c", code], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1] == "False", r.stdout
+
+
+def test_no_module_over_450_lines():
+    """Rooms stay small enough to read in one sitting; the model file included (its plumbing lives beside it)."""
+    long = {}
+    for d, _, names in os.walk(VIT):
+        for name in names:
+            if name.endswith(".py"):
+                with open(os.path.join(d, name)) as f:
+                    lines = sum(1 for _ in f)
+                if lines > 450:
+                    long[os.path.relpath(os.path.join(d, name), ROOT)] = lines
+    assert not long, f"over 450 lines: {long}"

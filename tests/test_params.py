@@ -11,7 +11,7 @@ from helpers import ROOT, run_main
 from vit import ViTConfig, ViTForImageClassification
 from vit.errors import UserError
 from vit.train import optim
-from vit.train import params as P
+from vit import params as P
 
 
 def load_with(*overrides):
@@ -33,7 +33,7 @@ def test_shipped_params_are_valid(name):
 def test_default_recipe_is_the_cpu_sized_fashion_mnist_one():
     # params.json is sized for a 2-core CPU (>= 90% in 15 minutes, README's cost table); the GPU recipe is a config.
     # Pinned parameter counts (big_vision's habit): a changed shape must be a deliberate change of this test.
-    from vit.train.loop import build_model
+    from vit.factory import build_model
     p = load_with()
     assert p["data"]["dataset"] == "fashion_mnist" and p["data"]["image_size"] == 28 and p["data"]["channels"] == 1
     assert p["train"]["precision"] == "auto" and p["train"]["epochs"] == 20 and p["model"]["weight_init"] == "jax"

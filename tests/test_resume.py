@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers import make_folder, run_main, tiny_params
-from vit import cli
-from vit.loading import read_training_checkpoint
+from vit import cli, evaluation
+from vit.loading.project import read_training_checkpoint
 from vit.train import engine
 
 # dropout, drop path and mixup all draw random numbers: resume must restore or re-derive every stream;
@@ -70,7 +70,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(reference, where, tmp_path
         if where == "mid_epoch":  # 3 batches an epoch: the 5th loss is epoch 2's second batch, which ends a step
             sigint_on_call(m, engine, "loss_fn", 5)
         else:  # during epoch 2's evaluation (two an epoch: the weights, then their EMA): the loop finishes the epoch, saves, and stops
-            sigint_on_call(m, engine, "evaluate", 3)
+            sigint_on_call(m, evaluation, "evaluate", 3)
         code, out, err = run_main(argv, capsys)
     assert code == 128 + signal.SIGINT, err
     assert "python main.py --params" in out and "--resume" in out and "SIGINT" in err

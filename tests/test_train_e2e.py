@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from helpers import make_folder, run_main, tiny_params
-from vit.commands import load_model
-from vit.loading import read_training_checkpoint
+from vit.factory import load_model
+from vit.loading.project import read_training_checkpoint
 
 LINE = re.compile(r"^Epoch : (\d+) - loss : \d\.\d{4} - acc: \d\.\d{4} - val_loss : \d\.\d{4} - val_acc: \d\.\d{4}"
                   r" - val_top5: \d\.\d{4}$", re.M)

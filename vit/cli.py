@@ -13,7 +13,8 @@
 
 Training lives in vit/train/loop.py, export in vit/export.py, the other commands in vit/commands.py;
 `--ema` makes any command that loads a checkpoint take its EMA weights. This file parses the
-arguments, dispatches, and turns a UserError into one `error: ...` line and exit code 2.
+arguments, dispatches, turns a UserError into one `error: ...` line and exit code 2, and prints
+what the library logs on the `vit` logger (the load report, assumed normalization) while a command runs.
 """
 
 import os
@@ -26,9 +27,11 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import argparse  # noqa: E402
+import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 from vit.errors import UserError  # noqa: E402
 
@@ -46,13 +49,39 @@ def main(argv=None, launched=None):
     args.launched = time.perf_counter() if launched is None else launched
     args.launcher = launcher() if argv is None else ("python", "main.py")
     try:
-        return args.run(args)
+        with library_notices():
+            return args.run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C while stopping: no new save, the last one stands
         print("interrupted; the last saved checkpoint is kept as it was.", file=sys.stderr)
         return 128 + signal.SIGINT
+
+
+class PrintHandler(logging.Handler):
+    """A library notice as the command line shows it: the message alone, printed to stdout beside the
+    command's own lines (through print, so under torchrun only rank 0 shows it)."""
+
+    def emit(self, record):
+        print(self.format(record))
+
+
+@contextmanager
+def library_notices():
+    """While a command runs, the `vit` logger's info and warnings are printed by a PrintHandler, and
+    only there; afterwards the logger is as it was (a library user's own settings included)."""
+    logger = logging.getLogger("vit")
+    handler, level, propagate = PrintHandler(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def parse_args(argv):

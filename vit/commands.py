@@ -1,35 +1,31 @@
 """The commands that use a finished model: eval, predict, attention, inspect and features (`vit CMD`, `python main.py CMD`).
 
-Each loads its model with `load_model`, that is `from_pretrained`, so a run folder, a training
-checkpoint and any pretrained source (HF folder, timm file, Google .npz) all work. The files they
-read (images, folders) are read here; the numbers come from vit/viz/analysis.py and the figures
-from vit/viz/plots.py.
+Each loads its model with vit/factory.py's `load_model`, that is `from_pretrained`, so a run folder, a
+training checkpoint and any pretrained source (HF folder, timm file, Google .npz) all work. The files
+they read (images, folders) are read here; the numbers come from vit/viz/analysis.py and the figures
+from vit/viz/plots.py. Nothing here imports the training code (vit/train/): inference needs the model,
+the loader and the evaluation pass only.
 """
 
 import os
 import sys
 import warnings
+from typing import Optional, Sequence
 
 import torch
 
-from vit.train import distributed, engine
-from vit.train import params as P
+from vit import distributed, evaluation
+from vit import params as P
 from vit.errors import UserError, special_file_kind, writing
-from vit.loading import ZERO_HEAD, inference_info, is_zero_head
-from vit.model import ViTForImageClassification
-from vit.train.checkpoint import atomic_write
+from vit.factory import load_model
+from vit.files import atomic_write
+from vit.loading.core import ZERO_HEAD, is_zero_head
+from vit.viz.text import label
 
 INSPECT_IMAGES = 64  # images the attention distance is averaged over
 FEATURES_BATCH = 64  # images per forward pass in `features`
 FIGURE_ADVICE = "free space there or pass --out with another folder"  # a figure's write failed
 OUT_ADVICE = "choose another --out or free space there"  # features' or export's --out failed
-
-
-def load_model(path, device, ema=False):
-    """An eval-mode classifier on `device` and its `inference_info`, from a run folder, a training
-    checkpoint or any pretrained source; ema=True takes a training file's EMA weights."""
-    model = ViTForImageClassification.from_pretrained(path, ema=ema)
-    return model.to(device).eval(), inference_info(model)
 
 
 def warn_zero_head(model, checkpoint):
@@ -41,7 +37,8 @@ def warn_zero_head(model, checkpoint):
     return True
 
 
-def evaluate(checkpoint, data_dir=None, batch_size=None, workers=None, ema=False):
+def evaluate(checkpoint: str, data_dir: Optional[str] = None, batch_size: Optional[int] = None,
+             workers: Optional[int] = None, ema: bool = False) -> int:
     """Accuracy of a checkpoint on `data_dir` (a folder of class folders), or on the run's own val data;
     `workers` decode images (default: the run's data.workers, at most the CPU count)."""
     from vit import data
@@ -82,8 +79,8 @@ def evaluate(checkpoint, data_dir=None, batch_size=None, workers=None, ema=False
         raise UserError(f"the run's val split of {data_params['train_dir']} is empty; pass --data-dir with a folder of its classes.")
     print(f"evaluating {model.load_report.path} on {_eval_data(data_params, data_dir, loaders.report['val_files'])} "
           f"({data_params['workers']} worker(s), batch {batch_size})")
-    val = engine.evaluate(model, loaders.val, num_classes=len(loaders.classes), d=d,
-                          oom_advice=f"pass a smaller --batch-size than {batch_size}.")
+    val = evaluation.evaluate(model, loaders.val, num_classes=len(loaders.classes), d=d,
+                              oom_advice=f"pass a smaller --batch-size than {batch_size}.")
     scores = " - ".join(f"{k}: {v:.4f}" for k, v in val.items() if k != "images_per_s")
     print(f"{scores} - images/s: {val['images_per_s']:,.0f}")
     return 0
@@ -101,12 +98,11 @@ def _eval_data(data_params, data_dir, count):
             f"data.split_seed {data_params['split_seed']})")
 
 
-def predict(checkpoint, images, topk=5, ema=False):
+def predict(checkpoint: str, images: Sequence[str], topk: int = 5, ema: bool = False) -> int:
     """Print the top-k class names with probabilities for each image (a folder stands for the images
     in it); 1 when an image could not be read. A head of zeros (an in21k release's) gets a warning and
     "no prediction" lines instead."""
     from vit.data.images import BadImage
-    from vit.viz.plots import label
 
     if topk < 1:
         raise UserError(f"--topk {topk} must be 1 or more.")
@@ -133,7 +129,7 @@ def predict(checkpoint, images, topk=5, ema=False):
     return 1 if failed else 0
 
 
-def attention(checkpoint, images, out=None, device=None, ema=False):
+def attention(checkpoint: str, images: Sequence[str], out: Optional[str] = None, device=None, ema: bool = False) -> list[str]:
     """Write <out>/<image stem>_attention.png per image (default out: <run folder>/attention): the
     rollout overlay, the last layer's heads and the prediction (none from a head of zeros). Returns the paths written."""
     from vit.data import denormalize
@@ -172,12 +168,13 @@ def attention(checkpoint, images, out=None, device=None, ema=False):
             png, k = os.path.join(out_dir, f"{stem}_{k}_attention.png"), k + 1
         with writing(png, FIGURE_ADVICE):
             plots.plot_attention(image, rollout, heads, png, f"{stem}: {verdict}")
-        print(f"{plots.label(path)}: {verdict}; wrote {plots.label(png)}")
+        print(f"{label(path)}: {verdict}; wrote {label(png)}")
         written.append(png)
     return written
 
 
-def inspect(checkpoint, data_dir=None, out=None, device=None, ema=False):
+def inspect(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] = None, device=None,
+            ema: bool = False) -> list[str]:
     """Write the ViT paper's Figure 7 panels into `out` (default: <run folder>/inspect):
     embedding_filters.png, position_similarity.png and attention_distance.png. Returns the paths written.
 
@@ -222,7 +219,8 @@ def inspect(checkpoint, data_dir=None, out=None, device=None, ema=False):
     return written
 
 
-def features(checkpoint, inputs, out, batch_size=FEATURES_BATCH, ema=False):
+def features(checkpoint: str, inputs: Sequence[str], out: str, batch_size: int = FEATURES_BATCH,
+             ema: bool = False) -> tuple[str, str]:
     """Write the pooled embeddings of the images in `inputs` (files, and folders searched recursively)
     to `out` as an (N, D) float32 .npy: per image the vector the head sees (forward_head(pre_logits=True)),
     for retrieval and linear probes. Their paths, one a line in the same order, go to <out stem>.txt.
@@ -230,7 +228,6 @@ def features(checkpoint, inputs, out, batch_size=FEATURES_BATCH, ema=False):
     import numpy as np
 
     from vit.data.images import BadImage
-    from vit.viz.plots import label
 
     if not out.endswith(".npy"):
         raise UserError(f"--out {out} must end in .npy (the file order goes beside it as .txt); e.g. --out feats.npy.")
@@ -290,13 +287,11 @@ def _preprocess(path, info):
 
 
 def _class_name(info, index):
-    from vit.viz.plots import label
-
     classes = info.get("classes")
     return label(classes[index]) if classes else str(index)
 
 
-def image_arguments(paths):
+def image_arguments(paths: Sequence[str]) -> list[str]:
     """The images named on a command line: a folder stands for the image files under it; a FIFO, device
     or socket is refused before anything opens it. Other paths stay as given (predict says which it
     cannot read). Refused when that leaves no path at all (only empty folders)."""

@@ -1,6 +1,6 @@
 """The model's configuration: ViTConfig with Hugging Face's field names, and the paper's presets.
 
-Plain Python, no torch: `vit.train.params` validates presets and the loader reads config.json
+Plain Python, no torch: `vit.params` validates presets and the loader reads config.json
 through it without building a model. The modules themselves are in `vit/model.py`.
 """
 
@@ -22,7 +22,7 @@ PRESETS = {
 PRESET_RE = re.compile(rf"(?:ViT-)?({'|'.join(PRESETS)})/([1-9]\d*)")  # "B/16", "ViT-S/32": size, patch
 # the hidden_act values; vit/model.py maps each to its nn.Module (ACT2FN)
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu")
-WEIGHT_INITS = ("trunc_normal", "jax")  # how a model trained from scratch starts; see PreTrainedViT._init_weights
+WEIGHT_INITS = ("trunc_normal", "jax")  # how a model trained from scratch starts; see vit/pretrained.py, PreTrainedModel._init_weights
 # what the head reads (timm's global_pool): the class token, or the mean of the patch tokens
 POOLINGS = ("token", "avg")
 # ViTConfig's fields for the ViT family (DeiT, DINOv2, CLIP, MAE, gap models); all off is the classic ViT
@@ -122,21 +122,21 @@ class ViTConfig:
             raise UserError("distilled=True needs class_token=True and global_pool='token': DeiT's heads read the class and distillation tokens.")
 
     @property
-    def num_patches(self):
+    def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     @property
-    def num_prefix_tokens(self):
+    def num_prefix_tokens(self) -> int:
         """The tokens before the patches (timm's name): class, distillation and register tokens, in that order."""
         return int(self.class_token) + int(self.distilled) + self.num_register_tokens
 
     @property
-    def num_pos_prefix_tokens(self):
+    def num_pos_prefix_tokens(self) -> int:
         """The prefix tokens that have a position embedding: all of them, or none with no_embed_class."""
         return 0 if self.no_embed_class else self.num_prefix_tokens
 
     @classmethod
-    def from_preset(cls, name, **overrides):
+    def from_preset(cls, name: str, **overrides) -> "ViTConfig":
         """'B/16', 'ViT-L/14', ... : the paper's sizes (Table 1) at any patch and image size."""
         m = PRESET_RE.fullmatch(name.strip())
         if m is None:
@@ -153,7 +153,7 @@ class ViTConfig:
         kw.update(overrides)
         return cls(**kw)
 
-    def to_hf_dict(self):
+    def to_hf_dict(self) -> dict:
         """A config.json body that transformers reads as its own ViTConfig."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "id2label"}
         names = self.id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
@@ -165,7 +165,7 @@ class ViTConfig:
         return d
 
     @classmethod
-    def from_hf_dict(cls, d):
+    def from_hf_dict(cls, d: dict) -> "ViTConfig":
         """Read an HF config.json body, ignoring the keys this model has no use for."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})  # num_labels follows id2label in __post_init__

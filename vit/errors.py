@@ -3,15 +3,18 @@ check every reader of a user's path makes first (`special_file_kind`), and the s
 of a user's file gives when the disk or folder refuses it (`writing`).
 
 Its message is a single sentence that names the file, key or value and says what to do;
-the command line (vit/cli.py) prints it without a traceback. Bugs in this project stay ordinary exceptions.
+the command line (vit/cli.py) prints it without a traceback. It is a ValueError, as transformers' and
+timm's refusals are, so `except ValueError` in a library user's code catches it. Bugs in this project
+stay ordinary exceptions.
 """
 
 import os
 import stat
 from contextlib import contextmanager
+from typing import Callable, Optional, Union
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A problem with the user's input, explained in one sentence."""
 
 
@@ -20,7 +23,7 @@ SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device")
                  (stat.S_ISSOCK, "a socket"))
 
 
-def special_file_kind(path):
+def special_file_kind(path: str) -> Optional[str]:
     """"a FIFO", "a character device", "a block device" or "a socket" when `path` is one, else None (a
     regular file, a folder, or nothing at all). From os.stat alone: opening a FIFO waits for a writer
     forever, and reading /dev/zero never ends, so readers ask this before they open anything."""
@@ -32,7 +35,7 @@ def special_file_kind(path):
 
 
 @contextmanager
-def writing(path, advice):
+def writing(path: str, advice: Union[str, Callable[[], str]]):
     """Around a write of `path`: an OSError (a full disk, a folder we may not write) becomes one sentence
     naming the file and ending with `advice`, a string or a function that gives it when the write fails."""
     try:

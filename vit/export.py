@@ -12,6 +12,7 @@ holds no resampling of its own. Only the batch dimension is dynamic.
 import importlib.util
 import os
 import shutil
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ class Logits(nn.Module):
         return self.model(pixel_values).logits
 
 
-def export_onnx(checkpoint, out, image_size=None, ema=False):
+def export_onnx(checkpoint: str, out: str, image_size: Optional[int] = None, ema: bool = False) -> float:
     """Write `out` (.onnx) from `checkpoint` with a dynamic batch size, after checking it with
     onnxruntime; returns the largest difference to PyTorch."""
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]

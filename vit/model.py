@@ -7,14 +7,13 @@ References:
 3) timm, models/vision_transformer.py: the forward split (`forward_features` / `forward_head`)
    and the numerics (LayerNorm eps 1e-6 for timm and Google checkpoints).
 
-The file reads top to bottom: the modules from the patch embedding up, then the two models. Their
-config and the paper's presets live in `vit/config.py`, checkpoint loading in `vit/loading.py`.
+The file reads top to bottom: the modules from the patch embedding up, then the two models. The
+plumbing lives beside it: the config and the paper's presets in `vit/config.py`, the output classes in
+`vit/outputs.py`, loading, saving and the generic layer init in `vit/pretrained.py` (checkpoint
+formats in `vit/loading/`).
 """
 
-import json
 import math
-import os
-from dataclasses import dataclass, fields
 from functools import partial
 from typing import Optional
 
@@ -23,27 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from vit.config import ViTConfig
 from vit.errors import UserError
-from vit.loading import load_pretrained
+from vit.layers import ACT2FN, drop_path
+from vit.outputs import ImageClassifierOutput, Indices, ViTModelOutput, feature_maps, take_indices
+from vit.pretrained import PreTrainedModel
 from vit.resize import resample_pos_embed
-
-
-class QuickGELU(nn.Module):
-    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with (HF's quick_gelu)."""
-
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
-# config.hidden_act -> its module, one entry per name in vit.config.ACTIVATIONS
-ACT2FN = {
-    "gelu": nn.GELU,
-    "gelu_new": lambda: nn.GELU(approximate="tanh"),
-    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
-    "relu": nn.ReLU,
-    "silu": nn.SiLU,
-    "quick_gelu": QuickGELU,
-}
 
 # -----------------------------------------------------------------------------
 # modules, from the pixels up
@@ -65,20 +49,14 @@ class PatchEmbeddings(nn.Module):
     def forward(self, pixel_values, interpolate_pos_encoding=False):
         B, C, H, W = pixel_values.shape
         if C != self.num_channels:
-            raise UserError(
-                f"the images have {C} channels but the model expects num_channels={self.num_channels}; "
-                f"convert the images or set num_channels={C}."
-            )
+            raise UserError(f"the images have {C} channels but the model expects num_channels={self.num_channels}; "
+                            f"convert the images or set num_channels={C}.")
         if not interpolate_pos_encoding and (H != self.image_size or W != self.image_size):
-            raise UserError(
-                f"input image size {H}x{W} doesn't match the model's image_size={self.image_size}; "
-                f"resize the images or pass interpolate_pos_encoding=True."
-            )
+            raise UserError(f"input image size {H}x{W} doesn't match the model's image_size={self.image_size}; "
+                            f"resize the images or pass interpolate_pos_encoding=True.")
         if H % self.patch_size or W % self.patch_size:
-            raise UserError(
-                f"input image size {H}x{W} is not divisible by patch_size={self.patch_size}; "
-                f"resize the images to a multiple of {self.patch_size}."
-            )
+            raise UserError(f"input image size {H}x{W} is not divisible by patch_size={self.patch_size}; "
+                            f"resize the images to a multiple of {self.patch_size}.")
         x = self.projection(pixel_values)  # (B, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (B, N, D)
 
@@ -218,14 +196,6 @@ class ViTOutput(nn.Module):
         return self.dropout(self.dense(hidden_states))  # (B, N, D)
 
 
-def drop_path(x, p, training):
-    """Stochastic depth: zero a sample's whole residual branch with probability p, scale the rest."""
-    if p == 0.0 or not training:
-        return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
-    return x * keep / (1 - p)
-
-
 class LayerScale(nn.Module):
     """A learned per-channel scale on a residual branch (CaiT; DeiT III, DINOv2); HF Dinov2's
     Dinov2LayerScale, timm's LayerScale (whose parameter is `gamma`)."""
@@ -312,136 +282,10 @@ class ViTPooler(nn.Module):
 # the models
 
 
-@dataclass
-class ViTModelOutput:
-    """The backbone's outputs, named as in transformers' BaseModelOutputWithPooling."""
-
-    last_hidden_state: torch.Tensor  # (B, prefix+N, D), after the final layernorm (none with fc_norm)
-    pooler_output: Optional[torch.Tensor] = None  # (B, D), None without a pooler
-    hidden_states: Optional[tuple] = None  # embeddings, then each layer's output (before layernorm)
-    attentions: Optional[tuple] = None  # each layer's softmax probabilities, (B, heads, prefix+N, prefix+N)
-
-    def to_tuple(self):
-        """The fields that are not None, in order: transformers' ModelOutput.to_tuple()."""
-        return tuple(v for v in (getattr(self, f.name) for f in fields(self)) if v is not None)
-
-
-@dataclass
-class ImageClassifierOutput:
-    """The classifier's outputs, named as in transformers' ImageClassifierOutput."""
-
-    logits: torch.Tensor  # (B, num_labels)
-    loss: Optional[torch.Tensor] = None
-    hidden_states: Optional[tuple] = None
-    attentions: Optional[tuple] = None
-
-    to_tuple = ViTModelOutput.to_tuple
-
-
-# torch.export and torch.compile see through the outputs to their tensors (transformers registers its
-# ModelOutput the same way). torch.jit.trace takes only tensors and tuples: while tracing, the models
-# return to_tuple() instead (what transformers returns with torchscript=True).
-for _output in (ViTModelOutput, ImageClassifierOutput):
-    torch.export.register_dataclass(_output, serialized_type_name=f"vit.model.{_output.__name__}")
-
-
-def take_indices(depth, indices):
-    """timm's feature_take_indices: None -> every block, an int n -> the last n, a list -> those
-    (negative from the end). Returns the absolute indices, in the order given, and the largest."""
-    if indices is None:
-        indices = depth
-    if isinstance(indices, int):
-        if not 0 < indices <= depth:
-            raise UserError(f"indices={indices} asks for the last {indices} blocks but the model has {depth}; pass 1 to {depth}.")
-        take = list(range(depth - indices, depth))
-    else:
-        take = [depth + i if i < 0 else i for i in indices]
-        bad = [i for i, t in zip(indices, take) if not 0 <= t < depth]
-        if bad or not take:
-            raise UserError(f"indices={list(indices)} must name blocks 0 to {depth - 1} (or -{depth} to -1); the model has {depth}.")
-    return take, max(take)
-
-
-class PreTrainedViT(nn.Module):
-    """What both models share: weight init, parameter count, gradient checkpointing, saving and loading."""
-
-    is_classifier = False  # the loader keys a classifier's backbone under `vit.` and fits its head
-
-    def _init_weights(self, module):
-        # HF's init: truncated normal for matrices and the two learned embeddings, zero biases.
-        # weight_init="jax" is the original Flax code's (timm's init_weights_vit_jax): Xavier-uniform
-        # matrices, one per query/key/value as Flax keeps them, and LeCun-normal patch kernels. At small
-        # widths its larger weights learn much faster from scratch (Fashion-MNIST, width 96, depth 4, a
-        # 3-epoch schedule: test accuracy 76.5% -> 79.4% after one epoch, 84.3% -> 85.7% after three);
-        # pretrained weights overwrite either.
-        std = self.config.initializer_range
-        jax = self.config.weight_init == "jax"
-        if isinstance(module, nn.Linear) and jax:
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Conv2d) and jax:
-            s = math.sqrt(1 / module.weight[0].numel()) / .87962566103423978  # lecun_normal: fan_in = C * p * p
-            nn.init.trunc_normal_(module.weight, std=s, a=-2 * s, b=2 * s)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, ViTEmbeddings):
-            nn.init.trunc_normal_(module.position_embeddings, std=std)
-            for token in (module.cls_token, module.distillation_token, module.register_tokens):
-                if token is not None:
-                    nn.init.trunc_normal_(token, std=std)
-
-    def num_parameters(self):
-        return sum(p.numel() for p in self.parameters())
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Recompute each block in the backward pass instead of keeping its activations (HF's name;
-        timm's set_grad_checkpointing): less memory for about one more forward pass per step. The
-        kwargs go to torch.utils.checkpoint.checkpoint (non-reentrant by default)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        for module in self.modules():
-            if isinstance(module, ViTEncoder):
-                module.gradient_checkpointing = True
-                module._gradient_checkpointing_func = partial(checkpoint, **kwargs)
-
-    def gradient_checkpointing_disable(self):
-        for module in self.modules():
-            if isinstance(module, ViTEncoder):
-                module.gradient_checkpointing = False
-
-    @property
-    def is_gradient_checkpointing(self):
-        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
-
-    def save_pretrained(self, directory):
-        """Write config.json and model.safetensors, a folder transformers' from_pretrained reads."""
-        from safetensors.torch import save_file
-
-        os.makedirs(directory, exist_ok=True)
-        config = self.config.to_hf_dict()
-        config["architectures"] = [type(self).__name__]
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-
-    @classmethod
-    def from_pretrained(cls, path, **overrides):
-        """Load an HF folder, a timm state-dict file or a Google .npz; see vit/loading.py."""
-        return load_pretrained(cls, path, **overrides)
-
-
-class ViTModel(PreTrainedViT):
+class ViTModel(PreTrainedModel):
     """The backbone with a final layernorm and an optional pooler; timm's VisionTransformer minus its head."""
 
-    def __init__(self, config, add_pooling_layer=True):
+    def __init__(self, config: ViTConfig, add_pooling_layer: bool = True):
         super().__init__()
         self.config = config
         self.embeddings = ViTEmbeddings(config)
@@ -454,7 +298,17 @@ class ViTModel(PreTrainedViT):
         self.pooler = ViTPooler(config) if add_pooling_layer else None
         self.apply(self._init_weights)
 
-    def pool(self, hidden_states):
+    def _init_weights(self, module):
+        """The learned position embeddings and prefix tokens: truncated normal (HF's and timm's); every
+        other layer as vit/pretrained.py inits it (weight_init: HF's or the original JAX code's)."""
+        if not isinstance(module, ViTEmbeddings):
+            return super()._init_weights(module)
+        nn.init.trunc_normal_(module.position_embeddings, std=self.config.initializer_range)
+        for token in (module.cls_token, module.distillation_token, module.register_tokens):
+            if token is not None:
+                nn.init.trunc_normal_(token, std=self.config.initializer_range)
+
+    def pool(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, D), what a head reads: the class token, or with global_pool='avg' the mean of the patch
         tokens (prefix tokens left out); then fc_norm where the model has one. timm's pool + fc_norm."""
         if self.config.global_pool == "avg":
@@ -463,7 +317,8 @@ class ViTModel(PreTrainedViT):
             x = hidden_states[:, 0]
         return self.fc_norm(x)
 
-    def forward_features(self, pixel_values, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
+    def forward_features(self, pixel_values: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False,
+                         interpolate_pos_encoding: bool = False) -> ViTModelOutput:
         """The outputs as a ViTModelOutput, always (forward returns a tuple while torch.jit.trace runs)."""
         x = self.embeddings(pixel_values, interpolate_pos_encoding)  # (B, prefix+N, D)
         x, hidden, attn = self.encoder(self.norm_pre(x), output_attentions, output_hidden_states)
@@ -475,12 +330,14 @@ class ViTModel(PreTrainedViT):
             attentions=tuple(attn) if attn is not None else None,
         )
 
-    def forward(self, pixel_values, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
+    def forward(self, pixel_values: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False,
+                interpolate_pos_encoding: bool = False) -> ViTModelOutput:
         out = self.forward_features(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)
         return out.to_tuple() if torch.jit.is_tracing() else out
 
-    def forward_intermediates(self, pixel_values, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
-                              output_fmt="NCHW", intermediates_only=False, interpolate_pos_encoding=False):
+    def forward_intermediates(self, pixel_values: torch.Tensor, indices: Indices = None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, interpolate_pos_encoding: bool = False):
         """timm's VisionTransformer.forward_intermediates: the outputs of the blocks `indices` names
         (None: all; an int n: the last n; a list: those, negative from the end), with the prefix
         tokens (class, distillation, registers) removed, as (B, D, H/p, W/p) maps ("NCHW") or (B, N, D) ("NLC").
@@ -494,24 +351,17 @@ class ViTModel(PreTrainedViT):
             raise UserError(f"output_fmt={output_fmt!r} is not known; pass 'NCHW' (maps) or 'NLC' (token lists).")
         blocks = self.encoder.layer
         take, last = take_indices(len(blocks), indices)
-        B, _, H, W = pixel_values.shape
         x = self.norm_pre(self.embeddings(pixel_values, interpolate_pos_encoding))  # (B, prefix+N, D)
         intermediates = []
         for i, block in enumerate(blocks[: last + 1] if stop_early else blocks):
             x, _ = self.encoder.run_block(block, x)
             if i in take:
                 intermediates.append(self.layernorm(x) if norm else x)
-        n = self.config.num_prefix_tokens  # class, distillation and register tokens
-        prefix = [y[:, :n] for y in intermediates]  # (B, n, D) each
-        maps = [y[:, n:] for y in intermediates]  # (B, N, D) each
-        if output_fmt == "NCHW":
-            p = self.config.patch_size
-            maps = [y.reshape(B, H // p, W // p, -1).permute(0, 3, 1, 2).contiguous() for y in maps]  # (B, D, H/p, W/p)
-        if return_prefix_tokens and n:  # as timm: a model without prefix tokens returns the maps alone
-            maps = list(zip(maps, prefix))
+        grid = (pixel_values.shape[2] // self.config.patch_size, pixel_values.shape[3] // self.config.patch_size)
+        maps = feature_maps(intermediates, self.config.num_prefix_tokens, grid, output_fmt, return_prefix_tokens)
         return maps if intermediates_only else (self.layernorm(x), maps)
 
-    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+    def prune_intermediate_layers(self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """timm's: drop the blocks after the last one `indices` names (and the final layernorm when
         prune_norm, the pooler and fc_norm when prune_head), for a feature extractor. Returns the kept indices."""
         take, last = take_indices(len(self.encoder.layer), indices)
@@ -524,20 +374,20 @@ class ViTModel(PreTrainedViT):
         return take
 
 
-class ViTForImageClassification(PreTrainedViT):
+class ViTForImageClassification(PreTrainedModel):
     """Backbone + linear head on the pooled token; timm's VisionTransformer. Distilled (DeiT), a second
     head on the distillation token, HF DeiT's distillation_classifier; the two heads' logits are averaged."""
 
     is_classifier = True
 
-    def __init__(self, config):
+    def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = config
         # a pooler only for the first in21k release, whose head sits on its pre_logits layer
         self.vit = ViTModel(config, add_pooling_layer=config.use_pre_logits)
         self.reset_classifier(config.num_labels, config.id2label)
 
-    def reset_classifier(self, num_labels, id2label=None):
+    def reset_classifier(self, num_labels: int, id2label: Optional[dict] = None) -> None:
         """A fresh head: zero-initialised, as big_vision does for fine-tuning, so training starts at uniform.
         It lands on the backbone's device and dtype, so it can be called on a model already moved."""
         self.config.num_labels = num_labels
@@ -553,11 +403,12 @@ class ViTForImageClassification(PreTrainedViT):
             nn.init.zeros_(head.bias)
         return head
 
-    def forward_features(self, pixel_values, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
+    def forward_features(self, pixel_values: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False,
+                         interpolate_pos_encoding: bool = False) -> ViTModelOutput:
         """The backbone's output object; `last_hidden_state` is (B, prefix+N, D) after the final layernorm."""
         return self.vit.forward_features(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)
 
-    def forward_head(self, features, pre_logits=False):
+    def forward_head(self, features: ViTModelOutput, pre_logits: bool = False) -> torch.Tensor:
         """Logits from the backbone's output; with pre_logits=True, the (B, D) vector the head sees."""
         x = features.pooler_output if self.vit.pooler is not None else self.vit.pool(features.last_hidden_state)
         if self.distillation_classifier is None:
@@ -566,20 +417,22 @@ class ViTForImageClassification(PreTrainedViT):
         dist = features.last_hidden_state[:, 1]  # (B, D)
         return (x + dist) / 2 if pre_logits else (self.classifier(x) + self.distillation_classifier(dist)) / 2
 
-    def forward(self, pixel_values, labels=None, output_attentions=False, output_hidden_states=False, interpolate_pos_encoding=False):
+    def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None, output_attentions: bool = False,
+                output_hidden_states: bool = False, interpolate_pos_encoding: bool = False) -> ImageClassifierOutput:
         features = self.forward_features(pixel_values, output_attentions, output_hidden_states, interpolate_pos_encoding)
         logits = self.forward_head(features)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         out = ImageClassifierOutput(logits=logits, loss=loss, hidden_states=features.hidden_states, attentions=features.attentions)
         return out.to_tuple() if torch.jit.is_tracing() else out
 
-    def forward_intermediates(self, pixel_values, indices=None, return_prefix_tokens=False, norm=False, stop_early=False,
-                              output_fmt="NCHW", intermediates_only=False, interpolate_pos_encoding=False):
+    def forward_intermediates(self, pixel_values: torch.Tensor, indices: Indices = None, return_prefix_tokens: bool = False,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False, interpolate_pos_encoding: bool = False):
         """The backbone's block outputs as maps; see ViTModel.forward_intermediates (timm's)."""
         return self.vit.forward_intermediates(pixel_values, indices, return_prefix_tokens, norm, stop_early, output_fmt,
                                               intermediates_only, interpolate_pos_encoding)
 
-    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+    def prune_intermediate_layers(self, indices: Indices = 1, prune_norm: bool = False, prune_head: bool = True) -> list[int]:
         """timm's: keep the blocks up to the last one `indices` names; prune_head also drops the head
         (and the in21k pre_logits layer), so the model returns the (B, D) class-token features."""
         take = self.vit.prune_intermediate_layers(indices, prune_norm, prune_head)

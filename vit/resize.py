@@ -6,6 +6,7 @@ References: timm's `resample_abs_pos_embed` and `resample_patch_embed` (timm.lay
 """
 
 import math
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from vit.errors import UserError
 
 
-def resample_pos_embed(posemb, size, antialias=True, num_prefix_tokens=1):
+def resample_pos_embed(posemb: torch.Tensor, size: Union[int, tuple[int, int]], antialias: bool = True,
+                       num_prefix_tokens: int = 1) -> torch.Tensor:
     """Bicubic resampling of the patch grid to `size` (an int or (h, w)); the positions of the first
     `num_prefix_tokens` tokens (CLS, ...; 0 with no_embed_class) are kept as they are.
 
@@ -29,7 +31,7 @@ def resample_pos_embed(posemb, size, antialias=True, num_prefix_tokens=1):
     return torch.cat((cls_pos, patch_pos), dim=1)
 
 
-def resample_patch_kernel(kernel, new_patch):
+def resample_patch_kernel(kernel: torch.Tensor, new_patch: int) -> torch.Tensor:
     """FlexiViT (Beyer et al. 2023): the kernel whose response to a resized patch equals the old one's.
 
     With R the (new_p^2, old_p^2) bicubic resize matrix, the new kernel is old @ pinv(R), so that
@@ -43,7 +45,7 @@ def resample_patch_kernel(kernel, new_patch):
     return new.reshape(out_ch, in_ch, new_patch, new_patch).to(kernel.dtype)
 
 
-def adapt_input_channels(kernel, channels, path):
+def adapt_input_channels(kernel: torch.Tensor, channels: int, path: str) -> torch.Tensor:
     """The patch kernel for another number of input channels (RGB weights for gray images, say).
 
     To 1 channel, as timm's adapt_input_conv: sum over the old channels, so a gray image gives what

@@ -10,14 +10,14 @@ Which loader serves a dataset:
   that stay on disk when data.decode is "device".
 train.batch_size is per rank (the DeiT convention): a DDP run sees world_size * batch_size per step.
 
-The sections come validated and complete (vit/train/params.py fills in every default), so each key
+The sections come validated and complete (vit/params.py fills in every default), so each key
 is read as it is; nothing here restates a default. This package imports nothing of the project but
 vit.errors.
 """
 
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -45,7 +45,8 @@ class Loaders:
     report: dict
 
 
-def build_loaders(data_params, train_params, device, rank=0, world_size=1):
+def build_loaders(data_params: dict, train_params: dict, device: Union[str, torch.device], rank: int = 0,
+                  world_size: int = 1) -> Loaders:
     """params.json's data section (+ train batch_size/seed/augmentation, both whole and validated) ->
     Loaders for this rank."""
     device = torch.device(device)
@@ -147,7 +148,7 @@ def _device_decode_factory(data_params, device, report, common):
     return make
 
 
-def denormalize(x, mean, std):
+def denormalize(x: torch.Tensor, mean: list, std: list) -> torch.Tensor:
     """Normalized float (B, C, H, W) -> uint8 (B, H, W, C) on the CPU, for image grids."""
     mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)

@@ -1,32 +1,56 @@
-"""A run's state on disk: atomic saves of `last.pt` / `best.pt`, resume, RNG state, and the best
-model as an HF folder.
+"""A run's state on disk: where the run stands (`Progress`), atomic saves of `last.pt` / `best.pt`,
+resume, RNG state, and the best model as an HF folder.
 
-A training checkpoint holds only plain types and tensors, so vit/loading.py (the one reader of
+A training checkpoint holds only plain types and tensors, so vit/loading/ (the one reader of
 weight files, which also turns a run's `best.pt` into a model) reads it with
-`torch.load(weights_only=True)`: nothing in the file can execute code.
+`torch.load(weights_only=True)`: nothing in the file can execute code. The run folder's file names
+are vit/run_folder.py's.
 """
 
+import dataclasses
 import json
 import math
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 
+from vit.data import Loaders
 from vit.errors import UserError
-from vit.loading import BEST, LAST, WRAPPER_PREFIXES, read_training_checkpoint, strip_prefixes  # noqa: F401 (BEST: the run folder's names live here, with LAST and HF_DIR)
+from vit.files import atomic_write
+from vit.loading.core import WRAPPER_PREFIXES, strip_prefixes
+from vit.loading.project import read_training_checkpoint
+from vit.run_folder import LAST
 
-HF_DIR = "best_hf"  # beside LAST and BEST in the run folder
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint saves beside the weights and `resume` restores. On disk
+    each field is a top-level key of last.pt / best.pt under its own name, except `step`, which is
+    `scheduler.step` (the keys of the checkpoints this project has always written)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps so far: the schedule is a pure function of it
+    step_in_epoch: int = 0  # optimizer steps done in the interrupted epoch (0 after an epoch's end)
+    # that epoch's running metric sums: this rank's {"loss", "correct", "count"} while training, one
+    # such dict per rank in the file; None at an epoch's end
+    sums: Union[dict, list, None] = None
+    best_acc: float = -1.0  # the best output.best_metric so far
+    history: list = field(default_factory=list)  # the metrics.jsonl records so far, one per finished epoch
+    precision: Optional[str] = None  # what train.precision "auto" chose, kept for the resumed run (None: not yet)
+    elapsed_s: float = 0.0  # the run's wall time so far, summed over resumes
 
 
 # -----------------------------------------------------------------------------
 # rng state, as tensors and lists so that weights_only loading accepts it
 
 
-def rng_state():
+def rng_state() -> dict:
     np_state = np.random.get_state()  # ('MT19937', keys (624,) uint32, pos, has_gauss, cached_gaussian)
     py_version, py_internal, py_gauss = random.getstate()
     return {
@@ -38,7 +62,7 @@ def rng_state():
     }
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -52,47 +76,7 @@ def set_rng_state(state):
 # saving
 
 
-class _Recording:
-    """A file whose write errors are kept: torch.save's zip writer turns the OSError of a full disk
-    into a RuntimeError ("unexpected pos ..."), and this is how atomic_write finds the OSError again."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
-def atomic_write(path, write, mode="wb"):
-    """Call `write(f)` on a temp file in the same folder, fsync, then os.replace: never a half-written
-    `path`. Any failure removes the temp file and leaves `path` as it was; a write error (disk full,
-    permissions) is raised as the OSError it was, even when the writer reported it as another error."""
-    tmp = path + ".tmp"
-    recording = None
-    try:
-        with open(tmp, mode) as f:
-            recording = _Recording(f)
-            write(recording)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, RuntimeError) and recording is not None and recording.error is not None:
-            raise recording.error from None
-        raise
-
-
-def save(path, payload):
+def save(path: str, payload: dict) -> None:
     """torch.save through atomic_write; a failure says the previous file is kept and how to go on."""
     try:
         atomic_write(path, lambda f: torch.save(payload, f))
@@ -107,46 +91,34 @@ def _write_failed(path, e):
     return UserError(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); {kept}; free disk space and {then}.")
 
 
-def _fsync_dir(directory):
-    # the rename itself is only durable once the folder's entry is on disk
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def training_payload(model, optimizer, scaler, progress, params, classes, mean, std, rngs, ema=None):
-    """Everything `resume` needs, in weights_only-loadable types. `progress` is the loop's counters,
-    `rngs` every rank's `rng_state()` (a mid-epoch resume continues each rank's streams: one per process),
-    `ema` the weights' moving average (timm's ModelEmaV3) when the run keeps one."""
+def training_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     progress: Progress, command: str, params: dict, loaders: Loaders, rngs: list,
+                     ema: Optional[torch.nn.Module] = None) -> dict:
+    """Everything `resume` needs, in weights_only-loadable types: `progress` with its sums one per rank,
+    `command` what resumes the run, `rngs` every rank's `rng_state()` (a mid-epoch resume continues
+    each rank's streams: one per process), the class names and normalization of `loaders`, and `ema`
+    the weights' moving average (timm's ModelEmaV3) when the run keeps one."""
     payload = {
         "model": strip_prefixes(model.state_dict(), WRAPPER_PREFIXES),
         "config": model.config.to_hf_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": {"step": progress["step"]},  # the schedule is a pure function of the step
+        "scheduler": {"step": progress.step},  # the schedule is a pure function of the step
         "scaler": scaler.state_dict(),
-        "epoch": progress["epoch"],  # epochs completed
-        "step_in_epoch": progress["step_in_epoch"],  # optimizer steps done in the interrupted epoch
-        "sums": progress["sums"],  # that epoch's running metric sums, one dict per rank
-        "best_acc": progress["best_acc"],
-        "history": progress["history"],  # the metrics.jsonl records so far
-        "precision": progress["precision"],  # what train.precision "auto" chose, kept for the resumed run
-        "elapsed_s": progress["elapsed_s"],  # the run's wall time so far, summed over resumes
+        **{f.name: getattr(progress, f.name) for f in dataclasses.fields(progress) if f.name != "step"},
         "rng": rngs,
         "world_size": len(rngs),  # processes: with batch_size and grad_accum, the effective batch a resume must keep
-        "command": progress["command"],  # what resumes this run: how it was launched, plus --resume
+        "command": command,  # what resumes this run: how it was launched, plus --resume
         "params": params,
-        "classes": list(classes),
-        "mean": list(mean),
-        "std": list(std),
+        "classes": list(loaders.classes),
+        "mean": list(loaders.mean),
+        "std": list(loaders.std),
     }
     if ema is not None:  # under the key DeiT uses; the loader takes it with ema=True (--ema)
         payload["model_ema"] = strip_prefixes(ema.module.state_dict(), WRAPPER_PREFIXES)
     return payload
 
 
-def save_hf(model, directory, mean, std):
+def save_hf(model: torch.nn.Module, directory: str, mean: list, std: list) -> None:
     """save_pretrained (+ the normalization as HF's preprocessor_config.json) into a temp folder, then
     swap it in, so `directory` is always whole."""
     tmp, old = directory + ".tmp", directory + ".old"
@@ -179,10 +151,11 @@ def save_hf(model, directory, mean, std):
 # resuming
 
 
-def resume(path, model, optimizer, launch, ema=None):
+def resume(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, launch: tuple[int, int, int],
+           ema: Optional[torch.nn.Module] = None) -> tuple[Progress, list, dict]:
     """Load a training checkpoint into model, optimizer and the weights' EMA (when the run keeps one);
-    returns the loop's counters, the per-rank RNG states and the gradient scaler's state (empty
-    unless the run trained in fp16).
+    returns its Progress (sums still one per rank), the per-rank RNG states and the gradient scaler's
+    state (empty unless the run trained in fp16).
 
     `launch` is this process's (world size, batch_size, grad_accum): their product, the effective batch,
     must be the checkpoint's, or every epoch would have other steps and the schedule another length.
@@ -206,10 +179,9 @@ def resume(path, model, optimizer, launch, ema=None):
             f"checkpoint {path} does not fit the model or optimizer built from the current params ({first[:200]}); "
             f"resume with the params the run was started with."
         ) from None
-    progress = {k: ckpt[k] for k in ("epoch", "step_in_epoch", "sums", "best_acc", "history")}
-    progress["step"] = ckpt["scheduler"]["step"]
-    # checkpoints from before these were saved: the precision is chosen again, the clock starts at 0
-    progress["precision"], progress["elapsed_s"] = ckpt.get("precision"), ckpt.get("elapsed_s", 0.0)
+    # checkpoints from before precision and elapsed_s were saved: the precision is chosen again, the clock starts at 0
+    progress = Progress(ckpt["epoch"], ckpt["scheduler"]["step"], ckpt["step_in_epoch"], ckpt["sums"], ckpt["best_acc"],
+                        ckpt["history"], ckpt.get("precision"), ckpt.get("elapsed_s", 0.0))
     return progress, ckpt["rng"], ckpt["scaler"]
 
 

@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass, each returning a dict of averages; DeiT's engine.py.
+"""One training epoch, returning a dict of averages; DeiT's engine.py (its evaluate is vit/evaluation.py).
 
 The loop: per-iteration lr, AMP (bf16, or fp16 with a GradScaler) on CUDA, gradient accumulation
 with DDP syncing only on the last micro-step, clipping, Mixup/CutMix, a tqdm bar on rank 0.
@@ -11,20 +11,21 @@ the first bad batch.
 import math
 import random
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from vit.train import distributed
-from vit.train.checkpoint import set_rng_state
+from vit import distributed
 from vit.errors import UserError
+from vit.evaluation import oom_hint
+from vit.precision import autocast
+from vit.train.checkpoint import set_rng_state
 from vit.train.optim import set_lr
-from vit.train.precision import autocast
 
 
 SYNC_EVERY = 10  # training batches between host syncs (progress bar, NaN check)
@@ -35,19 +36,10 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or inf; training cannot continue from this state."""
 
 
-@contextmanager
-def oom_hint(advice):
-    """Turn CUDA's out-of-memory error into one sentence ending with `advice`."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        raise UserError(f"CUDA ran out of memory; {advice}") from None
-
-
 @dataclass(frozen=True)
 class StepSettings:
     """What a training step needs from params' train section, built once per run with the precision
-    resolved (train.precision may say "auto"; vit/train/precision.py decides)."""
+    resolved (train.precision may say "auto"; vit/precision.py decides)."""
 
     precision: str  # "bf16", "fp16" or "fp32"
     grad_accum: int
@@ -56,11 +48,11 @@ class StepSettings:
     batch_size: int  # per process: only named in the out-of-memory advice
 
     @classmethod
-    def from_params(cls, train, precision):
+    def from_params(cls, train: dict, precision: str) -> "StepSettings":
         return cls(precision, train["grad_accum"], train["clip_grad"], train["label_smoothing"], train["batch_size"])
 
     @property
-    def oom_advice(self):
+    def oom_advice(self) -> str:
         """What to change in params.json when a training step runs out of memory."""
         bs, ga = self.batch_size, self.grad_accum
         return (f"lower train.batch_size={bs} (e.g. --set train.batch_size={max(1, bs // 2)}) and raise "
@@ -68,16 +60,37 @@ class StepSettings:
 
 
 @dataclass(frozen=True)
-class EpochStart:
-    """Where an epoch begins: after `step` optimizer steps (0: at its start), with those steps' running
-    metric sums and the RNG state to restore there; a resumed run's checkpoint holds all three."""
+class Trainer:
+    """What trains, built once per run (vit/train/loop.py's set_up) and the same for every epoch."""
 
+    model: torch.nn.Module  # what a step runs: the model, compiled when train.compile, under DDP with several processes
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    lr_fn: Callable[[int], float]  # the run's optimizer step -> lr
+    settings: StepSettings
+    d: distributed.Dist
+    mixup_fn: Optional[Callable] = None  # timm's Mixup / CutMix on a batch, when train.mixup or train.cutmix is set
+    backbone: Optional[torch.nn.Module] = None  # kept in eval mode: a linear probe trains the head only
+    after_step: Optional[Callable[[int], None]] = None  # after each optimizer step, with the run's step count (the EMA update)
+
+
+@dataclass(frozen=True)
+class Epoch:
+    """One pass over the loader: epoch `index` (0-based), beginning after `step` optimizer steps (0: at its
+    start) with those steps' running metric `sums` and the `rng` state to restore there (a resumed run's
+    checkpoint holds all three); `desc` labels its progress bar, `should_stop()` asks for a stop between
+    steps (Ctrl-C, SIGTERM), and `on_rate(images_per_s)` is called once with the speed over batches RATE_AFTER."""
+
+    index: int
     step: int = 0
     sums: Optional[dict] = None
     rng: Optional[dict] = None
+    desc: str = ""
+    should_stop: Callable[[], bool] = lambda: False
+    on_rate: Optional[Callable[[float], None]] = None
 
 
-def loss_fn(logits, targets, label_smoothing):
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
     """Soft targets (from Mixup/CutMix) -> timm's SoftTargetCrossEntropy; hard labels -> smoothed CE."""
     logits = logits.float()
     if targets.ndim == 2:
@@ -85,7 +98,7 @@ def loss_fn(logits, targets, label_smoothing):
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 
 
-def seed_epoch(seed, epoch, rank):
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Reseed torch, numpy and random from (seed, epoch, rank): each epoch is a pure function of its start."""
     s = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
     torch.manual_seed(s)
@@ -93,19 +106,15 @@ def seed_epoch(seed, epoch, rank):
     random.seed(s)
 
 
-def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, settings, d, start=EpochStart(),
-                    mixup_fn=None, should_stop=lambda: False, backbone=None, desc="", on_rate=None, after_step=None):
-    """One pass over `loader` on d.device. Returns averages plus `interrupted`, `step_in_epoch` and the raw `sums`.
-
-    lr_fn(global_step) gives the lr; `settings` is a StepSettings. `start` resumes an epoch that was
-    interrupted (an EpochStart). `backbone`, when given, is kept in eval mode (linear probe).
-    on_rate(images_per_s), when given, is called once with the speed over batches RATE_AFTER.
-    after_step(steps), when given, runs after each optimizer step with the run's step count so far (the EMA update).
-    """
-    device, ga = d.device, settings.grad_accum
+def train_one_epoch(trainer: Trainer, loader, epoch: Epoch) -> dict:
+    """One pass over `loader` on the trainer's device. Returns the epoch's averages (`loss`, `acc`,
+    `images_per_s`, `lr`) plus `interrupted`, `step_in_epoch` and the raw `sums`."""
+    model, optimizer, scaler, lr_fn, settings, d = (trainer.model, trainer.optimizer, trainer.scaler, trainer.lr_fn,
+                                                     trainer.settings, trainer.d)
+    device, ga, index = d.device, settings.grad_accum, epoch.index
     n = len(loader)
     steps_per_epoch = math.ceil(n / ga)
-    sums = dict(start.sums or {"loss": 0.0, "correct": 0.0, "count": 0.0})
+    sums = dict(epoch.sums or {"loss": 0.0, "correct": 0.0, "count": 0.0})
     # the running sums stay on the device and reach the host every SYNC_EVERY batches (bar, NaN check):
     # a sync per step would leave the GPU idle while the host queues the next step. float64, added in
     # the same order as on the host, so resumed epochs add up bit for bit
@@ -116,34 +125,34 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, settings,
         """Sync: the sums to the host, and stop if a loss up to batch i was not finite (before any save)."""
         loss_sum, correct, bad_at, bad_loss = torch.cat([running, first_bad]).tolist()
         if distributed.any_rank(bad_at > 0, d):
-            where = (f"{bad_loss} at epoch {epoch + 1}, batch {int(bad_at)}/{n} "
-                     f"(lr {lr_fn(epoch * steps_per_epoch + (int(bad_at) - 1) // ga):.3g})" if bad_at > 0
-                     else f"non-finite on another rank in epoch {epoch + 1}, by batch {i + 1}/{n}")
+            where = (f"{bad_loss} at epoch {index + 1}, batch {int(bad_at)}/{n} "
+                     f"(lr {lr_fn(index * steps_per_epoch + (int(bad_at) - 1) // ga):.3g})" if bad_at > 0
+                     else f"non-finite on another rank in epoch {index + 1}, by batch {i + 1}/{n}")
             raise NonFiniteLoss(f"the training loss became {where}")  # vit/train/loop.py finishes the sentence
         sums.update(loss=loss_sum, correct=correct)
 
     model.train()
-    if backbone is not None:
-        backbone.eval()
+    if trainer.backbone is not None:
+        trainer.backbone.eval()
     # no partial accumulation carries over: a loader that drops an all-broken last batch yields fewer than
     # len(loader) batches, so `i + 1 == n` below never fires and its gradients would leak into this epoch
     optimizer.zero_grad(set_to_none=True)
-    skip = start.step * ga
-    bar = tqdm(total=n, initial=skip, desc=desc, disable=not d.is_main, dynamic_ncols=True, leave=False)
-    step_in_epoch, interrupted = start.step, False
+    skip = epoch.step * ga
+    bar = tqdm(total=n, initial=skip, desc=epoch.desc, disable=not d.is_main, dynamic_ncols=True, leave=False)
+    step_in_epoch, interrupted = epoch.step, False
     t0, seen, i = time.time(), 0, skip - 1
     with bar, oom_hint(settings.oom_advice):  # the bar closes on errors too, so an error line starts on a line of its own
         for i, (x, y) in enumerate(loader):
             if i < skip:
                 continue  # resuming mid-epoch: the loader's order is a pure function of the epoch
-            if i == skip and start.rng is not None:
-                set_rng_state(start.rng)  # dropout / drop-path / mixup continue where they stopped
+            if i == skip and epoch.rng is not None:
+                set_rng_state(epoch.rng)  # dropout / drop-path / mixup continue where they stopped
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if i % ga == 0:
-                set_lr(optimizer, lr_fn(epoch * steps_per_epoch + i // ga))
+                set_lr(optimizer, lr_fn(index * steps_per_epoch + i // ga))
             targets = y
-            if mixup_fn is not None and len(x) % 2 == 0:  # timm's batch mixup needs pairs
-                x, targets = mixup_fn(x, y)
+            if trainer.mixup_fn is not None and len(x) % 2 == 0:  # timm's batch mixup needs pairs
+                x, targets = trainer.mixup_fn(x, y)
             last_micro = (i + 1) % ga == 0 or i + 1 == n
             # under DDP, all-reduce gradients only on the micro-step that ends an accumulation
             sync = nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
@@ -166,24 +175,24 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, settings,
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step_in_epoch += 1
-                if after_step is not None:
-                    after_step(epoch * steps_per_epoch + step_in_epoch)
+                if trainer.after_step is not None:
+                    trainer.after_step(index * steps_per_epoch + step_in_epoch)
             sums["count"] += len(y)
             seen += len(y)
             bar.update(1)
-            if on_rate is not None and i - skip in RATE_AFTER:
+            if epoch.on_rate is not None and i - skip in RATE_AFTER:
                 pull(i)  # waits for the device, so the clock sees finished work
                 if i - skip == RATE_AFTER[0]:
                     rate_t0, rate_seen = time.time(), seen
                 else:
-                    on_rate((seen - rate_seen) * d.world_size / max(time.time() - rate_t0, 1e-9))
+                    epoch.on_rate((seen - rate_seen) * d.world_size / max(time.time() - rate_t0, 1e-9))
             if i % SYNC_EVERY == 0:
                 pull(i)
                 rate = seen * d.world_size / max(time.time() - t0, 1e-9)
                 bar.set_postfix(loss=f"{sums['loss'] / sums['count']:.4f}",
                                 acc=f"{sums['correct'] / sums['count']:.4f}", img_s=f"{rate:.0f}", refresh=False)
             # stop only between optimizer steps, and on every rank together
-            if last_micro and i + 1 < n and distributed.any_rank(should_stop(), d):
+            if last_micro and i + 1 < n and distributed.any_rank(epoch.should_stop(), d):
                 interrupted = True
                 break
         pull(i)  # the epoch's (or the interrupted part's) last batches, before anything is saved
@@ -200,47 +209,3 @@ def train_one_epoch(model, loader, optimizer, scaler, lr_fn, epoch, *, settings,
         "step_in_epoch": step_in_epoch,
         "sums": sums,
     }
-
-
-@torch.no_grad()
-def evaluate(model, loader, *, num_classes, d, precision="fp32", oom_advice="use a smaller batch.",
-             mistakes=0, denormalize=None):
-    """Loss, accuracy, top-5 (when > 5 classes) and images/s over `loader` on d.device; plain CE, no smoothing.
-
-    With mistakes > 0, also returns `confusion` (K, K) rows = true class, and up to `mistakes`
-    misclassified images as (uint8 HxWxC, true, pred) built with `denormalize(x) -> (B,H,W,C)`.
-    """
-    model.eval()
-    device = d.device
-    stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, top5, count
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
-    wrong = []
-    t0 = time.time()
-    bar = tqdm(loader, desc="eval", disable=not d.is_main, leave=False, dynamic_ncols=True)
-    with bar, oom_hint(oom_advice):
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits = model(x).logits.float()  # (B, K)
-            pred = logits.argmax(-1)
-            stats[0] += F.cross_entropy(logits, y, reduction="sum")
-            stats[1] += (pred == y).sum()
-            if num_classes > 5:
-                stats[2] += (logits.topk(5, dim=-1).indices == y[:, None]).any(-1).sum()
-            stats[3] += len(y)
-            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2)
-            if len(wrong) < mistakes:
-                bad = (pred != y).nonzero().flatten()[: mistakes - len(wrong)]
-                if len(bad):
-                    images = denormalize(x[bad].cpu())
-                    wrong += list(zip(list(images), y[bad].tolist(), pred[bad].tolist()))
-    elapsed = max(time.time() - t0, 1e-9)
-    stats = distributed.all_reduce_sum(stats, d).tolist()
-    count = max(stats[3], 1)
-    out = {"loss": stats[0] / count, "acc": stats[1] / count, "images_per_s": stats[3] / elapsed}
-    if num_classes > 5:
-        out["top5"] = stats[2] / count
-    if mistakes:
-        out["confusion"] = distributed.all_reduce_sum(confusion, d).view(num_classes, num_classes).long().cpu().numpy()
-        out["mistakes"] = wrong
-    return out

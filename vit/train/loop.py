@@ -6,7 +6,7 @@ DeiT's main.py in four parts, each one function:
 - `end_epoch`: evaluate (the EMA weights too when kept), record, save best and last, rewrite
   metrics.jsonl, redraw curves.png;
 - `finish`: the report from the last epoch's evaluation, and the summary line.
-`train` runs them and returns the exit code.
+`train` runs them and returns the exit code. What the run prints and its report's files are report.py's.
 """
 
 import functools
@@ -17,25 +17,28 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm import tqdm
 
-from vit import data
-from vit.config import ViTConfig
-from vit import errors
+from vit import data, distributed, evaluation, factory
+from vit import params as P
+from vit import precision as precisions
 from vit.errors import UserError
-from vit.loading import is_file
+from vit.files import atomic_write
+from vit.loading.core import is_file
 from vit.model import ViTForImageClassification
-from vit.train import checkpoint, distributed, engine, optim
-from vit.train import params as P
-from vit.train import precision as precisions
+from vit.run_folder import BEST, CURVES, HF_DIR, LAST, METRICS, PARAMS
+from vit.train import checkpoint, engine, optim
+from vit.train.checkpoint import Progress
+from vit.train.report import cost_line, count, data_counts, epoch_line, report, summary_line, writing
 from vit.viz import plots
 
 
-def train(params_file="params.json", overrides=(), resume=False, launched=None, launcher=("python", "main.py")):
+def train(params_file: str = "params.json", overrides: Sequence[str] = (), resume: bool = False,
+          launched: Optional[float] = None, launcher: Sequence[str] = ("python", "main.py")) -> int:
     """The training run: `params_file` with `--set` overrides, or its continuation from last.pt.
 
     `launched` is when the process started (elapsed_s counts from it), else now; `launcher` the words
@@ -48,7 +51,7 @@ def train(params_file="params.json", overrides=(), resume=False, launched=None, 
     if code == 0 and distributed.any_rank(stop(), run.d):
         # the signal came after the last epoch's stop check: that epoch is saved (the last one always is),
         # and what it asked for is a stop, so the report waits for --resume
-        print(f"stopped after the last epoch, before the end-of-run report; {run.path(checkpoint.LAST)} holds all "
+        print(f"stopped after the last epoch, before the end-of-run report; {run.path(LAST)} holds all "
               f"{count(run.params['train']['epochs'], 'epoch')}. Resume with: {run.resume_hint} (it writes the report)")
         code = 128 + (stop.signum or signal.SIGINT)
     elif code == 0:
@@ -71,48 +74,45 @@ class Run:
     d: distributed.Dist
     loaders: data.Loaders
     model: ViTForImageClassification  # the plain model: saved, and its parameters optimized
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    settings: engine.StepSettings
+    trainer: engine.Trainer  # what each step runs: the model (compiled, under DDP), optimizer, scaler, schedule
     evaluator: torch.nn.Module  # the model, compiled when train.compile; evaluation runs it without DDP
-    runner: torch.nn.Module  # what trains: the evaluator, under DDP when there are several processes
-    lr_fn: Callable  # optimizer step -> lr
-    steps_per_epoch: int
-    mixup_fn: Optional[Callable]
-    # epoch, step, step_in_epoch, sums, best_acc, history (the metrics.jsonl records), precision, elapsed_s
-    progress: dict
+    progress: Progress
     rng: Optional[dict]  # this rank's RNG state to restore when resuming mid-epoch
     started: float  # perf_counter() at which the run's elapsed_s was 0 (earlier processes' time included)
     resume_hint: str  # the command that continues this run
     ema: Optional[torch.nn.Module] = None  # timm's ModelEmaV3 of the weights, when train.ema_decay is set
 
-    def path(self, name):
+    def path(self, name: str) -> str:
         return os.path.join(self.params["output"]["dir"], name)
 
     @property
-    def picks_ema(self):
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.loaders.train) / self.params["train"]["grad_accum"])
+
+    @property
+    def picks_ema(self) -> bool:
         """Whether the EMA weights' val_acc_ema picks best.pt and best_hf/ (output.best_metric)."""
         return self.params["output"]["best_metric"] == "val_acc_ema"
 
-    def save(self, path, **extra):
-        """A checkpoint of the run at `path`: rank 0 writes, the others wait so nobody runs ahead of it."""
-        self.progress["elapsed_s"] = time.perf_counter() - self.started
+    def save(self, path: str, **progress) -> None:
+        """A checkpoint of the run at `path`, with `progress` fields changed (an interrupted epoch's
+        step_in_epoch and sums): rank 0 writes, the others wait so nobody runs ahead of it."""
+        self.progress.elapsed_s = time.perf_counter() - self.started
         rngs = distributed.gather(checkpoint.rng_state(), self.d)
         if self.d.is_main:
-            progress = {**self.progress, "command": self.resume_hint, **extra}
-            payload = checkpoint.training_payload(self.model, self.optimizer, self.scaler, progress,
-                                                  self.params, self.loaders.classes, self.loaders.mean, self.loaders.std, rngs,
-                                                  self.ema)
+            payload = checkpoint.training_payload(self.model, self.trainer.optimizer, self.trainer.scaler,
+                                                  replace(self.progress, **progress), self.resume_hint, self.params,
+                                                  self.loaders, rngs, self.ema)
             checkpoint.save(path, payload)
         distributed.barrier(self.d)
 
 
-def set_up(params_file, overrides, resume, launched, launcher=("python", "main.py")):
+def set_up(params_file: str, overrides: list, resume: bool, launched: float, launcher: Sequence[str] = ("python", "main.py")) -> Run:
     """Everything the epochs need, in the order that keeps runs reproducible, and the run folder."""
     params = P.load(params_file, overrides)
     d = distributed.init()
     t, out, device = params["train"], params["output"]["dir"], d.device
-    last_path = os.path.join(out, checkpoint.LAST)
+    last_path = os.path.join(out, LAST)
     command = functools.partial(resume_command, launcher, params_file, overrides)
     if resume and not is_file(last_path):
         raise UserError(f"--resume found no checkpoint at {last_path}; start without --resume or set output.dir.")
@@ -124,7 +124,7 @@ def set_up(params_file, overrides, resume, launched, launcher=("python", "main.p
     engine.seed_epoch(t["seed"], 0, 0)  # model init: the same on every rank (DDP also broadcasts rank 0's)
 
     loaders = data.build_loaders(params["data"], t, device, d.rank, d.world_size)
-    model = build_model(params, loaders.classes).to(device)
+    model = factory.build_model(params, loaders.classes).to(device)
     if t["freeze_backbone"]:
         optim.freeze_backbone(model)
     if t["grad_checkpointing"]:
@@ -138,20 +138,33 @@ def set_up(params_file, overrides, resume, launched, launcher=("python", "main.p
         # (1 - (1 + step)^-2/3, capped at ema_decay) so early steps are not averaged with the init
         ema = ModelEmaV3(model, decay=t["ema_decay"], use_warmup=True)
     progress, rng, scaler_state = (restore(last_path, model, optimizer, d, t, command, ema) if resume
-                                   else (fresh_progress(), None, None))
+                                   else (Progress(), None, None))
     sample_shape = (t["batch_size"], params["data"]["channels"], params["data"]["image_size"], params["data"]["image_size"])
     # every rank trains in rank 0's choice (auto times steps, and two ranks could time them differently)
     precision, why = distributed.gather(precisions.resolve(t["precision"], device, model, sample_shape,
-                                                           saved=progress["precision"]), d)[0]
-    progress["precision"] = precision
+                                                           saved=progress.precision), d)[0]
+    progress.precision = precision
+    evaluator = torch.compile(model) if t["compile"] else model
+    trainer = make_trainer(params, loaders, evaluator, optimizer, precision, scaler_state, d,
+                           backbone=model.vit if t["freeze_backbone"] else None,
+                           after_step=None if ema is None else functools.partial(ema.update, model))
+    run = Run(params, d, loaders, model, trainer, evaluator, progress, rng,
+              started=launched - progress.elapsed_s,  # a resumed run's clock goes on where it stopped
+              resume_hint=command(), ema=ema)
+    open_run_folder(run, why)
+    return run
+
+
+def make_trainer(params: dict, loaders: data.Loaders, evaluator: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 precision: str, scaler_state: Optional[dict], d: distributed.Dist, **extras) -> engine.Trainer:
+    """How each step trains: the evaluator under DDP, the gradient scaler (fp16 only; `scaler_state` a
+    resumed run's), the lr schedule and Mixup/CutMix, with `extras` (the frozen backbone, the EMA update)."""
+    t = params["train"]
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     if scaler_state and scaler.is_enabled():  # empty when saved without fp16: a switch to fp16 starts a fresh scale
         scaler.load_state_dict(scaler_state)
-    evaluator = torch.compile(model) if t["compile"] else model
-
     steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
-    base_lr = optim.scaled_lr(t, d.world_size)
-    lr_fn = functools.partial(optim.lr_at, base_lr=base_lr, min_lr=t["min_lr"],
+    lr_fn = functools.partial(optim.lr_at, base_lr=optim.scaled_lr(t, d.world_size), min_lr=t["min_lr"],
                               # a short run (--set train.epochs=3) may be shorter than the warm-up: clip it
                               warmup_steps=round(min(t["warmup_epochs"], t["epochs"]) * steps_per_epoch),
                               total_steps=t["epochs"] * steps_per_epoch)
@@ -160,44 +173,11 @@ def set_up(params_file, overrides, resume, launched, launcher=("python", "main.p
         from timm.data import Mixup
         mixup_fn = Mixup(mixup_alpha=t["mixup"], cutmix_alpha=t["cutmix"], label_smoothing=t["label_smoothing"],
                          num_classes=len(loaders.classes))
-    run = Run(params, d, loaders, model, optimizer, scaler, engine.StepSettings.from_params(t, precision), evaluator,
-              distributed.wrap(evaluator, d), lr_fn, steps_per_epoch, mixup_fn, progress, rng,
-              started=launched - progress["elapsed_s"],  # a resumed run's clock goes on where it stopped
-              resume_hint=command(), ema=ema)
-    open_run_folder(run, base_lr, why)
-    return run
+    return engine.Trainer(distributed.wrap(evaluator, d), optimizer, scaler, lr_fn, engine.StepSettings.from_params(t, precision),
+                          d, mixup_fn, **extras)
 
 
-def build_model(params, classes):
-    """The model params.json describes: a preset and/or explicit sizes, or a pretrained source with a new head."""
-    m, d, t = params["model"], params["data"], params["train"]
-    id2label = dict(enumerate(classes))
-    common = dict(image_size=d["image_size"], drop_path_rate=t["drop_path"], hidden_dropout_prob=m["hidden_dropout_prob"],
-                  attention_probs_dropout_prob=m["attention_probs_dropout_prob"])
-    if m["global_pool"] is not None:
-        common["global_pool"] = m["global_pool"]
-    if m["pretrained"] is not None:
-        # an RGB checkpoint on gray data (or the reverse) gets its patch kernel adapted, said in the load report
-        return ViTForImageClassification.from_pretrained(
-            m["pretrained"], num_labels=len(classes), id2label=id2label, num_channels=d["channels"],
-            ema=m["pretrained_ema"], **common)
-    sizes = {k: m[k] for k in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                               "intermediate_size", "layer_norm_eps", "qkv_bias", "weight_init") if m[k] is not None}
-    kw = dict(num_channels=d["channels"], num_labels=len(classes), id2label=id2label, **common, **sizes)
-    if m["preset"] is not None:
-        config = ViTConfig.from_preset(m["preset"], **kw)
-    else:
-        config = ViTConfig(**{"layer_norm_eps": 1e-6, **kw})
-    return ViTForImageClassification(config)
-
-
-def fresh_progress():
-    """A new run's counters (see Run.progress); elapsed_s is the time of the processes before this one."""
-    return {"epoch": 0, "step": 0, "step_in_epoch": 0, "sums": None, "best_acc": -1.0, "history": [],
-            "precision": None, "elapsed_s": 0.0}
-
-
-def resume_command(launcher, params_file, overrides, more=()):
+def resume_command(launcher: Sequence[str], params_file: str, overrides: Sequence[str], more: Sequence[str] = ()) -> str:
     """What continues this run: the words that launched it, its params file, its --set overrides and
     `more` of them, then --resume."""
     sets = [*overrides, *more]
@@ -205,40 +185,41 @@ def resume_command(launcher, params_file, overrides, more=()):
                        *(["--set", *sets] if sets else []), "--resume"])
 
 
-def restore(last_path, model, optimizer, d, t, command, ema=None):
-    """Resume from last.pt: its counters, this rank's RNG state and the gradient scaler's state (and the
+def restore(last_path: str, model, optimizer, d: distributed.Dist, t: dict, command: Callable, ema=None):
+    """Resume from last.pt: its Progress, this rank's RNG state and the gradient scaler's state (and the
     EMA's weights); `command(more)` is the resume command with `more` --set overrides."""
     progress, rngs, scaler_state = checkpoint.resume(last_path, model, optimizer, (d.world_size, t["batch_size"], t["grad_accum"]), ema)
     # each rank continues its own streams and metric sums (another world size cannot be exact anyway)
     rank = d.rank if d.rank < len(rngs) else 0
-    progress["sums"] = progress["sums"][rank] if progress["sums"] else None
-    if progress["epoch"] >= t["epochs"]:
-        more = f"train.epochs={progress['epoch'] + 10}"
-        print(f"{last_path} holds all {count(progress['epoch'], 'epoch')} of its run, which is complete: nothing to train, "
+    progress.sums = progress.sums[rank] if progress.sums else None
+    if progress.epoch >= t["epochs"]:
+        more = f"train.epochs={progress.epoch + 10}"
+        print(f"{last_path} holds all {count(progress.epoch, 'epoch')} of its run, which is complete: nothing to train, "
               f"so this only writes the end-of-run report again. To train longer, resume with more epochs, "
               f"e.g. {command([more])}")
     else:
-        print(f"resuming {last_path}: {progress['epoch']} epoch(s) done"
-              + (f", {progress['step_in_epoch']} step(s) into the next" if progress["step_in_epoch"] else ""))
+        print(f"resuming {last_path}: {progress.epoch} epoch(s) done"
+              + (f", {progress.step_in_epoch} step(s) into the next" if progress.step_in_epoch else ""))
     if len(rngs) != d.world_size:
         print(f"note: the run had {len(rngs)} process(es) and this launch has {d.world_size}: the effective batch is "
               f"the same, but the result will not be bit-identical to an uninterrupted run")
     return progress, rngs[rank], scaler_state
 
 
-def open_run_folder(run, base_lr, why):
-    """Rank 0: the run folder with the resolved params.json and metrics.jsonl, and the start-up lines."""
+def open_run_folder(run: Run, why: str) -> None:
+    """Rank 0: the run folder with the resolved params.json and metrics.jsonl, and the start-up lines;
+    `why` says how the precision was chosen."""
     if not run.d.is_main:
         return
     out, t, d, loaders = run.params["output"]["dir"], run.params["train"], run.d, run.loaders
     try:
         os.makedirs(out, exist_ok=True)
-        P.save(run.params, os.path.join(out, "params.json"))
-        write_history(run.path("metrics.jsonl"), run.progress["history"])
+        P.save(run.params, run.path(PARAMS))
+        write_history(run.path(METRICS), run.progress.history)
     except OSError as e:  # output.dir names an existing file, a folder we may not write, a full disk
         raise UserError(f"params key output.dir={out!r} cannot hold the run ({e.strerror}); "
                         f"choose another folder or free space there.") from None
-    batch = t["batch_size"] * t["grad_accum"] * d.world_size
+    batch, base_lr = t["batch_size"] * t["grad_accum"] * d.world_size, optim.scaled_lr(t, d.world_size)
     lr = f"lr {base_lr:.3g}"
     if t["lr_scale_batch"] is not None:  # the linear scaling rule can shrink a recipe's lr by orders of magnitude
         lr += f" (train.lr {t['lr']:g} x effective batch {batch} / lr_scale_batch {t['lr_scale_batch']})"
@@ -249,28 +230,13 @@ def open_run_folder(run, base_lr, why):
         print(f"warning: lr_scale_batch makes the learning rate {base_lr:.2g}, too small to learn much in "
               f"{t['epochs']} epochs; raise train.lr, or set train.lr_scale_batch to the effective batch {batch} or to null")
     where = f"the CPU, {precisions.thread_note()}" if d.device.type == "cpu" else str(d.device)
-    print(f"training on {where}; precision {run.settings.precision} ({why})")
+    print(f"training on {where}; precision {run.trainer.settings.precision} ({why})")
 
 
-def data_counts(data_params, loaders, batch):
-    """`data: 72 train images, 8 val images (split off ...); drop_last leaves out 8 train images per epoch`."""
-    r, train = loaders.report, loaders.train
-    where = ""
-    if data_params["dataset"] == "folder" and not data_params["val_dir"]:
-        where = f" (val split off {data_params['train_dir']} by data.val_split {data_params['val_split']})"
-    elif data_params["dataset"] == "fashion_mnist":
-        where = " (val is the official test set)"
-    line = f"data: {r['train_files']} train images, {r['val_files']} val images{where}"
-    dropped = train.samples - len(train) * batch
-    if dropped:  # the shuffled tail that does not fill a batch: other images each epoch
-        line += f"; drop_last leaves out {dropped} train image(s) per epoch, a different {dropped} each epoch"
-    return line
-
-
-def write_history(path, history):
+def write_history(path: str, history: list) -> None:
     """Rewrite metrics.jsonl atomically from the records the checkpoint carries: one line per
     finished epoch, no duplicate after a resume and no gap after a kill between save and log."""
-    checkpoint.atomic_write(path, lambda f: f.writelines(json.dumps(h) + "\n" for h in history), mode="w")
+    atomic_write(path, lambda f: f.writelines(json.dumps(h) + "\n" for h in history), mode="w")
 
 
 # -----------------------------------------------------------------------------
@@ -302,37 +268,34 @@ class StopRequest:
         return self.signum is not None
 
 
-def run_epochs(run, stop):
+def run_epochs(run: Run, stop: StopRequest) -> tuple[int, Optional[dict]]:
     """Train from where the run stands to its last epoch; returns (exit code, the last epoch's
     evaluation with the report's extras, or None when it ran in an earlier process or not at all)."""
     t, d, progress, loaders = run.params["train"], run.d, run.progress, run.loaders
-    last_path = run.path(checkpoint.LAST)
+    last_path = run.path(LAST)
     announced, final_val = [], None
 
     def announce_cost(rate):  # once per process, a few dozen steps into its first epoch
         if d.is_main and not announced:
             announced.append(rate)
             tqdm.write(cost_line(rate, len(loaders.train) * t["batch_size"] * d.world_size, loaders.report["val_files"],
-                                 t["eval_every"], t["epochs"], t["epochs"] - epoch, d.device, run.settings.precision))
+                                 t["eval_every"], t["epochs"], t["epochs"] - epoch, d.device, run.trainer.settings.precision))
 
-    for epoch in range(progress["epoch"], t["epochs"]):
-        if progress["step_in_epoch"] == 0:
+    for epoch in range(progress.epoch, t["epochs"]):
+        if progress.step_in_epoch == 0:
             engine.seed_epoch(t["seed"], epoch, d.rank)
             run.rng = None
         loaders.train.set_epoch(epoch)
         epoch_start = time.perf_counter()
         try:
-            stats = engine.train_one_epoch(
-                run.runner, loaders.train, run.optimizer, run.scaler, run.lr_fn, epoch, settings=run.settings, d=d,
-                start=engine.EpochStart(progress["step_in_epoch"], progress["sums"], run.rng), mixup_fn=run.mixup_fn,
-                should_stop=stop, backbone=run.model.vit if t["freeze_backbone"] else None,
-                desc=f"epoch {epoch + 1}/{t['epochs']}", on_rate=announce_cost,
-                after_step=None if run.ema is None else functools.partial(run.ema.update, run.model))
+            stats = engine.train_one_epoch(run.trainer, loaders.train, engine.Epoch(
+                epoch, progress.step_in_epoch, progress.sums, run.rng, desc=f"epoch {epoch + 1}/{t['epochs']}",
+                should_stop=stop, on_rate=announce_cost))
         except engine.NonFiniteLoss as e:
-            kept = (f"the last good checkpoint {last_path} ({progress['epoch']} epoch(s)) is intact"
+            kept = (f"the last good checkpoint {last_path} ({progress.epoch} epoch(s)) is intact"
                     if os.path.isfile(last_path) else "no checkpoint was saved yet")
             raise UserError(f"{e}, so training stopped: {kept}; lower train.lr or set train.clip_grad, then resume with --resume.") from None
-        progress["step"] = epoch * run.steps_per_epoch + stats["step_in_epoch"]
+        progress.step = epoch * run.steps_per_epoch + stats["step_in_epoch"]
         if stats["interrupted"]:
             run.save(last_path, step_in_epoch=stats["step_in_epoch"], sums=distributed.gather(stats["sums"], d))
             print(f"stopped in epoch {epoch + 1} after {stats['step_in_epoch']}/{run.steps_per_epoch} steps; "
@@ -348,20 +311,20 @@ def run_epochs(run, stop):
     return 0, final_val
 
 
-def end_epoch(run, epoch, stats, epoch_start, stop):
+def end_epoch(run: Run, epoch: int, stats: dict, epoch_start: float, stop: StopRequest) -> tuple[Optional[dict], bool]:
     """An epoch's end: evaluate (with the report's extras after the last), print and record its line,
     save best and last, rewrite metrics.jsonl, redraw the curves. Returns (the last epoch's
     evaluation or None, whether a stop was asked for)."""
     t, d, progress, loaders = run.params["train"], run.d, run.progress, run.loaders
-    last_path, metrics_path = run.path(checkpoint.LAST), run.path("metrics.jsonl")
+    last_path, metrics_path = run.path(LAST), run.path(METRICS)
     record = {"epoch": epoch + 1, "loss": stats["loss"], "acc": stats["acc"]}
     is_last, final_val = epoch + 1 == t["epochs"], None
     if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
         # the last epoch's pass over the weights that pick best also gathers what the end-of-run report shows
-        val = engine.evaluate(run.evaluator, loaders.val, **eval_kw(run, report=is_last and not run.picks_ema))
+        val = evaluation.evaluate(run.evaluator, loaders.val, **eval_kw(run, report=is_last and not run.picks_ema))
         record.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "acc", "top5")})
         if run.ema is not None:
-            val_ema = engine.evaluate(run.ema.module, loaders.val, **eval_kw(run, report=is_last and run.picks_ema))
+            val_ema = evaluation.evaluate(run.ema.module, loaders.val, **eval_kw(run, report=is_last and run.picks_ema))
             record.update({f"val_{k}_ema": v for k, v in val_ema.items() if k in ("loss", "acc", "top5")})
             val = val_ema if run.picks_ema else val
         final_val = val if is_last else None
@@ -369,125 +332,53 @@ def end_epoch(run, epoch, stats, epoch_start, stop):
     record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped,
                   epoch_s=round(now - epoch_start, 2), elapsed_s=round(now - run.started, 2))
     print(epoch_line(record))
-    progress["history"].append(record)
-    progress.update(epoch=epoch + 1, step_in_epoch=0, sums=None)
+    progress.history.append(record)
+    progress.epoch, progress.step_in_epoch, progress.sums = epoch + 1, 0, None
     metric = run.params["output"]["best_metric"]
-    is_best = record.get(metric, -1.0) > progress["best_acc"]
+    is_best = record.get(metric, -1.0) > progress.best_acc
     if is_best:
-        progress["best_acc"] = record[metric]
+        progress.best_acc = record[metric]
     stopping = distributed.any_rank(stop(), d)
     # best before last: a kill in between redoes this epoch on resume, which rewrites best identically
     if is_best:
-        run.save(run.path(checkpoint.BEST))
+        run.save(run.path(BEST))
         if d.is_main:  # the weights that scored: the EMA's when they pick best
-            checkpoint.save_hf(run.ema.module if run.picks_ema else run.model, run.path(checkpoint.HF_DIR), loaders.mean, loaders.std)
+            checkpoint.save_hf(run.ema.module if run.picks_ema else run.model, run.path(HF_DIR), loaders.mean, loaders.std)
     if (epoch + 1) % run.params["output"]["save_every"] == 0 or is_last or stopping:
         run.save(last_path)
     if d.is_main:
         with writing(metrics_path, last_path):  # resuming rebuilds metrics.jsonl from the checkpoint's records
-            write_history(metrics_path, progress["history"])  # after the checkpoint: a line never outlives its epoch's state
-        with writing(run.path("curves.png"), last_path):
-            plots.plot_curves(progress["history"], run.path("curves.png"))
+            write_history(metrics_path, progress.history)  # after the checkpoint: a line never outlives its epoch's state
+        with writing(run.path(CURVES), last_path):
+            plots.plot_curves(progress.history, run.path(CURVES))
     return final_val, stopping
 
 
-def writing(path, last_path):
-    """Around a write of one of the run's files: a full disk or an unwritable folder stops the run with
-    one sentence that says what is saved and how to go on (decided when the write fails)."""
-    return errors.writing(path, lambda: (f"{last_path} is saved, so free space and resume with --resume"
-                                         if os.path.isfile(last_path)
-                                         else "no checkpoint was saved yet, so free space and start again"))
-
-
-def eval_kw(run, report=False):
-    """engine.evaluate's arguments besides the model and loader; with report=True also the confusion
+def eval_kw(run: Run, report: bool = False) -> dict:
+    """evaluation.evaluate's arguments besides the model and loader; with report=True also the confusion
     matrix and misclassified images the end-of-run report shows."""
-    kw = dict(num_classes=len(run.loaders.classes), d=run.d, precision=run.settings.precision,
-              oom_advice=run.settings.oom_advice)
+    kw = dict(num_classes=len(run.loaders.classes), d=run.d, precision=run.trainer.settings.precision,
+              oom_advice=run.trainer.settings.oom_advice)
     if report:
         kw.update(mistakes=max(run.params["output"]["misclassified"], 1),
                   denormalize=functools.partial(data.denormalize, mean=run.loaders.mean, std=run.loaders.std))
     return kw
 
 
-def epoch_line(record):
-    """`Epoch : 7 - loss : 0.2399 - acc: 0.9014 - val_loss : 0.9127 - val_acc: 0.6396 [- val_top5: ...] [- val_acc_ema: ...]`."""
-    line = f"Epoch : {record['epoch']} - loss : {record['loss']:.4f} - acc: {record['acc']:.4f}"
-    if "val_loss" in record:
-        line += f" - val_loss : {record['val_loss']:.4f} - val_acc: {record['val_acc']:.4f}"
-    if "val_top5" in record:
-        line += f" - val_top5: {record['val_top5']:.4f}"
-    if "val_acc_ema" in record:
-        line += f" - val_acc_ema: {record['val_acc_ema']:.4f}"
-    return line
-
-
-def count(n, noun):
-    """'1 epoch', '20 epochs'."""
-    return f"{n} {noun}{'s' * (n != 1)}"
-
-
-def duration(seconds):
-    """'42 s', '3.5 min' or '2.1 h'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
-
-
-def cost_line(rate, train_images, val_images, eval_every, epochs, epochs_left, device, precision):
-    """What the run will cost, from the measured training speed: evaluation is a forward pass only,
-    about a third of a training step per image."""
-    epoch_s = train_images / rate + val_images / (3 * rate) / eval_every
-    threads = torch.get_num_threads()
-    where = f"CPU ({count(threads, 'thread')}, {precision})" if device.type == "cpu" else f"{device} ({precision})"
-    left = f" ({duration(epoch_s * epochs_left)} left)" if epochs_left < epochs else ""
-    return (f"speed: {rate:,.0f} images/s on the {where}: ≈ {duration(epoch_s)}/epoch with evaluation, "
-            f"≈ {duration(epoch_s * epochs)} for {count(epochs, 'epoch')}{left}")
-
-
 # -----------------------------------------------------------------------------
 # the end of the run
 
 
-def finish(run, final_val):
+def finish(run: Run, final_val: Optional[dict]) -> None:
     """The end-of-run report from the last epoch's evaluation, the bad-file count and the summary line."""
-    loaders, d = run.loaders, run.d
+    loaders, d, out = run.loaders, run.d, run.params["output"]
     if loaders.val is not None:
         if final_val is None:  # resumed after the last epoch: its evaluation ran in the process that stopped
-            final_val = engine.evaluate(run.ema.module if run.picks_ema else run.evaluator, loaders.val, **eval_kw(run, report=True))
-        report(final_val, loaders, run.params["output"]["dir"], run.params["output"]["misclassified"], d)
+            final_val = evaluation.evaluate(run.ema.module if run.picks_ema else run.evaluator, loaders.val, **eval_kw(run, report=True))
+        if d.is_main:
+            report(final_val, loaders.classes, out["dir"], out["misclassified"])
     if loaders.report.get("skipped_at_scan") or loaders.report.get("dropped_at_load"):
         print(f"bad files: {loaders.report.get('skipped_at_scan', 0)} skipped at scan, "
               f"{loaders.report.get('dropped_at_load', 0)} dropped at load (see warnings above)")
     if d.is_main:
-        print(summary_line(run.progress["history"], time.perf_counter() - run.started, run.params["output"]["dir"],
-                           run.params["output"]["best_metric"]))
-
-
-def report(val, loaders, out, n_mistakes, d):
-    """End of run: confusion matrix, per-class accuracy (json + printed), misclassified grid."""
-    if not d.is_main:
-        return
-    classes, matrix = loaders.classes, val["confusion"]
-    per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(classes)}
-    path, last_path = os.path.join(out, "per_class_accuracy.json"), os.path.join(out, checkpoint.LAST)
-    with writing(path, last_path):  # resuming a complete run writes the report again
-        checkpoint.atomic_write(path, lambda f: json.dump(per_class, f, indent=2), mode="w")
-    print("per-class accuracy: " + ", ".join(f"{plots.label(c)} {a:.4f}" for c, a in per_class.items()))
-    with writing(os.path.join(out, "confusion.png"), last_path):
-        plots.plot_confusion(matrix, classes, os.path.join(out, "confusion.png"))
-    wrong = val["mistakes"][:n_mistakes]
-    with writing(os.path.join(out, "misclassified.png"), last_path):
-        plots.plot_misclassified([img.numpy() for img, _, _ in wrong], [classes[t] for _, t, _ in wrong],
-                                 [classes[p] for _, _, p in wrong], os.path.join(out, "misclassified.png"))
-
-
-def summary_line(history, elapsed, out, metric="val_acc"):
-    """The run's end: time, the best `metric` (output.best_metric) and its epoch, and the files in the run folder."""
-    files = [checkpoint.BEST, checkpoint.LAST, checkpoint.HF_DIR + "/", "metrics.jsonl", "curves.png",
-             "confusion.png", "per_class_accuracy.json", "misclassified.png", "params.json"]
-    present = [f for f in files if os.path.exists(os.path.join(out, f))]
-    scored = [h for h in history if metric in h]
-    best = max(scored, key=lambda h: h[metric], default=None)  # the first of equals, as best.pt keeps it
-    result = f"best {metric} {best[metric]:.4f} at epoch {best['epoch']}" if best else "no validation data"
-    return f"done: {count(len(history), 'epoch')} in {duration(elapsed)}, {result}; in {out}: {', '.join(present)}"
+        print(summary_line(run.progress.history, time.perf_counter() - run.started, out["dir"], out["best_metric"]))

@@ -12,7 +12,7 @@ import torch
 NO_DECAY_NAMES = ("cls_token", "position_embeddings", "distillation_token", "register_tokens")
 
 
-def scaled_lr(train, world_size):
+def scaled_lr(train: dict, world_size: int) -> float:
     """train.lr, scaled linearly by effective batch / lr_scale_batch when that is set (Goyal et al.)."""
     if train["lr_scale_batch"] is None:
         return train["lr"]
@@ -20,7 +20,7 @@ def scaled_lr(train, world_size):
     return train["lr"] * batch / train["lr_scale_batch"]
 
 
-def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
+def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
     """Learning rate at optimizer step `step`: linear warm-up (base_lr / warmup_steps at step 0), then cosine down to min_lr."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
@@ -39,7 +39,7 @@ def layer_id(name, num_layers):
     return num_layers + 1
 
 
-def freeze_backbone(model):
+def freeze_backbone(model: torch.nn.Module) -> None:
     """Linear probe: only the classifier (and a distilled model's second head) keeps requires_grad."""
     for name, p in model.named_parameters():
         p.requires_grad = name.startswith(("classifier.", "distillation_classifier."))
@@ -62,14 +62,14 @@ def param_groups(model, weight_decay, layer_decay=None):
     return list(groups.values())
 
 
-def build_optimizer(model, train, device):
+def build_optimizer(model: torch.nn.Module, train: dict, device: torch.device) -> torch.optim.AdamW:
     """AdamW over `param_groups`, fused on CUDA (one kernel for all parameters)."""
     groups = param_groups(model, train["weight_decay"], train["layer_decay"])
     extra = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=train["lr"], betas=(0.9, 0.999), **extra)
 
 
-def set_lr(optimizer, lr):
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Apply the schedule's lr to every group, times its layer-decay scale."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]

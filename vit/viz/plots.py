@@ -17,6 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from vit.viz.text import label
+
 DPI = 100  # pixels per inch of every saved PNG
 LEGEND_COLUMNS = 6  # heads per legend row in the attention-distance figure
 
@@ -40,13 +42,6 @@ def _save(fig, path):
         raise
     w, h = fig.get_size_inches()
     return round(w * DPI), round(h * DPI)
-
-
-def label(name):
-    """A name (a class folder's, a file's) as text a figure or a terminal can show: characters that
-    cannot be drawn or printed (undecodable bytes the file system handed over as surrogates, line
-    breaks, control characters) become "?". For display only: the names themselves stay as they are."""
-    return "".join(c if c.isprintable() else "?" for c in str(name))
 
 
 def _show(ax, image, **kwargs):
@@ -80,12 +75,12 @@ def plot_curves(history, path):
         (ax_acc, "accuracy", [("acc", "train"), ("val_acc", "val"), ("val_top5", "val top-5")]),
     ]
     for ax, name, series in panels:
-        for key, label in series:
+        for key, legend in series:
             # eval may run only every few epochs: plot the epochs that have the key
             points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
             if points:
                 x, y = zip(*points)
-                ax.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+                ax.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, label=legend)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.set_ylabel(name)

@@ -16,6 +16,7 @@ import os
 import statistics
 import time
 from contextlib import nullcontext
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,14 +29,14 @@ PROBE_STEP_S = 0.5  # ... this long (a B/16 at 224 probes with a few images, not
 PROBE_SECONDS = 8.0  # time budget of the probe, after its warm-up steps
 
 
-def autocast(device, precision):
+def autocast(device: torch.device, precision: str):
     """bf16/fp16 autocast on the run's device; fp32 is a no-op context."""
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def cpu_has_native_bf16():
+def cpu_has_native_bf16() -> Optional[bool]:
     """True/False from the CPU flags on Linux; None where the flags cannot be read (then auto measures)."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -45,7 +46,8 @@ def cpu_has_native_bf16():
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16")) if flags else None
 
 
-def resolve(requested, device, model, sample_shape, saved=None):
+def resolve(requested: str, device: torch.device, model: torch.nn.Module, sample_shape: tuple,
+            saved: Optional[str] = None) -> tuple[str, str]:
     """(precision, reason) for this run: `requested` from params, `saved` from the checkpoint resumed."""
     if requested == "auto" and saved is not None:
         return saved, "auto, as chosen when this run started (kept so the resumed run stays exact)"
@@ -70,7 +72,7 @@ def resolve(requested, device, model, sample_shape, saved=None):
                     f"{1e3 * fp32_s:.0f} ms in fp32 at batch {batch} ({gain:.2f}x; bf16 needs {BF16_GAIN}x)")
 
 
-def time_steps(model, sample_shape, device):
+def time_steps(model: torch.nn.Module, sample_shape: tuple, device: torch.device) -> tuple[float, float, int]:
     """(fp32 s, bf16 s, batch): median seconds of one forward+backward in fp32 and in bf16 autocast,
     interleaved so that load from other processes hits both alike. Runs on a copy under a forked RNG:
     the run itself is untouched."""
@@ -100,7 +102,7 @@ def time_steps(model, sample_shape, device):
     return statistics.median(times["fp32"]), statistics.median(times["bf16"]), batch
 
 
-def thread_note():
+def thread_note() -> str:
     """One phrase on the CPU threads and how they wait, for the start-up line."""
     policy = os.environ.get("OMP_WAIT_POLICY", "")
     waits = ("threads wait passively, so other processes on these cores slow it down instead of stalling it"

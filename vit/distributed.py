@@ -29,7 +29,7 @@ class Dist:
         return self.world_size > 1
 
 
-def init():
+def init() -> Dist:
     """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK; nccl on CUDA, gloo on CPU; silence other ranks."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -45,7 +45,7 @@ def init():
     return Dist(rank, world_size, local_rank, device)
 
 
-def quiet_unless_main(is_main):
+def quiet_unless_main(is_main: bool) -> None:
     """Make print() a no-op on ranks other than 0 (print(..., force=True) still prints); DeiT's trick."""
     original = getattr(builtins.print, "_original", builtins.print)
 
@@ -57,14 +57,14 @@ def quiet_unless_main(is_main):
     builtins.print = print_
 
 
-def all_reduce_sum(tensor, d):
+def all_reduce_sum(tensor: torch.Tensor, d: Dist) -> torch.Tensor:
     """Sum a tensor over ranks in place (no-op with one process); returns it."""
     if d.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def any_rank(flag, d):
+def any_rank(flag, d: Dist) -> bool:
     """True on every rank when `flag` is true on any rank (for stopping all ranks together)."""
     if not d.enabled:
         return bool(flag)
@@ -73,7 +73,7 @@ def any_rank(flag, d):
     return bool(t.item())
 
 
-def gather(obj, d):
+def gather(obj, d: Dist) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank (pickled through the process group)."""
     if not d.enabled:
         return [obj]
@@ -82,18 +82,18 @@ def gather(obj, d):
     return out
 
 
-def wrap(model, d):
+def wrap(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     """DDP on top of the model when there is more than one process."""
     if not d.enabled:
         return model
     return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
-def barrier(d):
+def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()
 
 
-def cleanup(d):
+def cleanup(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -4,6 +4,8 @@ Everything a run does is described by one sectioned dict (model, data, train, ou
 checked in full before anything runs, so a typo or an impossible value stops the run with one
 sentence that names the key, instead of a traceback an hour later. A key called "_doc" may hold a
 free-text note (command, expected runtime, expected accuracy) in any section; it is ignored.
+
+Plain Python: the training run, `vit eval` and the benchmarks read it.
 """
 
 import copy
@@ -13,9 +15,10 @@ import math
 import os
 import re
 import sys
+from typing import Iterable, Optional, Sequence
 
-from vit.errors import UserError
 from vit.config import POOLINGS, PRESET_RE, PRESETS, WEIGHT_INITS
+from vit.errors import UserError
 
 NUMBER = (int, float)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -96,18 +99,21 @@ SCHEMA = {
     },
 }
 
+# the model keys without a default of their own: null leaves them to the preset or the checkpoint
+SIZES = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+FROM_SCRATCH = (*SIZES, "layer_norm_eps", "qkv_bias", "weight_init")  # ViTConfig fields that model.pretrained decides instead
 DOC_KEY = "_doc"
 MAX_INT = 2**63 - 1  # beyond it no count, size or seed means anything, and float() of it may overflow
 MAX_NESTING = 8  # a value is a number, a string or a flat list: deeper JSON is a mistake (and deepcopy recurses on it)
 ALPHA = (0.01, 100)  # mixup/cutmix Beta(alpha, alpha): numpy draws NaN below ~1e-300, and nothing else is useful
 
 
-def defaults():
+def defaults() -> dict:
     """The built-in params, a fresh nested dict."""
     return {section: {k: copy.deepcopy(spec[0]) for k, spec in keys.items()} for section, keys in SCHEMA.items()}
 
 
-def load(path=None, overrides=()):
+def load(path: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     """Defaults <- the JSON file (if any) <- `--set` overrides, validated; the one entry point."""
     params = defaults()
     if path is not None:
@@ -220,13 +226,13 @@ def _unknown_key(name, valid, source):
     return f"{source}: params key {name} is not known;{hint} valid keys here: {', '.join(valid)}."
 
 
-def validate(params):
+def validate(params: dict) -> None:
     """Types, ranges and cross-field rules; raises UserError on the first problem."""
     check_leaves(params, SCHEMA)
     _check_cross(params)
 
 
-def check_leaves(params, sections):
+def check_leaves(params: dict, sections: Iterable[str]) -> None:
     """Each key's type and rule in `sections` (eval checks a run's saved data and train sections this way)."""
     for section in sections:
         for key, (_, types, rule) in SCHEMA[section].items():
@@ -338,16 +344,15 @@ def _check_cross(params):
         from vit.data.transforms import rand_augment
 
         rand_augment(t["randaugment"], d["image_size"], d["channels"], d["mean"])
-    sizes = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
     if m["pretrained"] is not None:
-        given = [k for k in (*sizes, "layer_norm_eps", "qkv_bias", "weight_init") if m[k] is not None] + (["preset"] if m["preset"] else [])
+        given = [k for k in FROM_SCRATCH if m[k] is not None] + (["preset"] if m["preset"] else [])
         if given:
             raise UserError(
                 f"params key model.{given[0]} is set but model.pretrained decides the architecture; "
                 f"set model.{given[0]} to null."
             )
     elif m["preset"] is None:
-        missing = [k for k in sizes if m[k] is None]
+        missing = [k for k in SIZES if m[k] is None]
         if missing:
             raise UserError(
                 f"params keys model.{', model.'.join(missing)} are null but there is no model.preset or "
@@ -375,7 +380,7 @@ def _check_cross(params):
         raise UserError("params key model.pretrained_ema is true but model.pretrained is null; set model.pretrained or drop model.pretrained_ema.")
 
 
-def save(params, path):
+def save(params: dict, path: str) -> None:
     """The resolved params, as the run folder's params.json."""
     with open(path, "w") as f:
         json.dump(params, f, indent=2)

@@ -1,0 +1,11 @@
+"""Names as text a figure or a terminal can show, without matplotlib: the figures (plots.py) and the
+command line's lines (predict, attention, features, the training report) label with it, and predict
+loads no matplotlib for it.
+"""
+
+
+def label(name):
+    """A name (a class folder's, a file's) as text a figure or a terminal can show: characters that
+    cannot be drawn or printed (undecodable bytes the file system handed over as surrogates, line
+    breaks, control characters) become "?". For display only: the names themselves stay as they are."""
+    return "".join(c if c.isprintable() else "?" for c in str(name))
