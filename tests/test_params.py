@@ -45,6 +45,26 @@ def test_default_recipe_is_the_cpu_sized_fashion_mnist_one():
     assert sum(t.numel() for t in build_model(gpu, list("0123456789")).parameters()) == 3_710_218
 
 
+def test_params_json_the_defaults_and_the_readme_table_agree():
+    """One source of defaults: params.json states every key with the schema's default (the model's
+    architecture, null by default, with the default run's values), and the README's table lists each."""
+    import re
+
+    with open(os.path.join(ROOT, "params.json")) as f:
+        stated = json.load(f)
+    defaults = P.defaults()
+    assert {s: set(keys) - {P.DOC_KEY} for s, keys in stated.items() if s != P.DOC_KEY} == {s: set(k) for s, k in defaults.items()}
+    differ = [f"{s}.{k}" for s in defaults for k in defaults[s] if stated[s][k] != defaults[s][k]]
+    assert set(differ) <= {f"model.{k}" for k in P.ARCHITECTURE}, f"params.json differs from the defaults at {differ}"
+    assert all(defaults["model"][k] is None for k in P.ARCHITECTURE)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| (.*) \|$", f.read(), re.M) if m.group(1) in defaults}
+    assert set(rows) == set(defaults), "the README's params table has a row per section"
+    for section, row in rows.items():
+        table = {k: json.loads(v) for k, v in re.findall(r"`(\w+)=([^`]+)`", row)}
+        assert table == defaults[section], f"README's {section} row: {table} != the defaults {defaults[section]}"
+
+
 def test_overrides_parse_json_and_fall_back_to_strings():
     p = load_with("train.epochs=3", "train.lr=3e-4", "data.mean=[0.5]", "train.precision=fp16",
                   "output.dir=runs/x", "train.layer_decay=null", "train.compile=true")

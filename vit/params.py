@@ -5,7 +5,12 @@ checked in full before anything runs, so a typo or an impossible value stops the
 sentence that names the key, instead of a traceback an hour later. A key called "_doc" may hold a
 free-text note (command, expected runtime, expected accuracy) in any section; it is ignored.
 
-Plain Python: the training run, `vit eval` and the benchmarks read it.
+SCHEMA is the one place a default lives, and its defaults are the default run's: params.json states
+every key with these values, so a params file that leaves a key out gets what `python main.py` uses.
+The exception is the model's architecture (ARCHITECTURE): null by default, as a preset, a pretrained
+checkpoint or explicit sizes decide it, and params.json states its own (tests/test_params.py keeps
+params.json, SCHEMA and the README's table in agreement). Plain Python: the training run, `vit eval`
+and the benchmarks read it.
 """
 
 import copy
@@ -66,20 +71,20 @@ SCHEMA = {
         "decode": ("workers", str, ("workers", "device")),  # JPEG folders read from disk: PIL in workers, or nvjpeg
     },
     "train": {
-        "epochs": (60, int, ">0"),
-        "batch_size": (256, int, ">0"),  # per process; the effective batch is x grad_accum x world size
-        "lr": (1e-3, NUMBER, ">0"),  # at lr_scale_batch when that is set
+        "epochs": (20, int, ">0"),
+        "batch_size": (128, int, ">0"),  # per process; the effective batch is x grad_accum x world size
+        "lr": (2e-3, NUMBER, ">0"),  # at lr_scale_batch when that is set
         "lr_scale_batch": (None, (int, type(None)), ">0"),  # lr *= effective batch / lr_scale_batch
         "min_lr": (1e-5, NUMBER, ">=0"),
         "weight_decay": (0.05, NUMBER, ">=0"),
-        "warmup_epochs": (5, NUMBER, ">=0"),
+        "warmup_epochs": (0.5, NUMBER, ">=0"),
         "label_smoothing": (0.1, NUMBER, "[0,1)"),
         "mixup": (0.0, NUMBER, "alpha"),  # Beta(alpha, alpha); 0 is off
         "cutmix": (0.0, NUMBER, "alpha"),
         "randaugment": (None, (str, type(None)), "randaugment"),  # timm string, e.g. "rand-m9-mstd0.5"
-        "random_resized_crop_scale": ([0.8, 1.0], list, "scale"),
+        "random_resized_crop_scale": ([0.9, 1.0], list, "scale"),
         "hflip": (0.5, NUMBER, "[0,1]"),
-        "drop_path": (0.1, NUMBER, "[0,1)"),
+        "drop_path": (0.0, NUMBER, "[0,1)"),
         "precision": ("auto", str, PRECISIONS),  # auto: bf16 on a GPU, and on a CPU where bf16 is faster
         "compile": (False, bool, None),
         "grad_accum": (1, int, ">0"),
@@ -102,6 +107,7 @@ SCHEMA = {
 # the model keys without a default of their own: null leaves them to the preset or the checkpoint
 SIZES = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 FROM_SCRATCH = (*SIZES, "layer_norm_eps", "qkv_bias", "weight_init")  # ViTConfig fields that model.pretrained decides instead
+ARCHITECTURE = ("preset", "pretrained", *FROM_SCRATCH)
 DOC_KEY = "_doc"
 MAX_INT = 2**63 - 1  # beyond it no count, size or seed means anything, and float() of it may overflow
 MAX_NESTING = 8  # a value is a number, a string or a flat list: deeper JSON is a mistake (and deepcopy recurses on it)
