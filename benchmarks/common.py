@@ -1,7 +1,7 @@
 """What both benchmark scripts share: the three implementations, a timer, FLOP counting, the matmul peak.
 
-Timing follows /work/.library/device/METHOD.md: warm up first, time every step with CUDA events
-(or a host clock on the CPU, where calls are synchronous), take the median, rotate the inputs.
+Timing: warm up first, time every step with CUDA events (or a host clock on the CPU, where calls are
+synchronous), take the median, rotate the inputs (benchmarks/NOTES.md gives the protocol).
 """
 
 import os

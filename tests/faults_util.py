@@ -229,6 +229,11 @@ def _child_main(args, faults, out_path, err_path, rss_path):
         traceback.print_exc()
     sys.stdout.flush()
     sys.stderr.flush()
+    # what a normal exit does and os._exit skips: stop the command's DataLoader workers. Left running, they
+    # outlive the run with the fork server that started them (and the resource tracker), idle for ever
+    for worker in multiprocessing.active_children():
+        worker.terminate()
+        worker.join()
     import resource
 
     with open(rss_path, "w") as f:
