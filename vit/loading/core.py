@@ -96,7 +96,8 @@ def strip_prefixes(state: dict, prefixes: tuple[str, ...]) -> dict:
 # -----------------------------------------------------------------------------
 # rename tables: (source regex, our key, transpose rule); each source's table is beside its reader
 
-L = "encoder.layer.\\1."
+L = "encoder.layer.\\1."  # our prefix for block \1 of the source's key, for the tables' targets
+
 # tensors of ViT variants this model has no layout for, refused by name rather than dropped
 UNSUPPORTED = [
     (r"attn_pool\..*|MAPHead_0/.*", "an attention-pooling head (SigLIP's global_pool='map')"),
