@@ -330,6 +330,10 @@ def last_pt_cases():
         "history a string": {"history": "x"},
         "history of numbers": {"history": [1, 2]},
         "sums a dict": {"sums": {"loss": 0}},
+        "plan a string": {"plan": "14 epochs"},
+        "plan epochs a string": {"plan": {"epochs": "14", "budget_s": 900.0, "decided": True, "totals": [[0, 10]], "notes": []}},
+        "plan totals empty": {"plan": {"epochs": 14, "budget_s": 900.0, "decided": True, "totals": [], "notes": []}},
+        "plan budget NaN": {"plan": {"epochs": 14, "budget_s": float("nan"), "decided": True, "totals": [[0, 10]], "notes": []}},
     }
 
 

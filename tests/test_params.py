@@ -47,7 +47,8 @@ def test_default_recipe_is_the_cpu_sized_fashion_mnist_one():
 
 def test_params_json_the_defaults_and_the_readme_table_agree():
     """One source of defaults: params.json states every key with the schema's default (the model's
-    architecture, null by default, with the default run's values), and the README's table lists each."""
+    architecture and the time budget, null by default, with the default run's values), and the
+    README's table lists each."""
     import re
 
     with open(os.path.join(ROOT, "params.json")) as f:
@@ -55,8 +56,9 @@ def test_params_json_the_defaults_and_the_readme_table_agree():
     defaults = P.defaults()
     assert {s: set(keys) - {P.DOC_KEY} for s, keys in stated.items() if s != P.DOC_KEY} == {s: set(k) for s, k in defaults.items()}
     differ = [f"{s}.{k}" for s in defaults for k in defaults[s] if stated[s][k] != defaults[s][k]]
-    assert set(differ) <= {f"model.{k}" for k in P.ARCHITECTURE}, f"params.json differs from the defaults at {differ}"
-    assert all(defaults["model"][k] is None for k in P.ARCHITECTURE)
+    own = {f"{s}.{k}" for s, keys in P.DEFAULT_RUN_ONLY.items() for k in keys}
+    assert set(differ) <= own, f"params.json differs from the defaults at {differ}"
+    assert all(defaults[s][k] is None for s, keys in P.DEFAULT_RUN_ONLY.items() for k in keys)
     with open(os.path.join(ROOT, "README.md")) as f:
         rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| (.*) \|$", f.read(), re.M) if m.group(1) in defaults}
     assert set(rows) == set(defaults), "the README's params table has a row per section"
@@ -158,7 +160,7 @@ def test_main_prints_one_line_and_exits_2(tmp_path, capsys):
 
 
 def test_schedule_warms_up_linearly_then_cosines_to_min_lr():
-    lr = lambda s: optim.lr_at(s, base_lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)  # noqa: E731
+    lr = lambda s: optim.lr_at(s, base_lr=1.0, min_lr=0.1, warmup_steps=10, totals=[(0, 110)])  # noqa: E731
     assert lr(0) == pytest.approx(0.1) and lr(4) == pytest.approx(0.5) and lr(9) == pytest.approx(1.0)
     assert lr(10) == pytest.approx(1.0) and lr(60) == pytest.approx(0.55) and lr(110) == pytest.approx(0.1)
     assert all(lr(s) >= lr(s + 1) for s in range(10, 120))

@@ -7,8 +7,9 @@ free-text note (command, expected runtime, expected accuracy) in any section; it
 
 SCHEMA is the one place a default lives, and its defaults are the default run's: params.json states
 every key with these values, so a params file that leaves a key out gets what `python main.py` uses.
-The exception is the model's architecture (ARCHITECTURE): null by default, as a preset, a pretrained
-checkpoint or explicit sizes decide it, and params.json states its own (tests/test_params.py keeps
+The exceptions (DEFAULT_RUN_ONLY) are what only the default run chooses: the model's architecture,
+null by default, as a preset, a pretrained checkpoint or explicit sizes decide it; and the time budget,
+null by default, so that another file's train.epochs is trained as given (tests/test_params.py keeps
 params.json, SCHEMA and the README's table in agreement). Plain Python: the training run, `vit eval`
 and the benchmarks read it.
 """
@@ -71,7 +72,10 @@ SCHEMA = {
         "decode": ("workers", str, ("workers", "device")),  # JPEG folders read from disk: PIL in workers, or nvjpeg
     },
     "train": {
-        "epochs": (20, int, ">0"),
+        "epochs": (20, int, ">0"),  # with a time_budget: the most the run trains
+        # minutes for the whole run, set-up and evaluation included: the run decides how many epochs fit
+        # (vit/train/budget.py); null: train.epochs as given
+        "time_budget": (None, (int, float, type(None)), "minutes"),
         "batch_size": (128, int, ">0"),  # per process; the effective batch is x grad_accum x world size
         "lr": (2e-3, NUMBER, ">0"),  # at lr_scale_batch when that is set
         "lr_scale_batch": (None, (int, type(None)), ">0"),  # lr *= effective batch / lr_scale_batch
@@ -108,6 +112,8 @@ SCHEMA = {
 SIZES = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 FROM_SCRATCH = (*SIZES, "layer_norm_eps", "qkv_bias", "weight_init")  # ViTConfig fields that model.pretrained decides instead
 ARCHITECTURE = ("preset", "pretrained", *FROM_SCRATCH)
+DEFAULT_RUN_ONLY = {"model": ARCHITECTURE, "train": ("time_budget",)}  # null here, set in params.json
+MAX_BUDGET_MIN = 10**6  # minutes; a longer budget is no budget
 DOC_KEY = "_doc"
 MAX_INT = 2**63 - 1  # beyond it no count, size or seed means anything, and float() of it may overflow
 MAX_NESTING = 8  # a value is a number, a string or a flat list: deeper JSON is a mistake (and deepcopy recurses on it)
@@ -298,6 +304,7 @@ def _check_rule(name, value, rule):
         "[0,1)": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
         "(0,4096]": (lambda v: 0 < v <= 4096, "between 1 and 4096"),
         "[0.01,1]": (lambda v: 0.01 <= v <= 1, "at least 0.01 and at most 1"),
+        "minutes": (lambda v: 0 < v <= MAX_BUDGET_MIN, f"greater than 0 and at most {MAX_BUDGET_MIN:,} (minutes)"),
         "alpha": (lambda v: v == 0 or ALPHA[0] <= v <= ALPHA[1], f"0 (off) or between {ALPHA[0]} and {ALPHA[1]}"),
     }
     if rule in bounds:

@@ -44,6 +44,7 @@ class Progress:
     history: list = field(default_factory=list)  # the metrics.jsonl records so far, one per finished epoch
     precision: Optional[str] = None  # what train.precision "auto" chose, kept for the resumed run (None: not yet)
     elapsed_s: float = 0.0  # the run's wall time so far, summed over resumes
+    plan: Optional[dict] = None  # the run's length: vit/train/budget.py's Plan.state_dict() (None: not made yet)
 
 
 # -----------------------------------------------------------------------------
@@ -179,9 +180,10 @@ def resume(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
             f"checkpoint {path} does not fit the model or optimizer built from the current params ({first[:200]}); "
             f"resume with the params the run was started with."
         ) from None
-    # checkpoints from before precision and elapsed_s were saved: the precision is chosen again, the clock starts at 0
+    # checkpoints from before precision, elapsed_s and the plan were saved: the precision is chosen again,
+    # the clock starts at 0, and the run's length is train.epochs
     progress = Progress(ckpt["epoch"], ckpt["scheduler"]["step"], ckpt["step_in_epoch"], ckpt["sums"], ckpt["best_acc"],
-                        ckpt["history"], ckpt.get("precision"), ckpt.get("elapsed_s", 0.0))
+                        ckpt["history"], ckpt.get("precision"), ckpt.get("elapsed_s", 0.0), ckpt.get("plan"))
     return progress, ckpt["rng"], ckpt["scaler"]
 
 
@@ -210,6 +212,21 @@ def check_resumable(ckpt, path):
         raise refuse("has no RNG state per process")
     if not all(isinstance(h, dict) for h in ckpt["history"]) or not all(isinstance(s, dict) for s in ckpt["sums"] or []):
         raise refuse("has metrics records that are not key-value records")
+    if "plan" in ckpt and not _is_plan(ckpt["plan"]):
+        raise refuse(f"has plan={str(ckpt['plan'])[:60]!r}")
+
+
+def _is_plan(plan):
+    """Whether `plan` has the shape of budget.Plan.state_dict(): counts, a budget, the schedule's totals, notes."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    return (isinstance(plan, dict) and count(plan.get("epochs")) and isinstance(plan.get("decided"), bool)
+            and (plan.get("budget_s") is None or (isinstance(plan["budget_s"], (int, float)) and math.isfinite(plan["budget_s"])
+                                                   and not isinstance(plan["budget_s"], bool)))
+            and isinstance(plan.get("totals"), list) and len(plan["totals"]) >= 1
+            and all(isinstance(t, list) and len(t) == 2 and all(count(v) for v in t) for t in plan["totals"])
+            and isinstance(plan.get("notes"), list) and all(isinstance(n, str) for n in plan["notes"]))
 
 
 def check_same_batch(ckpt, path, launch):

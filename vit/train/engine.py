@@ -79,7 +79,8 @@ class Epoch:
     """One pass over the loader: epoch `index` (0-based), beginning after `step` optimizer steps (0: at its
     start) with those steps' running metric `sums` and the `rng` state to restore there (a resumed run's
     checkpoint holds all three); `desc` labels its progress bar, `should_stop()` asks for a stop between
-    steps (Ctrl-C, SIGTERM), and `on_rate(images_per_s)` is called once with the speed over batches RATE_AFTER."""
+    steps (Ctrl-C, SIGTERM), and `on_rate(images_per_s, batches_done)` is called once with the speed over
+    batches RATE_AFTER and the batches of this epoch done by then. `clock()` gives the seconds it measures with."""
 
     index: int
     step: int = 0
@@ -87,7 +88,8 @@ class Epoch:
     rng: Optional[dict] = None
     desc: str = ""
     should_stop: Callable[[], bool] = lambda: False
-    on_rate: Optional[Callable[[float], None]] = None
+    on_rate: Optional[Callable[[float, int], None]] = None
+    clock: Callable[[], float] = time.perf_counter
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -140,7 +142,8 @@ def train_one_epoch(trainer: Trainer, loader, epoch: Epoch) -> dict:
     skip = epoch.step * ga
     bar = tqdm(total=n, initial=skip, desc=epoch.desc, disable=not d.is_main, dynamic_ncols=True, leave=False)
     step_in_epoch, interrupted = epoch.step, False
-    t0, seen, i = time.time(), 0, skip - 1
+    clock = epoch.clock
+    t0, seen, i = clock(), 0, skip - 1
     with bar, oom_hint(settings.oom_advice):  # the bar closes on errors too, so an error line starts on a line of its own
         for i, (x, y) in enumerate(loader):
             if i < skip:
@@ -183,12 +186,12 @@ def train_one_epoch(trainer: Trainer, loader, epoch: Epoch) -> dict:
             if epoch.on_rate is not None and i - skip in RATE_AFTER:
                 pull(i)  # waits for the device, so the clock sees finished work
                 if i - skip == RATE_AFTER[0]:
-                    rate_t0, rate_seen = time.time(), seen
+                    rate_t0, rate_seen = clock(), seen
                 else:
-                    epoch.on_rate((seen - rate_seen) * d.world_size / max(time.time() - rate_t0, 1e-9))
+                    epoch.on_rate((seen - rate_seen) * d.world_size / max(clock() - rate_t0, 1e-9), i + 1)
             if i % SYNC_EVERY == 0:
                 pull(i)
-                rate = seen * d.world_size / max(time.time() - t0, 1e-9)
+                rate = seen * d.world_size / max(clock() - t0, 1e-9)
                 bar.set_postfix(loss=f"{sums['loss'] / sums['count']:.4f}",
                                 acc=f"{sums['correct'] / sums['count']:.4f}", img_s=f"{rate:.0f}", refresh=False)
             # stop only between optimizer steps, and on every rank together
@@ -196,7 +199,7 @@ def train_one_epoch(trainer: Trainer, loader, epoch: Epoch) -> dict:
                 interrupted = True
                 break
         pull(i)  # the epoch's (or the interrupted part's) last batches, before anything is saved
-    elapsed = max(time.time() - t0, 1e-9)
+    elapsed = max(clock() - t0, 1e-9)
     total = distributed.all_reduce_sum(
         torch.tensor([sums["loss"], sums["correct"], sums["count"], seen], dtype=torch.float64, device=device), d
     ).tolist()

@@ -31,28 +31,31 @@ from vit.files import atomic_write
 from vit.loading.core import is_file
 from vit.model import ViTForImageClassification
 from vit.run_folder import BEST, CURVES, HF_DIR, LAST, METRICS, PARAMS
-from vit.train import checkpoint, engine, optim
+from vit.train import budget, checkpoint, engine, optim
 from vit.train.checkpoint import Progress
-from vit.train.report import cost_line, count, data_counts, epoch_line, report, summary_line, writing
+from vit.train.report import cost_line, data_counts, speed_phrase, epoch_line, report, summary_line, writing
 from vit.viz import plots
+from vit.viz.text import count
 
 
 def train(params_file: str = "params.json", overrides: Sequence[str] = (), resume: bool = False,
-          launched: Optional[float] = None, launcher: Sequence[str] = ("python", "main.py")) -> int:
+          launched: Optional[float] = None, launcher: Sequence[str] = ("python", "main.py"),
+          clock: Callable[[], float] = time.perf_counter) -> int:
     """The training run: `params_file` with `--set` overrides, or its continuation from last.pt.
 
     `launched` is when the process started (elapsed_s counts from it), else now; `launcher` the words
-    that started it (`torchrun ... main.py`, `vit`, ...), for the resume command it prints. Returns the
-    exit code: 0, or 128 + the signal that asked it to stop.
+    that started it (`torchrun ... main.py`, `vit`, ...), for the resume command it prints; `clock()`
+    the seconds that elapsed_s, the speed and the time budget are measured in (tests pass a fake one).
+    Returns the exit code: 0, or 128 + the signal that asked it to stop.
     """
-    run = set_up(params_file, list(overrides), resume, time.perf_counter() if launched is None else launched, launcher)
+    run = set_up(params_file, list(overrides), resume, clock() if launched is None else launched, launcher, clock)
     with StopRequest() as stop:
         code, final_val = run_epochs(run, stop)
     if code == 0 and distributed.any_rank(stop(), run.d):
         # the signal came after the last epoch's stop check: that epoch is saved (the last one always is),
         # and what it asked for is a stop, so the report waits for --resume
         print(f"stopped after the last epoch, before the end-of-run report; {run.path(LAST)} holds all "
-              f"{count(run.params['train']['epochs'], 'epoch')}. Resume with: {run.resume_hint} (it writes the report)")
+              f"{count(run.plan.epochs, 'epoch')}. Resume with: {run.resume_hint} (it writes the report)")
         code = 128 + (stop.signum or signal.SIGINT)
     elif code == 0:
         finish(run, final_val)
@@ -80,7 +83,10 @@ class Run:
     rng: Optional[dict]  # this rank's RNG state to restore when resuming mid-epoch
     started: float  # perf_counter() at which the run's elapsed_s was 0 (earlier processes' time included)
     resume_hint: str  # the command that continues this run
+    plan: budget.Plan  # how many epochs the run trains, and the schedule's length (decided by a time budget)
     ema: Optional[torch.nn.Module] = None  # timm's ModelEmaV3 of the weights, when train.ema_decay is set
+    clock: Callable[[], float] = time.perf_counter  # what started, elapsed_s and the budget are measured with
+    eval_s: float = 0.0  # how long the last evaluation took, for the time budget's projection
 
     def path(self, name: str) -> str:
         return os.path.join(self.params["output"]["dir"], name)
@@ -97,7 +103,8 @@ class Run:
     def save(self, path: str, **progress) -> None:
         """A checkpoint of the run at `path`, with `progress` fields changed (an interrupted epoch's
         step_in_epoch and sums): rank 0 writes, the others wait so nobody runs ahead of it."""
-        self.progress.elapsed_s = time.perf_counter() - self.started
+        self.progress.elapsed_s = self.clock() - self.started
+        self.progress.plan = self.plan.state_dict()
         rngs = distributed.gather(checkpoint.rng_state(), self.d)
         if self.d.is_main:
             payload = checkpoint.training_payload(self.model, self.trainer.optimizer, self.trainer.scaler,
@@ -107,7 +114,8 @@ class Run:
         distributed.barrier(self.d)
 
 
-def set_up(params_file: str, overrides: list, resume: bool, launched: float, launcher: Sequence[str] = ("python", "main.py")) -> Run:
+def set_up(params_file: str, overrides: list, resume: bool, launched: float, launcher: Sequence[str] = ("python", "main.py"),
+           clock: Callable[[], float] = time.perf_counter) -> Run:
     """Everything the epochs need, in the order that keeps runs reproducible, and the run folder."""
     params = P.load(params_file, overrides)
     d = distributed.init()
@@ -137,37 +145,44 @@ def set_up(params_file: str, overrides: list, resume: bool, launched: float, lau
         # a copy of the weights, updated after every optimizer step; its decay warms up from 0
         # (1 - (1 + step)^-2/3, capped at ema_decay) so early steps are not averaged with the init
         ema = ModelEmaV3(model, decay=t["ema_decay"], use_warmup=True)
-    progress, rng, scaler_state = (restore(last_path, model, optimizer, d, t, command, ema) if resume
-                                   else (Progress(), None, None))
+    steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
+    if resume:
+        progress, rng, scaler_state, plan = restore(last_path, model, optimizer, d, t, command, steps_per_epoch, ema)
+    else:
+        progress, rng, scaler_state = Progress(), None, None
+        plan = budget.Plan.start(t["epochs"], steps_per_epoch, t["time_budget"])
     sample_shape = (t["batch_size"], params["data"]["channels"], params["data"]["image_size"], params["data"]["image_size"])
     # every rank trains in rank 0's choice (auto times steps, and two ranks could time them differently)
     precision, why = distributed.gather(precisions.resolve(t["precision"], device, model, sample_shape,
                                                            saved=progress.precision), d)[0]
     progress.precision = precision
     evaluator = torch.compile(model) if t["compile"] else model
-    trainer = make_trainer(params, loaders, evaluator, optimizer, precision, scaler_state, d,
+    trainer = make_trainer(params, loaders, evaluator, optimizer, precision, scaler_state, d, plan,
                            backbone=model.vit if t["freeze_backbone"] else None,
                            after_step=None if ema is None else functools.partial(ema.update, model))
     run = Run(params, d, loaders, model, trainer, evaluator, progress, rng,
               started=launched - progress.elapsed_s,  # a resumed run's clock goes on where it stopped
-              resume_hint=command(), ema=ema)
+              resume_hint=command(), plan=plan, ema=ema, clock=clock)
     open_run_folder(run, why)
     return run
 
 
 def make_trainer(params: dict, loaders: data.Loaders, evaluator: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 precision: str, scaler_state: Optional[dict], d: distributed.Dist, **extras) -> engine.Trainer:
+                 precision: str, scaler_state: Optional[dict], d: distributed.Dist, plan: budget.Plan,
+                 **extras) -> engine.Trainer:
     """How each step trains: the evaluator under DDP, the gradient scaler (fp16 only; `scaler_state` a
-    resumed run's), the lr schedule and Mixup/CutMix, with `extras` (the frozen backbone, the EMA update)."""
+    resumed run's), the lr schedule over `plan`'s length (read at every step: a time budget changes it)
+    and Mixup/CutMix, with `extras` (the frozen backbone, the EMA update)."""
     t = params["train"]
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     if scaler_state and scaler.is_enabled():  # empty when saved without fp16: a switch to fp16 starts a fresh scale
         scaler.load_state_dict(scaler_state)
-    steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
-    lr_fn = functools.partial(optim.lr_at, base_lr=optim.scaled_lr(t, d.world_size), min_lr=t["min_lr"],
-                              # a short run (--set train.epochs=3) may be shorter than the warm-up: clip it
-                              warmup_steps=round(min(t["warmup_epochs"], t["epochs"]) * steps_per_epoch),
-                              total_steps=t["epochs"] * steps_per_epoch)
+    base_lr, min_lr = optim.scaled_lr(t, d.world_size), t["min_lr"]
+    # a short run (--set train.epochs=3) may be shorter than the warm-up: clip it to the length it started with
+    warmup_steps = round(min(t["warmup_epochs"] * plan.steps_per_epoch, plan.totals[0][1]))
+
+    def lr_fn(step):
+        return optim.lr_at(step, base_lr, min_lr, warmup_steps, plan.totals)
     mixup_fn = None
     if t["mixup"] > 0 or t["cutmix"] > 0:
         from timm.data import Mixup
@@ -185,25 +200,30 @@ def resume_command(launcher: Sequence[str], params_file: str, overrides: Sequenc
                        *(["--set", *sets] if sets else []), "--resume"])
 
 
-def restore(last_path: str, model, optimizer, d: distributed.Dist, t: dict, command: Callable, ema=None):
-    """Resume from last.pt: its Progress, this rank's RNG state and the gradient scaler's state (and the
-    EMA's weights); `command(more)` is the resume command with `more` --set overrides."""
+def restore(last_path: str, model, optimizer, d: distributed.Dist, t: dict, command: Callable, steps_per_epoch: int,
+            ema=None):
+    """Resume from last.pt: its Progress, this rank's RNG state, the gradient scaler's state and the run's
+    plan (and the EMA's weights); `command(more)` is the resume command with `more` --set overrides."""
     progress, rngs, scaler_state = checkpoint.resume(last_path, model, optimizer, (d.world_size, t["batch_size"], t["grad_accum"]), ema)
     # each rank continues its own streams and metric sums (another world size cannot be exact anyway)
     rank = d.rank if d.rank < len(rngs) else 0
     progress.sums = progress.sums[rank] if progress.sums else None
-    if progress.epoch >= t["epochs"]:
-        more = f"train.epochs={progress.epoch + 10}"
+    plan, change = budget.Plan.resumed(progress.plan, steps_per_epoch, t["epochs"], t["time_budget"])
+    if change:
+        print(change)
+    if progress.epoch >= plan.epochs:
+        more = [f"train.epochs={progress.epoch + 10}"] + (["train.time_budget=null"] if plan.budget_s is not None else [])
         print(f"{last_path} holds all {count(progress.epoch, 'epoch')} of its run, which is complete: nothing to train, "
               f"so this only writes the end-of-run report again. To train longer, resume with more epochs, "
-              f"e.g. {command([more])}")
+              f"e.g. {command(more)}")
     else:
         print(f"resuming {last_path}: {progress.epoch} epoch(s) done"
-              + (f", {progress.step_in_epoch} step(s) into the next" if progress.step_in_epoch else ""))
+              + (f", {progress.step_in_epoch} step(s) into the next" if progress.step_in_epoch else "")
+              + (f" of {plan.epochs} (planned within the time budget of {plan.budget_s / 60:g} min)" if plan.budget_s else ""))
     if len(rngs) != d.world_size:
         print(f"note: the run had {len(rngs)} process(es) and this launch has {d.world_size}: the effective batch is "
               f"the same, but the result will not be bit-identical to an uninterrupted run")
-    return progress, rngs[rank], scaler_state
+    return progress, rngs[rank], scaler_state, plan
 
 
 def open_run_folder(run: Run, why: str) -> None:
@@ -273,24 +293,24 @@ def run_epochs(run: Run, stop: StopRequest) -> tuple[int, Optional[dict]]:
     evaluation with the report's extras, or None when it ran in an earlier process or not at all)."""
     t, d, progress, loaders = run.params["train"], run.d, run.progress, run.loaders
     last_path = run.path(LAST)
-    announced, final_val = [], None
+    measured, final_val = [], None
+    first = epoch = progress.epoch
 
-    def announce_cost(rate):  # once per process, a few dozen steps into its first epoch
-        if d.is_main and not announced:
-            announced.append(rate)
-            tqdm.write(cost_line(rate, len(loaders.train) * t["batch_size"] * d.world_size, loaders.report["val_files"],
-                                 t["eval_every"], t["epochs"], t["epochs"] - epoch, d.device, run.trainer.settings.precision))
+    def on_rate(rate, batches_done):  # once per process, a few dozen steps into its first epoch
+        if not measured:
+            measured.append(rate)
+            announce_speed(run, rate, epoch, batches_done)
 
-    for epoch in range(progress.epoch, t["epochs"]):
+    while epoch < run.plan.epochs:  # a time budget may change plan.epochs mid-way (vit/train/budget.py)
         if progress.step_in_epoch == 0:
             engine.seed_epoch(t["seed"], epoch, d.rank)
             run.rng = None
         loaders.train.set_epoch(epoch)
-        epoch_start = time.perf_counter()
+        epoch_start = run.clock()
         try:
             stats = engine.train_one_epoch(run.trainer, loaders.train, engine.Epoch(
-                epoch, progress.step_in_epoch, progress.sums, run.rng, desc=f"epoch {epoch + 1}/{t['epochs']}",
-                should_stop=stop, on_rate=announce_cost))
+                epoch, progress.step_in_epoch, progress.sums, run.rng, desc=f"epoch {epoch + 1}/{run.plan.epochs}",
+                should_stop=stop, on_rate=on_rate, clock=run.clock))
         except engine.NonFiniteLoss as e:
             kept = (f"the last good checkpoint {last_path} ({progress.epoch} epoch(s)) is intact"
                     if os.path.isfile(last_path) else "no checkpoint was saved yet")
@@ -302,23 +322,57 @@ def run_epochs(run: Run, stop: StopRequest) -> tuple[int, Optional[dict]]:
                   f"saved {last_path}. Resume with: {run.resume_hint}")
             return 128 + (stop.signum or signal.SIGINT), None
 
-        if not announced:  # an epoch too short to measure mid-way
-            announce_cost(stats["images_per_s"])
-        final_val, stopping = end_epoch(run, epoch, stats, epoch_start, stop)
+        if not measured:  # an epoch too short to measure mid-way
+            on_rate(stats["images_per_s"], len(loaders.train))
+        # the first epoch of each process carries one-time costs, so only later ones judge the budget
+        final_val, stopping = end_epoch(run, epoch, stats, epoch_start, stop, judge_budget_now=epoch > first)
         if stopping:  # after the last epoch too: resuming then only writes the end-of-run report
             print(f"stopped after epoch {epoch + 1}; saved {last_path}. Resume with: {run.resume_hint}")
             return 128 + (stop.signum or signal.SIGINT), None
+        epoch += 1
     return 0, final_val
 
 
-def end_epoch(run: Run, epoch: int, stats: dict, epoch_start: float, stop: StopRequest) -> tuple[Optional[dict], bool]:
+def announce_speed(run: Run, rate: float, epoch: int, batches_done: int) -> None:
+    """The cost line, from the speed the run measured `batches_done` batches into `epoch`; with a time
+    budget not yet decided, the decision of how many epochs fit (from rank 0's figures on every rank,
+    so that all train the same schedule)."""
+    t, d, loaders = run.params["train"], run.d, run.loaders
+    batch = t["batch_size"] * d.world_size
+    train_images, val_images = len(loaders.train) * batch, loaders.report["val_files"] if loaders.val is not None else 0
+    line = cost_line(rate, train_images, val_images, t["eval_every"], run.plan.epochs, run.plan.epochs - epoch,
+                     d.device, run.trainer.settings.precision)
+    if not run.plan.decided:
+        rate, now = distributed.gather((rate, run.clock() - run.started), d)[0]
+        line = speed_phrase(rate, d.device, run.trainer.settings.precision) + "; " + run.plan.decide(
+            now_s=now, step=epoch * run.steps_per_epoch + math.ceil(batches_done / t["grad_accum"]), rate=rate,
+            train_images=train_images, val_images=val_images, eval_every=t["eval_every"],
+            images_left=(len(loaders.train) - batches_done) * batch)
+    if d.is_main:
+        tqdm.write(line)
+
+
+def judge_budget(run: Run, epoch: int, train_s: float, now: float) -> None:
+    """After `epoch` (0-based): shorten the run when its planned epochs no longer fit in the time budget,
+    from this epoch's training time and the last evaluation's (rank 0's figures on every rank)."""
+    t = run.params["train"]
+    train_s, eval_s, now_s = distributed.gather((train_s, run.eval_s, now - run.started), run.d)[0]
+    line = run.plan.check(now_s=now_s, epochs_done=epoch + 1, step=(epoch + 1) * run.steps_per_epoch,
+                          epoch_s=budget.epoch_cost(train_s, eval_s, t["eval_every"]))
+    if line and run.d.is_main:
+        print(line)
+
+
+def end_epoch(run: Run, epoch: int, stats: dict, epoch_start: float, stop: StopRequest,
+              judge_budget_now: bool = True) -> tuple[Optional[dict], bool]:
     """An epoch's end: evaluate (with the report's extras after the last), print and record its line,
-    save best and last, rewrite metrics.jsonl, redraw the curves. Returns (the last epoch's
-    evaluation or None, whether a stop was asked for)."""
+    keep the time budget (when `judge_budget_now`), save best and last, rewrite metrics.jsonl, redraw
+    the curves. Returns (the last epoch's evaluation or None, whether a stop was asked for)."""
     t, d, progress, loaders = run.params["train"], run.d, run.progress, run.loaders
     last_path, metrics_path = run.path(LAST), run.path(METRICS)
     record = {"epoch": epoch + 1, "loss": stats["loss"], "acc": stats["acc"]}
-    is_last, final_val = epoch + 1 == t["epochs"], None
+    is_last, final_val = epoch + 1 == run.plan.epochs, None
+    eval_start = run.clock()
     if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
         # the last epoch's pass over the weights that pick best also gathers what the end-of-run report shows
         val = evaluation.evaluate(run.evaluator, loaders.val, **eval_kw(run, report=is_last and not run.picks_ema))
@@ -328,10 +382,13 @@ def end_epoch(run: Run, epoch: int, stats: dict, epoch_start: float, stop: StopR
             record.update({f"val_{k}_ema": v for k, v in val_ema.items() if k in ("loss", "acc", "top5")})
             val = val_ema if run.picks_ema else val
         final_val = val if is_last else None
-    now = time.perf_counter()  # epoch_s: this epoch's training + evaluation; elapsed_s: since launch
+        run.eval_s = run.clock() - eval_start
+    now = run.clock()  # epoch_s: this epoch's training + evaluation; elapsed_s: since launch
     record.update(lr=stats["lr"], images_per_s=round(stats["images_per_s"], 1), skipped=loaders.train.skipped,
                   epoch_s=round(now - epoch_start, 2), elapsed_s=round(now - run.started, 2))
     print(epoch_line(record))
+    if judge_budget_now:  # before the saves, so that last.pt holds the plan the run goes on with
+        judge_budget(run, epoch, eval_start - epoch_start, now)
     progress.history.append(record)
     progress.epoch, progress.step_in_epoch, progress.sums = epoch + 1, 0, None
     metric = run.params["output"]["best_metric"]
@@ -381,4 +438,5 @@ def finish(run: Run, final_val: Optional[dict]) -> None:
         print(f"bad files: {loaders.report.get('skipped_at_scan', 0)} skipped at scan, "
               f"{loaders.report.get('dropped_at_load', 0)} dropped at load (see warnings above)")
     if d.is_main:
-        print(summary_line(run.progress.history, time.perf_counter() - run.started, out["dir"], out["best_metric"]))
+        print(summary_line(run.progress.history, run.clock() - run.started, out["dir"], out["best_metric"],
+                           run.plan.budget_s))

@@ -5,6 +5,7 @@ References: nanoGPT's configure_optimizers and get_lr; BEiT/MAE's param_groups_l
 """
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -20,14 +21,37 @@ def scaled_lr(train: dict, world_size: int) -> float:
     return train["lr"] * batch / train["lr_scale_batch"]
 
 
-def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate at optimizer step `step`: linear warm-up (base_lr / warmup_steps at step 0), then cosine down to min_lr."""
+def lr_at(step: int, base_lr: float, min_lr: float, warmup_steps: int, totals: Sequence[tuple[int, int]]) -> float:
+    """Learning rate at optimizer step `step`: linear warm-up (base_lr / warmup_steps at step 0), then
+    cosine down to min_lr over the length `totals` gives (see `decay_progress`)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    if step >= total_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = decay_progress(step, warmup_steps, totals)
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def decay_progress(step: int, warmup_steps: int, totals: Sequence[tuple[int, int]]) -> float:
+    """How far the cosine after the warm-up has come at `step`, from 0 to 1.
+
+    `totals` is the schedule's length as [(from_step, total_steps), ...]: the first pair is the length
+    the run started with, and a time budget adds one whenever it changes the run's length
+    (vit/train/budget.py). From each from_step on, the rest of the decay is spread evenly over the
+    steps left until that total, so the learning rate never jumps. With one pair this is the plain
+    (step - warmup) / (total - warmup)."""
+    done, start, total = 0.0, warmup_steps, totals[0][1]
+    for at, new_total in totals[1:]:
+        if step < at:
+            break
+        at = max(at, warmup_steps)
+        done, start, total = _advance(done, start, total, at), at, new_total
+    return min(1.0, _advance(done, start, total, max(step, start)))
+
+
+def _advance(done: float, start: int, total: int, step: int) -> float:
+    """Decay progress at `step`, when it was `done` at `start` and reaches 1 at step `total`."""
+    if step >= total:
+        return 1.0
+    return done + (1.0 - done) * (step - start) / (total - start)
 
 
 def layer_id(name, num_layers):

@@ -1,4 +1,4 @@
-"""Names as text a figure or a terminal can show, without matplotlib: the figures (plots.py) and the
+"""Names and counts as text a figure or a terminal can show, without matplotlib: the figures (plots.py) and the
 command line's lines (predict, attention, features, the training report) label with it, and predict
 loads no matplotlib for it.
 """
@@ -9,3 +9,8 @@ def label(name):
     cannot be drawn or printed (undecodable bytes the file system handed over as surrogates, line
     breaks, control characters) become "?". For display only: the names themselves stay as they are."""
     return "".join(c if c.isprintable() else "?" for c in str(name))
+
+
+def count(n: int, noun: str) -> str:
+    """'1 epoch', '20 epochs'."""
+    return f"{n} {noun}{'s' * (n != 1)}"
