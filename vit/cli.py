@@ -3,7 +3,7 @@
     vit                                             # train what params.json says
     vit --params configs/cpu_smoke.json --set train.epochs=3 train.batch_size=64
     vit --resume                                    # continue the run in output.dir
-    vit eval --checkpoint runs/fashion_mnist [--data-dir D]
+    vit eval --checkpoint runs/fashion_mnist [--data-dir D] [--out results.json]
     vit predict --checkpoint runs/fashion_mnist/best.pt img1.png img2.jpg --topk 5
     vit attention --checkpoint C img1.png ... [--out DIR]
     vit inspect --checkpoint C [--data-dir D] [--out DIR]
@@ -101,6 +101,7 @@ def parse_args(argv):
     p.add_argument("--data-dir", default=None, help="folder of class folders (default: the run's own val data)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
     p.add_argument("--workers", type=int, default=None, help="processes decoding images (default: the run's data.workers, at most the CPU count)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="also write the metrics, per-class accuracy and confusion matrix there")
     p.set_defaults(run=_eval)
     p = sub.add_parser("predict", help="top-k classes for images")
     _checkpoint_args(p)
@@ -189,7 +190,7 @@ def _train(args):
 def _eval(args):
     from vit import commands
 
-    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.workers, args.ema)
+    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.workers, args.ema, args.out)
 
 
 def _predict(args):
