@@ -64,14 +64,21 @@ class Board:
         self.last_step = -1 if resumed_step is None else resumed_step  # steps up to here are written
         self.previous_hook = threading.excepthook
         threading.excepthook = self._quiet_writer_thread
-        with self.writing():
-            if resumed_step is None:
-                for stale in glob.glob(os.path.join(glob.escape(out), EVENT_FILES)):
-                    os.remove(stale)
-            self.writer = SummaryWriter(log_dir=out, purge_step=None if resumed_step is None else resumed_step + 1)
-            if resumed_step is None:
-                text = json.dumps(params, indent=2)
-                self.writer.add_text("params", "\n".join("    " + line for line in text.splitlines()), 0)  # markdown code
+        try:
+            with self.writing():
+                if resumed_step is None:  # the folder's events are this run's alone, from step 0
+                    for stale in glob.glob(os.path.join(glob.escape(out), EVENT_FILES)):
+                        os.remove(stale)
+                    self.writer = SummaryWriter(log_dir=out)
+                    text = json.dumps(params, indent=2)
+                    self.writer.add_text("params", "\n".join("    " + line for line in text.splitlines()), 0)  # markdown code
+                else:
+                    self.writer = SummaryWriter(log_dir=out, purge_step=resumed_step + 1)
+        except UserError:
+            threading.excepthook = self.previous_hook
+            raise
+        print(f"tensorboard: event files in {out}; watch the runs side by side with: "
+              f"tensorboard --logdir {os.path.dirname(os.path.normpath(out)) or '.'}")
 
     def writing(self):
         """Around a write: a full disk stops the run with one sentence, as for the run's other files.
