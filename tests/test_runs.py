@@ -148,7 +148,8 @@ def broken_folders(root):
     os.makedirs(root / "huge")
     with open(root / "huge" / "metrics.jsonl", "wb") as f:
         f.truncate(R.MAX_METRICS_BYTES + 1)  # sparse: costs no disk
-    cases.append(("huge", "metrics.jsonl is larger than 64 MiB"))
+    cases.append(("huge", "metrics.jsonl is larger than 32 MiB"))
+    case("many", "metrics.jsonl holds more than 100,000 records", metrics_jsonl='{"epoch": 1}\n' * (R.MAX_RECORDS + 1))
     os.makedirs(root / "folder_named_params" / "params.json")
     cases.append(("folder_named_params", "params.json is not a file"))
     return cases

@@ -26,7 +26,8 @@ from vit.run_folder import LAST, METRICS, PARAMS
 from vit.viz.text import duration, label
 
 MAX_PARAMS_BYTES = 1 << 20  # a resolved params.json is a few KB
-MAX_METRICS_BYTES = 64 << 20  # a metrics.jsonl line is ~300 bytes: 200,000 epochs
+MAX_METRICS_BYTES = 32 << 20  # a metrics.jsonl line is ~300 bytes: 100,000 epochs
+MAX_RECORDS = 100_000  # epochs a run may have: more short lines would hold gigabytes as records
 METRICS_OF = ("val_acc", "val_acc_ema")  # what output.best_metric may name
 SAME_FOR_ALL = ("output.dir",)  # a run's folder: it differs between runs by definition
 SHOWN = 40  # characters of a params value in the table
@@ -125,6 +126,8 @@ def read_history(folder: str) -> Optional[list]:
         return None
     history = []
     for n, line in enumerate(text.splitlines(), 1):
+        if len(history) == MAX_RECORDS:
+            raise Unreadable(f"{METRICS} holds more than {MAX_RECORDS:,} records")
         if line.strip():
             record = parse_json(line, f"{METRICS} line {n}")
             if not isinstance(record, dict) or not _count(record.get("epoch")):
