@@ -194,8 +194,9 @@ def _context():
     """The forkserver, preloaded once per test session with everything main.py imports."""
     if not _CTX:
         ctx = multiprocessing.get_context("forkserver")
+        # (torch.utils.tensorboard where the tensorboard package is installed: the server skips what fails to import)
         ctx.set_forkserver_preload(["faults_util", "vit.cli", "vit.commands", "vit.train.loop", "vit.loading.load",
-                                    "timm.data", "safetensors.torch"])
+                                    "timm.data", "safetensors.torch", "torch.utils.tensorboard"])
         _CTX.append(ctx)
     return _CTX[0]
 

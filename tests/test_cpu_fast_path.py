@@ -13,7 +13,8 @@ from helpers import ROOT, make_folder, run_main, tiny_params
 from vit import ViTConfig, ViTForImageClassification, UserError
 from vit.loading.project import read_training_checkpoint
 from vit import precision
-from vit.train.report import cost_line, duration, summary_line
+from vit.train.report import cost_line, summary_line
+from vit.viz.text import duration
 
 CPU = torch.device("cpu")
 SHAPE = (4, 3, 16, 16)

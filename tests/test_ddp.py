@@ -1,6 +1,7 @@
 """The same main.py under torchrun with 2 CPU processes (gloo): it trains, only rank 0 prints and
-writes, and the run folder has the same layout as a single-process run."""
+writes (TensorBoard's event file too), and the run folder has the same layout as a single-process run."""
 
+import importlib.util
 import json
 import os
 import re
@@ -23,7 +24,9 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert [int(e) for e in re.findall(r"^Epoch : (\d+) - loss", out, re.M)] == [1, 2], out
     assert out.count("parameters,") == 1 and "effective batch 16" in out  # 4 per rank x 2 accumulation x 2 ranks
     run = tmp_path / "run"
-    assert set(os.listdir(run)) == LAYOUT, sorted(os.listdir(run))
+    events = {n for n in os.listdir(run) if n.startswith("events.out.tfevents.")}
+    assert set(os.listdir(run)) - events == LAYOUT, sorted(os.listdir(run))
+    assert len(events) == (importlib.util.find_spec("tensorboard") is not None), events  # rank 0 alone writes them
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2] and all(0 <= h["val_acc"] <= 1 for h in history)
     # the checkpoint is a plain one: no DDP `module.` prefixes, loadable in one process

@@ -3,15 +3,17 @@
     vit                                             # train what params.json says
     vit --params configs/cpu_smoke.json --set train.epochs=3 train.batch_size=64
     vit --resume                                    # continue the run in output.dir
-    vit eval --checkpoint runs/fashion_mnist [--data-dir D]
+    vit eval --checkpoint runs/fashion_mnist [--data-dir D] [--out results.json]
     vit predict --checkpoint runs/fashion_mnist/best.pt img1.png img2.jpg --topk 5
     vit attention --checkpoint C img1.png ... [--out DIR]
     vit inspect --checkpoint C [--data-dir D] [--out DIR]
     vit features --checkpoint C img.png folder/ ... --out feats.npy   # pooled embeddings, file order in feats.txt
     vit export --checkpoint C --format onnx --out model.onnx        # dynamic batch, checked with onnxruntime
+    vit runs [DIR ...] [--csv runs.csv]             # the runs in runs/ side by side: best val_acc, state, what differs
     torchrun --nproc_per_node=2 main.py ...         # DDP, same results layout
 
-Training lives in vit/train/loop.py, export in vit/export.py, the other commands in vit/commands.py;
+Training lives in vit/train/loop.py, export in vit/export.py, the table of runs in vit/runs.py, the
+other commands in vit/commands.py;
 `--ema` makes any command that loads a checkpoint take its EMA weights. This file parses the
 arguments, dispatches, turns a UserError into one `error: ...` line and exit code 2, and prints
 what the library logs on the `vit` logger (the load report, assumed normalization) while a command runs.
@@ -35,7 +37,7 @@ from contextlib import contextmanager  # noqa: E402
 
 from vit.errors import UserError  # noqa: E402
 
-COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export")
+COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export", "runs")
 
 
 def main(argv=None, launched=None):
@@ -99,6 +101,7 @@ def parse_args(argv):
     p.add_argument("--data-dir", default=None, help="folder of class folders (default: the run's own val data)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
     p.add_argument("--workers", type=int, default=None, help="processes decoding images (default: the run's data.workers, at most the CPU count)")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="also write the metrics, per-class accuracy and confusion matrix there")
     p.set_defaults(run=_eval)
     p = sub.add_parser("predict", help="top-k classes for images")
     _checkpoint_args(p)
@@ -127,6 +130,10 @@ def parse_args(argv):
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--image-size", type=int, default=None, help="a fixed input size (default: the checkpoint's)")
     p.set_defaults(run=_export)
+    p = sub.add_parser("runs", help="a table of training runs: epochs, best val_acc, time, state, the params that differ")
+    p.add_argument("dirs", nargs="*", default=["runs"], metavar="DIR", help="run folders, or folders of them (default runs/)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="also write the table there as CSV")
+    p.set_defaults(run=_runs)
     return parser.parse_args(argv)
 
 
@@ -183,7 +190,7 @@ def _train(args):
 def _eval(args):
     from vit import commands
 
-    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.workers, args.ema)
+    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.workers, args.ema, args.out)
 
 
 def _predict(args):
@@ -220,3 +227,9 @@ def _export(args):
 
     export.export_onnx(args.checkpoint, args.out, args.image_size, args.ema)
     return 0
+
+
+def _runs(args):
+    from vit import runs
+
+    return runs.runs(args.dirs, args.csv)

@@ -7,6 +7,8 @@ from vit/viz/plots.py. Nothing here imports the training code (vit/train/): infe
 the loader and the evaluation pass only.
 """
 
+import json
+import math
 import os
 import sys
 import warnings
@@ -38,9 +40,10 @@ def warn_zero_head(model, checkpoint):
 
 
 def evaluate(checkpoint: str, data_dir: Optional[str] = None, batch_size: Optional[int] = None,
-             workers: Optional[int] = None, ema: bool = False) -> int:
+             workers: Optional[int] = None, ema: bool = False, out: Optional[str] = None) -> int:
     """Accuracy of a checkpoint on `data_dir` (a folder of class folders), or on the run's own val data;
-    `workers` decode images (default: the run's data.workers, at most the CPU count)."""
+    `workers` decode images (default: the run's data.workers, at most the CPU count). With `out`, the
+    results go to that JSON file too (`eval_results`)."""
     from vit import data
 
     for option, value, least in (("--batch-size", batch_size, 1), ("--workers", workers, 0)):
@@ -77,13 +80,39 @@ def evaluate(checkpoint: str, data_dir: Optional[str] = None, batch_size: Option
                         f"{data_dir or 'the default dataset'} has {len(loaders.classes)} classes; pass --data-dir with a folder of its classes.")
     if loaders.val is None:
         raise UserError(f"the run's val split of {data_params['train_dir']} is empty; pass --data-dir with a folder of its classes.")
-    print(f"evaluating {model.load_report.path} on {_eval_data(data_params, data_dir, loaders.report['val_files'])} "
-          f"({data_params['workers']} worker(s), batch {batch_size})")
+    described = _eval_data(data_params, data_dir, loaders.report["val_files"])
+    print(f"evaluating {model.load_report.path} on {described} ({data_params['workers']} worker(s), batch {batch_size})")
     val = evaluation.evaluate(model, loaders.val, num_classes=len(loaders.classes), d=d,
-                              oom_advice=f"pass a smaller --batch-size than {batch_size}.")
-    scores = " - ".join(f"{k}: {v:.4f}" for k, v in val.items() if k != "images_per_s")
+                              oom_advice=f"pass a smaller --batch-size than {batch_size}.", confusion=out is not None)
+    scores = " - ".join(f"{k}: {val[k]:.4f}" for k in SCORES if k in val)
     print(f"{scores} - images/s: {val['images_per_s']:,.0f}")
+    if out is not None and d.is_main:
+        results = eval_results(val, loaders.classes, model.load_report.path, ema,
+                               {"read": described, "images": loaders.report["val_files"], "batch_size": batch_size,
+                                **{k: data_params[k] for k in EVAL_DATA_KEYS}})
+        with writing(out, OUT_ADVICE):
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            atomic_write(out, lambda f: json.dump(results, f, indent=2, allow_nan=False), mode="w")
+        print(f"wrote {out}: the metrics, per-class accuracy and the confusion matrix")
     return 0
+
+
+SCORES = ("loss", "acc", "top5")  # what eval prints and writes, besides images/s
+EVAL_DATA_KEYS = ("dataset", "train_dir", "val_dir", "val_split", "split_seed", "image_size", "channels", "mean", "std")
+
+
+def eval_results(val: dict, classes: list, checkpoint: str, ema: bool, data: dict) -> dict:
+    """What `eval --out` writes: the metrics of evaluation `val` (with its confusion matrix) with the
+    checkpoint and the data they came from, per-class accuracy and the confusion matrix (rows: the true
+    class, columns: the predicted one). A loss that is not finite is written as null: valid JSON."""
+    def number(v):
+        return v if math.isfinite(v) else None
+
+    return {"checkpoint": checkpoint, "ema": ema, "data": data,
+            "metrics": {**{k: number(val[k]) for k in SCORES if k in val}, "images_per_s": number(val["images_per_s"])},
+            "classes": list(classes),
+            "per_class_accuracy": evaluation.per_class_accuracy(val["confusion"], classes),
+            "confusion": val["confusion"].tolist()}
 
 
 def _eval_data(data_params, data_dir, count):

@@ -26,18 +26,24 @@ def oom_hint(advice: str):
         raise UserError(f"CUDA ran out of memory; {advice}") from None
 
 
+def per_class_accuracy(confusion, classes: list) -> dict:
+    """{class name: its accuracy} from a (K, K) confusion matrix whose rows are the true classes."""
+    return {c: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, c in enumerate(classes)}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, *, num_classes: int, d: distributed.Dist, precision: str = "fp32",
-             oom_advice: str = "use a smaller batch.", mistakes: int = 0, denormalize: Optional[Callable] = None) -> dict:
+             oom_advice: str = "use a smaller batch.", mistakes: int = 0, denormalize: Optional[Callable] = None,
+             confusion: bool = False) -> dict:
     """Loss, accuracy, top-5 (when > 5 classes) and images/s over `loader` on d.device; plain CE, no smoothing.
 
-    With mistakes > 0, also returns `confusion` (K, K) rows = true class, and up to `mistakes`
-    misclassified images as (uint8 HxWxC, true, pred) built with `denormalize(x) -> (B,H,W,C)`.
+    With confusion=True, also returns `confusion` (K, K) rows = true class; with mistakes > 0 that too,
+    and up to `mistakes` misclassified images as (uint8 HxWxC, true, pred) built with `denormalize(x) -> (B,H,W,C)`.
     """
     model.eval()
     device = d.device
     stats = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, correct, top5, count
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)  # (true, pred) pairs
     wrong = []
     t0 = time.time()
     bar = tqdm(loader, desc="eval", disable=not d.is_main, leave=False, dynamic_ncols=True)
@@ -52,7 +58,7 @@ def evaluate(model: torch.nn.Module, loader, *, num_classes: int, d: distributed
             if num_classes > 5:
                 stats[2] += (logits.topk(5, dim=-1).indices == y[:, None]).any(-1).sum()
             stats[3] += len(y)
-            confusion += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2)
+            counts += torch.bincount(y * num_classes + pred, minlength=num_classes ** 2)
             if len(wrong) < mistakes:
                 bad = (pred != y).nonzero().flatten()[: mistakes - len(wrong)]
                 if len(bad):
@@ -64,7 +70,8 @@ def evaluate(model: torch.nn.Module, loader, *, num_classes: int, d: distributed
     out = {"loss": stats[0] / count, "acc": stats[1] / count, "images_per_s": stats[3] / elapsed}
     if num_classes > 5:
         out["top5"] = stats[2] / count
+    if confusion or mistakes:
+        out["confusion"] = distributed.all_reduce_sum(counts, d).view(num_classes, num_classes).long().cpu().numpy()
     if mistakes:
-        out["confusion"] = distributed.all_reduce_sum(confusion, d).view(num_classes, num_classes).long().cpu().numpy()
         out["mistakes"] = wrong
     return out

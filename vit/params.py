@@ -105,6 +105,8 @@ SCHEMA = {
         "save_every": (1, int, ">0"),  # epochs between `last` checkpoints (the final epoch always saves)
         "misclassified": (32, int, ">=0"),  # images in the end-of-run grid
         "best_metric": ("val_acc", str, ("val_acc", "val_acc_ema")),  # what picks best.pt and best_hf/ (val_acc_ema: the EMA weights)
+        # TensorBoard event files in the run folder: "auto" writes them where the tensorboard package is installed
+        "tensorboard": ("auto", (str, bool), ("auto", True, False)),
     },
 }
 

@@ -39,10 +39,11 @@ def is_file(path: str) -> bool:
     return os.path.isfile(path)
 
 
-def read_file(path: str):
+def read_file(path: str, mmap: bool = False):
     """What a .safetensors, .pth, .pt, .bin, .ckpt or .pth.tar file holds, read without running code
     from it: safetensors, or torch.load(weights_only=True) with only SAFE_GLOBALS allowed. The
-    project's only reader of torch files."""
+    project's only reader of torch files. With mmap=True a torch file's tensors are mapped, not read:
+    what a checkpoint says beside its weights costs no more than that (`vit runs`)."""
     if not is_file(path):
         raise UserError(f"checkpoint {path} does not exist; check the path.")
     try:
@@ -51,7 +52,7 @@ def read_file(path: str):
 
             return load_file(path, device="cpu")
         with torch.serialization.safe_globals(SAFE_GLOBALS):  # for this load only, not process-wide
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     # a corrupt, truncated or hostile file can fail anywhere in the zip / pickle / header layers
     except Exception as e:  # noqa: BLE001
         unsafe = "Weights only load failed" in str(e)

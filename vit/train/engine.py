@@ -80,7 +80,9 @@ class Epoch:
     start) with those steps' running metric `sums` and the `rng` state to restore there (a resumed run's
     checkpoint holds all three); `desc` labels its progress bar, `should_stop()` asks for a stop between
     steps (Ctrl-C, SIGTERM), and `on_rate(images_per_s, batches_done)` is called once with the speed over
-    batches RATE_AFTER and the batches of this epoch done by then. `clock()` gives the seconds it measures with."""
+    batches RATE_AFTER and the batches of this epoch done by then. `on_sync(step, sums, lr)` is called at
+    each host sync with the run's optimizer step, the epoch's running sums and the lr (the per-step curves:
+    vit/train/tensorboard.py), adding no sync of its own. `clock()` gives the seconds it measures with."""
 
     index: int
     step: int = 0
@@ -89,6 +91,7 @@ class Epoch:
     desc: str = ""
     should_stop: Callable[[], bool] = lambda: False
     on_rate: Optional[Callable[[float, int], None]] = None
+    on_sync: Optional[Callable[[int, dict, float], None]] = None
     clock: Callable[[], float] = time.perf_counter
 
 
@@ -106,6 +109,11 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     torch.manual_seed(s)
     np.random.seed(s)
     random.seed(s)
+
+
+def base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The schedule's lr now, before layer decay scales it per group."""
+    return optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"]
 
 
 def train_one_epoch(trainer: Trainer, loader, epoch: Epoch) -> dict:
@@ -191,6 +199,8 @@ def train_one_epoch(trainer: Trainer, loader, epoch: Epoch) -> dict:
                     epoch.on_rate((seen - rate_seen) * d.world_size / max(clock() - rate_t0, 1e-9), i + 1)
             if i % SYNC_EVERY == 0:
                 pull(i)
+                if epoch.on_sync is not None:
+                    epoch.on_sync(index * steps_per_epoch + step_in_epoch, sums, base_lr(optimizer))
                 rate = seen * d.world_size / max(clock() - t0, 1e-9)
                 bar.set_postfix(loss=f"{sums['loss'] / sums['count']:.4f}",
                                 acc=f"{sums['correct'] / sums['count']:.4f}", img_s=f"{rate:.0f}", refresh=False)
@@ -207,7 +217,7 @@ def train_one_epoch(trainer: Trainer, loader, epoch: Epoch) -> dict:
         "loss": total[0] / max(total[2], 1),
         "acc": total[1] / max(total[2], 1),
         "images_per_s": total[3] / elapsed,
-        "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_scale"],
+        "lr": base_lr(optimizer),
         "interrupted": interrupted,
         "step_in_epoch": step_in_epoch,
         "sums": sums,

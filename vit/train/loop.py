@@ -31,7 +31,7 @@ from vit.files import atomic_write
 from vit.loading.core import is_file
 from vit.model import ViTForImageClassification
 from vit.run_folder import BEST, CURVES, HF_DIR, LAST, METRICS, PARAMS
-from vit.train import budget, checkpoint, engine, optim
+from vit.train import budget, checkpoint, engine, optim, tensorboard
 from vit.train.checkpoint import Progress
 from vit.train.report import cost_line, data_counts, speed_phrase, epoch_line, report, summary_line, writing
 from vit.viz import plots
@@ -49,7 +49,7 @@ def train(params_file: str = "params.json", overrides: Sequence[str] = (), resum
     Returns the exit code: 0, or 128 + the signal that asked it to stop.
     """
     run = set_up(params_file, list(overrides), resume, clock() if launched is None else launched, launcher, clock)
-    with StopRequest() as stop:
+    with tensorboard.closing(run.board), StopRequest() as stop:
         code, final_val = run_epochs(run, stop)
     if code == 0 and distributed.any_rank(stop(), run.d):
         # the signal came after the last epoch's stop check: that epoch is saved (the last one always is),
@@ -87,6 +87,7 @@ class Run:
     ema: Optional[torch.nn.Module] = None  # timm's ModelEmaV3 of the weights, when train.ema_decay is set
     clock: Callable[[], float] = time.perf_counter  # what started, elapsed_s and the budget are measured with
     eval_s: float = 0.0  # how long the last evaluation took, for the time budget's projection
+    board: Optional[tensorboard.Board] = None  # the TensorBoard event file (rank 0, output.tensorboard)
 
     def path(self, name: str) -> str:
         return os.path.join(self.params["output"]["dir"], name)
@@ -118,6 +119,7 @@ def set_up(params_file: str, overrides: list, resume: bool, launched: float, lau
            clock: Callable[[], float] = time.perf_counter) -> Run:
     """Everything the epochs need, in the order that keeps runs reproducible, and the run folder."""
     params = P.load(params_file, overrides)
+    wants_board = tensorboard.wanted(params["output"]["tensorboard"])  # true without the package stops here
     d = distributed.init()
     t, out, device = params["train"], params["output"]["dir"], d.device
     last_path = os.path.join(out, LAST)
@@ -164,6 +166,8 @@ def set_up(params_file: str, overrides: list, resume: bool, launched: float, lau
               started=launched - progress.elapsed_s,  # a resumed run's clock goes on where it stopped
               resume_hint=command(), plan=plan, ema=ema, clock=clock)
     open_run_folder(run, why)
+    if wants_board and d.is_main:  # a resumed run's events from after its checkpoint are purged, then written again
+        run.board = tensorboard.Board(out, params, resumed_step=progress.step if resume else None)
     return run
 
 
@@ -310,7 +314,8 @@ def run_epochs(run: Run, stop: StopRequest) -> tuple[int, Optional[dict]]:
         try:
             stats = engine.train_one_epoch(run.trainer, loaders.train, engine.Epoch(
                 epoch, progress.step_in_epoch, progress.sums, run.rng, desc=f"epoch {epoch + 1}/{run.plan.epochs}",
-                should_stop=stop, on_rate=on_rate, clock=run.clock))
+                should_stop=stop, on_rate=on_rate, clock=run.clock,
+                on_sync=None if run.board is None else run.board.steps(progress.sums)))
         except engine.NonFiniteLoss as e:
             kept = (f"the last good checkpoint {last_path} ({progress.epoch} epoch(s)) is intact"
                     if os.path.isfile(last_path) else "no checkpoint was saved yet")
@@ -389,6 +394,8 @@ def end_epoch(run: Run, epoch: int, stats: dict, epoch_start: float, stop: StopR
     print(epoch_line(record))
     if judge_budget_now:  # before the saves, so that last.pt holds the plan the run goes on with
         judge_budget(run, epoch, eval_start - epoch_start, now)
+    if run.board is not None:  # before the checkpoint: a resume from an earlier one purges it and writes it again
+        run.board.epoch(progress.step, record)
     progress.history.append(record)
     progress.epoch, progress.step_in_epoch, progress.sums = epoch + 1, 0, None
     metric = run.params["output"]["best_metric"]

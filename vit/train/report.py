@@ -12,10 +12,11 @@ from typing import Optional
 import torch
 
 from vit import errors
+from vit.evaluation import per_class_accuracy
 from vit.files import atomic_write
 from vit.run_folder import CONFUSION, FILES, LAST, MISCLASSIFIED, PER_CLASS
 from vit.viz import plots
-from vit.viz.text import count, label
+from vit.viz.text import count, duration, label
 
 
 def writing(path: str, last_path: str):
@@ -53,13 +54,6 @@ def epoch_line(record: dict) -> str:
     return line
 
 
-def duration(seconds: float) -> str:
-    """'42 s', '3.5 min' or '2.1 h'."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
-
-
 def speed_phrase(rate: float, device: torch.device, precision: str) -> str:
     """`speed: 1,938 images/s on the CPU (2 threads, bf16)`."""
     threads = torch.get_num_threads()
@@ -81,7 +75,7 @@ def report(val: dict, classes: list, out: str, n_mistakes: int) -> None:
     """End of run, on rank 0: confusion matrix, per-class accuracy (json + printed), misclassified grid,
     from the last evaluation `val` (with its confusion and mistakes)."""
     matrix = val["confusion"]
-    per_class = {c: float(matrix[i, i] / max(matrix[i].sum(), 1)) for i, c in enumerate(classes)}
+    per_class = per_class_accuracy(matrix, classes)
     path, last_path = os.path.join(out, PER_CLASS), os.path.join(out, LAST)
     with writing(path, last_path):  # resuming a complete run writes the report again
         atomic_write(path, lambda f: json.dump(per_class, f, indent=2), mode="w")
