@@ -46,10 +46,14 @@ def test_a_shorter_length_compresses_the_rest_of_the_decay_without_a_jump():
 # deciding and checking, in numbers
 
 
-def decide(budget_min=15, epochs=20, rate=1000.0, now_s=20.0, **kw):
-    plan = Plan.start(epochs, 100, budget_min)
-    line = plan.decide(now_s=now_s, step=35, rate=rate, train_images=60000, val_images=10000, eval_every=1,
-                       images_left=kw.pop("images_left", 55000), **kw)
+EVAL_S = 10000 / 3 / 1000  # 10,000 test images at a third of the cost of 1,000 trained images/s
+
+
+def decide(budget_min=15, epochs=20, epoch_train_s=60.0, now_s=20.0, **dropout):
+    """A Fashion-MNIST-sized decision: 60 s an epoch, 55 s of the first still to go, 20 s after launch."""
+    plan = Plan.start(epochs, 100, budget_min, **dropout)
+    line = plan.decide(now_s=now_s, step=35, epoch_train_s=epoch_train_s, left_s=epoch_train_s * 55 / 60,
+                       eval_s=EVAL_S, eval_every=1)
     return plan, line
 
 
@@ -65,8 +69,20 @@ def test_the_decision_counts_setup_training_evaluation_files_and_the_report():
     assert 20 + this_epoch + (plan.epochs - 1) * epoch_s + budget.REPORT_S <= 900
 
 
+def test_epochs_that_drop_patches_cost_their_share_and_more_of_them_fit():
+    # the first half of the epochs drop half the patches: measured on such an epoch, a full one takes twice as long
+    plan, line = decide(epoch_train_s=30.0, drop_until=0.5, drop_share=0.5)
+    full, half = 60 + EVAL_S + budget.EPOCH_OVERHEAD_S, 30 + EVAL_S + budget.EPOCH_OVERHEAD_S
+    room = budget.SAFETY * (900 - 20 - budget.REPORT_S) - (27.5 + EVAL_S + budget.EPOCH_OVERHEAD_S)
+    assert plan.epochs == 17 and plan.drop_epochs() == 9  # epochs 1-8 cost `half`, 9-16 cost `full`
+    assert 8 * half + 8 * full <= room < 8 * half + 9 * full  # after the first: 17 epochs fit, 18 would not
+    assert "budget 15 min: 17 epochs fit" in line and "the first 9 drop patches" in line
+    assert [plan.share(e) for e in (0, 8, 9, 16)] == [0.5, 0.5, 1.0, 1.0]
+    assert plan.drop_epochs(10) == 5 and Plan.start(10, 1, None).drop_epochs() == 0
+
+
 def test_the_decision_never_goes_past_train_epochs_nor_below_one_epoch():
-    plan, line = decide(rate=100000.0)
+    plan, line = decide(epoch_train_s=0.6)
     assert plan.epochs == 20 and plan.totals == [(0, 2000)] and "all 20 epochs of train.epochs fit" in line
     plan, line = decide(budget_min=0.5)
     assert plan.epochs == 1 and "not even one does, so the run trains 1 and ends" in line and "past the budget" in line
@@ -74,16 +90,21 @@ def test_the_decision_never_goes_past_train_epochs_nor_below_one_epoch():
 
 def test_a_slower_machine_shortens_the_run_and_says_so_never_below_one_more_epoch():
     plan, _ = decide()  # 13 epochs of ~64 s
-    assert plan.check(now_s=20 + 3 * 64.3, epochs_done=3, epoch_s=64.3, step=300) is None  # on plan
-    line = plan.check(now_s=20 + 4 * 64.3, epochs_done=4, epoch_s=90.0, step=400)  # 40% slower from here
+    def check(now_s, done, epoch_s):  # an epoch of `epoch_s` seconds with its evaluation and files
+        return plan.check(now_s=now_s, epochs_done=done, train_s=epoch_s - EVAL_S - budget.EPOCH_OVERHEAD_S,
+                          eval_s=EVAL_S, eval_every=1, step=100 * done)
+
+    assert check(20 + 3 * 64.3, 3, 64.3) is None  # on plan
+    line = check(20 + 4 * 64.3, 4, 90.0)  # 40% slower from here
     assert plan.epochs == 4 + math.floor((900 - 20 - 4 * 64.3 - budget.REPORT_S) / 90.0) == 10
-    assert plan.totals[-1] == (400, 1000) and "the run ends after epoch 10 instead of 13" in line
-    assert "past the budget" not in line
+    assert plan.totals[-1] == (400, 1000) and "past the budget" not in line
+    assert line == ("budget: an epoch now takes ≈ 90 s on all patches, so 9 more epochs no longer fit in 15 min: "
+                    "the run ends after epoch 10 instead of 13, its learning-rate decay compressed onto the epochs left")
     # much slower near the end: one more epoch is the least, and the overrun is said
-    line = plan.check(now_s=850, epochs_done=8, epoch_s=90.0, step=800)
-    assert plan.epochs == 9 and "past the budget of 15 min" in line
+    line = check(850, 8, 90.0)
+    assert plan.epochs == 9 and line.endswith("the last epoch will end ≈ 50 s past the budget of 15 min")
     # faster again: a run never lengthens
-    assert plan.check(now_s=860, epochs_done=8, epoch_s=1.0, step=800) is None and plan.epochs == 9
+    assert check(860, 8, 5.0) is None and plan.epochs == 9
 
 
 def test_a_resumed_plan_is_kept_lifted_with_a_null_budget_or_kept_with_a_note():
@@ -129,6 +150,7 @@ def clock(monkeypatch):
 def budget_run(tmp_path, clock, budget_min=1.0, **train):
     """A tiny folder run of 40 batches per epoch (batch 1) under `clock`; returns (code, run folder, its printed text)."""
     make_folder(tmp_path / "images", classes=2, per_class=26, size=16)
+    train = {"patch_dropout": 0.0, **train}  # the fake clock charges a forward pass the same whatever its tokens
     params = tiny_params(tmp_path, tmp_path / "images", epochs=20, batch_size=1, time_budget=budget_min,
                          warmup_epochs=0.5, **train)
     return params, tmp_path / "run"
@@ -177,7 +199,7 @@ def test_a_machine_that_slows_down_shortens_the_run_and_stays_inside_the_budget(
     assert loop.train(params, clock=clock, launched=0.0) == 0
     out = capsys.readouterr().out
     assert "budget 6 min: 7 epochs fit" in out, out
-    assert "budget: epochs now take ≈ 84 s, so 4 more epochs no longer fit in 6 min: the run ends after epoch 5 instead of 7" in out
+    assert "budget: an epoch now takes ≈ 84 s on all patches, so 4 more epochs no longer fit in 6 min: the run ends after epoch 5 instead of 7" in out
     h = history(run)
     assert len(h) == 5 and h[-1]["elapsed_s"] <= 360 and h[-1]["lr"] == pytest.approx(1e-5, rel=0.2)
     assert all(a["lr"] >= b["lr"] for a, b in zip(h, h[1:]))
@@ -218,3 +240,49 @@ def test_a_resumed_budget_run_keeps_its_plan_and_is_bit_exact(tmp_path, clock, c
     assert resumed["plan"] == reference["plan"]
     for k in reference["model"]:
         assert torch.equal(resumed["model"][k], reference["model"][k]), k
+
+
+# -----------------------------------------------------------------------------
+# patch dropout
+
+
+def test_patch_dropout_keeps_the_prefix_and_a_random_share_of_the_patches_while_training():
+    from vit.layers import PatchDropout
+
+    x = torch.arange(2 * 17 * 3, dtype=torch.float32).view(2, 17, 3)  # 1 class token + 16 patches, width 3
+    drop = PatchDropout(num_prefix_tokens=1, prob=0.5).train()
+    y = drop(x)
+    assert y.shape == (2, 9, 3) and torch.equal(y[:, 0], x[:, 0])
+    for b in range(2):  # every kept token is one of the image's own patches, none twice
+        kept = {tuple(t.tolist()) for t in y[b, 1:]}
+        assert len(kept) == 8 and kept <= {tuple(t.tolist()) for t in x[b, 1:]}
+    assert torch.equal(drop.eval()(x), x) and torch.equal(PatchDropout(1).train()(x), x)
+
+
+def test_the_run_drops_patches_in_the_planned_first_epochs_only(tmp_path, monkeypatch):
+    from vit.layers import PatchDropout
+
+    torch.set_num_threads(1)
+    make_folder(tmp_path / "images", classes=2, per_class=8, size=16)
+    params = tiny_params(tmp_path, tmp_path / "images", epochs=4, batch_size=4, patch_dropout=0.5, patch_dropout_until=0.5)
+    tokens, forward = [], PatchDropout.forward
+
+    def counting(module, x):
+        y = forward(module, x)
+        if module.training:
+            tokens.append(y.shape[1])
+        return y
+
+    monkeypatch.setattr(PatchDropout, "forward", counting)
+    assert loop.train(params) == 0
+    per_epoch = len(tokens) // 4
+    # 16 patches of 4x4 in a 16x16 image: the first 2 of 4 epochs keep 8 of them, the last 2 all
+    assert tokens == [1 + 8] * (2 * per_epoch) + [1 + 16] * (2 * per_epoch)
+
+
+def test_patch_dropout_beside_a_frozen_backbone_is_refused():
+    from vit import params as P
+    from vit.errors import UserError
+
+    with pytest.raises(UserError, match="train.patch_dropout is 0.5 but train.freeze_backbone"):
+        P.load(None, ["train.freeze_backbone=true", "model.preset=Ti/4"])

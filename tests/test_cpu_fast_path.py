@@ -121,12 +121,15 @@ def test_the_command_line_sets_a_passive_openmp_wait_before_torch_loads():
     assert out.stdout.split()[0] == "ACTIVE"  # a user's own setting wins
 
 
-def test_cost_line_counts_training_and_a_third_for_evaluation():
-    line = cost_line(1000, 60000, 10000, 1, 15, 15, CPU, "fp32")
+def test_cost_line_counts_training_evaluation_and_cheaper_patch_dropout_epochs():
     # 60 s of training + 10000 / 3000 s of evaluation per epoch
+    line = cost_line(1000, 60.0, 10000 / 3000, 1, [1.0] * 15, 0, CPU, "fp32")
     assert "1,000 images/s" in line and "≈ 63 s/epoch" in line and "≈ 15.8 min for 15 epochs" in line
-    assert "left" not in line
-    assert "(7.4 min left)" in cost_line(1000, 60000, 10000, 1, 15, 7, CPU, "fp32")
+    assert "left" not in line and "patches" not in line
+    assert "(7.4 min left)" in cost_line(1000, 60.0, 10000 / 3000, 1, [1.0] * 15, 8, CPU, "fp32")
+    # the first 8 epochs drop half their patches: they train in half the time
+    line = cost_line(2000, 60.0, 10000 / 3000, 1, [0.5] * 8 + [1.0] * 7, 0, CPU, "fp32")
+    assert "≈ 47 s/epoch with evaluation, fewer where patches drop, ≈ 11.8 min for 15 epochs" in line
     assert duration(42) == "42 s" and duration(600) == "10.0 min" and duration(3 * 3600) == "3.0 h"
 
 

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vit.config import ViTConfig
 from vit.errors import UserError
-from vit.layers import ACT2FN, drop_path
+from vit.layers import ACT2FN, PatchDropout, drop_path
 from vit.outputs import ImageClassifierOutput, Indices, ViTModelOutput, feature_maps, take_indices
 from vit.pretrained import PreTrainedModel
 from vit.resize import resample_pos_embed
@@ -291,6 +291,7 @@ class ViTModel(PreTrainedModel):
         self.embeddings = ViTEmbeddings(config)
         # CLIP normalises the embeddings before the first block (timm's norm_pre)
         self.norm_pre = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_norm else nn.Identity()
+        self.patch_drop = PatchDropout(config.num_prefix_tokens)  # off until training sets its prob (timm's patch_drop)
         self.encoder = ViTEncoder(config)
         # with fc_norm the final norm moves behind the pooling (timm's fc_norm): one or the other has weights
         self.layernorm = nn.Identity() if config.fc_norm else nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -320,7 +321,7 @@ class ViTModel(PreTrainedModel):
     def forward_features(self, pixel_values: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False,
                          interpolate_pos_encoding: bool = False) -> ViTModelOutput:
         """The outputs as a ViTModelOutput, always (forward returns a tuple while torch.jit.trace runs)."""
-        x = self.embeddings(pixel_values, interpolate_pos_encoding)  # (B, prefix+N, D)
+        x = self.patch_drop(self.embeddings(pixel_values, interpolate_pos_encoding))  # (B, prefix+N, D)
         x, hidden, attn = self.encoder(self.norm_pre(x), output_attentions, output_hidden_states)
         x = self.layernorm(x)
         return ViTModelOutput(

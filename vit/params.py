@@ -89,6 +89,10 @@ SCHEMA = {
         "random_resized_crop_scale": ([0.9, 1.0], list, "scale"),
         "hflip": (0.5, NUMBER, "[0,1]"),
         "drop_path": (0.0, NUMBER, "[0,1)"),
+        # the share of each image's patch tokens a training step drops (timm's PatchDropout; FLIP): such a
+        # step costs about the share it keeps. 0: off
+        "patch_dropout": (0.5, NUMBER, "[0,1)"),
+        "patch_dropout_until": (0.5, NUMBER, "[0,1]"),  # the share of the run's epochs, from the first, that drop patches
         "precision": ("auto", str, PRECISIONS),  # auto: bf16 on a GPU, and on a CPU where bf16 is faster
         "compile": (False, bool, None),
         "grad_accum": (1, int, ">0"),
@@ -391,6 +395,9 @@ def _check_cross(params):
     if params["output"]["best_metric"] == "val_acc_ema" and t["ema_decay"] is None:
         raise UserError("params key output.best_metric is \"val_acc_ema\" but train.ema_decay is null, so there is no EMA; "
                         "set train.ema_decay (e.g. 0.9998) or output.best_metric to \"val_acc\".")
+    if t["patch_dropout"] and t["freeze_backbone"]:
+        raise UserError(f"params key train.patch_dropout is {t['patch_dropout']} but train.freeze_backbone keeps the backbone "
+                        f"frozen in eval mode, where no patch drops; set train.patch_dropout to 0.")
     if m["pretrained_ema"] and m["pretrained"] is None:
         raise UserError("params key model.pretrained_ema is true but model.pretrained is null; set model.pretrained or drop model.pretrained_ema.")
 

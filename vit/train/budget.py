@@ -1,4 +1,4 @@
-"""A time budget for a training run: how many epochs fit, decided once from the speed the run measures.
+"""How long a training run is: its epochs, the schedule's length, and a time budget that decides them.
 
 `train.time_budget` (minutes; null: none) caps the run's wall time, counted like `elapsed_s` from
 the launch of its first process: set-up, every evaluation, the checkpoints and figures and the
@@ -15,16 +15,25 @@ end-of-run report all fall inside it. `train.epochs` is then the most the run tr
   left (optim.decay_progress), so the rate still reaches its floor, without a jump. When even one
   more epoch overruns, the line says by how much. Nothing overruns silently, and a run never
   lengthens: a machine that speeds up finishes early.
+- **Patch dropout** (train.patch_dropout) makes the epochs that drop patches cheaper than the rest
+  (each costs `drop_share` of a full one, its share of the tokens): the first `patch_dropout_until`
+  of the planned epochs drop patches, and every projection counts each epoch at its own cost.
 
 The schedule's length is `Plan.totals`, [(from step, total steps), ...]: the length train.epochs
 gives, then one pair for each change. Every decision is also kept as a sentence in `Plan.notes`.
-All times are seconds since the run's launch; nothing here reads a clock.
+`Plan` reads no clock: its times are seconds since the run's launch. `announce_speed` and `judge` are
+where the training run (vit/train/loop.py's Run) consults it, with rank 0's figures on every rank so
+that all ranks train the same schedule.
 """
 
 import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tqdm import tqdm
+
+from vit import distributed
+from vit.train.report import cost_line, speed_phrase
 from vit.viz.text import count
 
 REPORT_S = 10.0  # kept free for the end-of-run report: confusion matrix, misclassified grid, summary
@@ -35,7 +44,9 @@ EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one: a 
 
 @dataclass
 class Plan:
-    """The run's length: the epochs it trains and the schedule's `totals`; budget_s is None without a budget."""
+    """The run's length: the epochs it trains and the schedule's `totals`; budget_s is None without a
+    budget. `drop_until` and `drop_share` (from params, not saved) say which epochs drop patches and
+    what such an epoch costs against a full one."""
 
     epochs: int
     steps_per_epoch: int
@@ -43,12 +54,14 @@ class Plan:
     decided: bool = True  # False until a budgeted run has measured its speed and chosen its epochs
     totals: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    drop_until: float = 0.0
+    drop_share: float = 1.0
 
     @classmethod
-    def start(cls, epochs: int, steps_per_epoch: int, budget_min: Optional[float]) -> "Plan":
+    def start(cls, epochs: int, steps_per_epoch: int, budget_min: Optional[float], **dropout) -> "Plan":
         """A new run's plan: train.epochs, until a budget (minutes) decides."""
         budget_s = None if budget_min is None else 60.0 * budget_min
-        return cls(epochs, steps_per_epoch, budget_s, budget_s is None, [(0, epochs * steps_per_epoch)])
+        return cls(epochs, steps_per_epoch, budget_s, budget_s is None, [(0, epochs * steps_per_epoch)], **dropout)
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps (plain types, for a weights_only load)."""
@@ -56,22 +69,22 @@ class Plan:
                 "totals": [list(t) for t in self.totals], "notes": list(self.notes)}
 
     @classmethod
-    def from_state(cls, state: dict, steps_per_epoch: int) -> "Plan":
+    def from_state(cls, state: dict, steps_per_epoch: int, **dropout) -> "Plan":
         """The plan a checkpoint kept (its state_dict())."""
         return cls(int(state["epochs"]), steps_per_epoch, state["budget_s"], bool(state["decided"]),
-                   [tuple(t) for t in state["totals"]], list(state["notes"]))
+                   [tuple(t) for t in state["totals"]], list(state["notes"]), **dropout)
 
     @classmethod
-    def resumed(cls, state: Optional[dict], steps_per_epoch: int, epochs: int,
-                budget_min: Optional[float]) -> tuple["Plan", Optional[str]]:
+    def resumed(cls, state: Optional[dict], steps_per_epoch: int, epochs: int, budget_min: Optional[float],
+                **dropout) -> tuple["Plan", Optional[str]]:
         """The plan a resumed run goes on with, and a line to print when the params changed it.
 
         The saved plan stands, decisions included. Without a budget, train.epochs may be changed on
         resume; setting train.time_budget to null lifts a budget the same way: the schedule is then the
         one train.epochs would have had from the start. A changed budget keeps the plan made at the start."""
         if state is None:  # a checkpoint from before plans were saved: its length was train.epochs
-            return cls.start(epochs, steps_per_epoch, None), None
-        plan = cls.from_state(state, steps_per_epoch)
+            return cls.start(epochs, steps_per_epoch, None, **dropout), None
+        plan = cls.from_state(state, steps_per_epoch, **dropout)
         if budget_min is not None:
             if plan.budget_s is not None and math.isclose(60.0 * budget_min, plan.budget_s):
                 return plan, None
@@ -82,49 +95,65 @@ class Plan:
         if plan.budget_s is None and epochs == plan.epochs:
             return plan, None
         lifted = "" if plan.budget_s is None else f", its time budget of {plan.budget_s / 60:g} min lifted (train.time_budget is null)"
-        return cls.start(epochs, steps_per_epoch, None), f"the run now trains {count(epochs, 'epoch')} (train.epochs){lifted}"
+        return cls.start(epochs, steps_per_epoch, None, **dropout), f"the run now trains {count(epochs, 'epoch')} (train.epochs){lifted}"
 
-    def decide(self, *, now_s: float, step: int, rate: float, train_images: int, val_images: int,
-               eval_every: int, images_left: int) -> str:
-        """Once, early in the first epoch: the epochs that fit in the budget at `rate` images/s (all
-        processes together), `now_s` after the launch, with `images_left` to train in this epoch.
-        Sets the plan from `step` on and returns the line the run prints."""
-        epoch_s = self.epoch_estimate(rate, train_images, val_images, eval_every)
-        this_epoch_s = images_left / rate + val_images * EVAL_COST / rate + EPOCH_OVERHEAD_S
-        room = SAFETY * (self.budget_s - now_s - REPORT_S) - this_epoch_s
-        fit = 1 + max(0, math.floor(room / epoch_s))
-        minutes = f"budget {self.budget_s / 60:g} min"
-        if fit > self.epochs:
-            line = f"{minutes}: all {count(self.epochs, 'epoch')} of train.epochs fit (≈ {epoch_s:.0f} s each with evaluation)"
-        else:
-            line = f"{minutes}: {count(fit, 'epoch')} fit{'s' * (fit == 1)} (≈ {epoch_s:.0f} s each with evaluation)"
-            if room < 0:
-                over = now_s + this_epoch_s + REPORT_S - self.budget_s
-                line += f"; not even one does, so the run trains 1 and ends ≈ {over:.0f} s past the budget"
+    # -- what each epoch costs
+
+    def drop_epochs(self, epochs: Optional[int] = None) -> int:
+        """How many epochs, from the first, drop patches when the run has `epochs` (default: as planned)."""
+        epochs = self.epochs if epochs is None else epochs
+        return int(self.drop_until * epochs + 0.5) if self.drop_share < 1.0 else 0
+
+    def share(self, epoch: int, epochs: Optional[int] = None) -> float:
+        """Epoch `epoch`'s (0-based) training cost against an epoch on all patches."""
+        return self.drop_share if epoch < self.drop_epochs(epochs) else 1.0
+
+    def seconds(self, first: int, epochs: int, full_s: float, eval_s: float, eval_every: int) -> float:
+        """What epochs `first` to `epochs` - 1 take when a full epoch trains in `full_s` and an
+        evaluation takes `eval_s`."""
+        return sum(epoch_cost(full_s * self.share(e, epochs), eval_s, eval_every) for e in range(first, epochs))
+
+    # -- decisions
+
+    def decide(self, *, now_s: float, step: int, epoch_train_s: float, left_s: float, eval_s: float,
+               eval_every: int) -> str:
+        """Once, early in the run's first epoch, whose training takes `epoch_train_s` at the speed just
+        measured with `left_s` of it still to go, `now_s` after the launch: the most epochs that fit in
+        the budget. Sets the plan from `step` on and returns the line the run prints."""
+        full_s = epoch_train_s / self.share(0)
+        room = SAFETY * (self.budget_s - now_s - REPORT_S) - epoch_cost(left_s, eval_s, eval_every)
+        fit = next((n for n in range(self.epochs, 1, -1) if self.seconds(1, n, full_s, eval_s, eval_every) <= room), 1)
+        each = self.seconds(0, fit, full_s, eval_s, eval_every) / fit
+        line = (f"budget {self.budget_s / 60:g} min: {'all ' * (fit == self.epochs > 1)}{count(fit, 'epoch')} "
+                f"{'of train.epochs ' * (fit == self.epochs > 1)}fit{'s' * (fit == 1)} (≈ {each:.0f} s each with evaluation"
+                + (f"; the first {self.drop_epochs(fit)} drop patches" if self.drop_epochs(fit) else "") + ")")
+        if room < 0:
+            over = now_s + epoch_cost(left_s, eval_s, eval_every) + REPORT_S - self.budget_s
+            line += f"; not even one does, so the run trains 1 and ends ≈ {over:.0f} s past the budget"
         self.decided = True
-        self.set_epochs(min(fit, self.epochs), step)
+        self.set_epochs(fit, step)
         self.notes.append(line)
         return line
 
-    @staticmethod
-    def epoch_estimate(rate: float, train_images: int, val_images: int, eval_every: int) -> float:
-        """Seconds per epoch at `rate` images/s: training, its share of an evaluation, the epoch's files."""
-        return epoch_cost(train_images / rate, val_images * EVAL_COST / rate, eval_every)
-
-    def check(self, *, now_s: float, epochs_done: int, epoch_s: float, step: int) -> Optional[str]:
-        """After an epoch: shorten the run when the planned epochs no longer fit at `epoch_s` seconds
-        each, never below one more. Returns the line to print, or None when the plan stands."""
-        left = self.epochs - epochs_done
-        if self.budget_s is None or left <= 0 or now_s + left * epoch_s + REPORT_S <= self.budget_s:
+    def check(self, *, now_s: float, epochs_done: int, train_s: float, eval_s: float, eval_every: int,
+              step: int) -> Optional[str]:
+        """After an epoch that trained in `train_s` (the last evaluation took `eval_s`): shorten the run
+        when the planned epochs no longer fit at that speed, never below one more. Returns the line to
+        print, or None when the plan stands."""
+        if self.budget_s is None or epochs_done >= self.epochs:
             return None
-        fit = max(1, math.floor((self.budget_s - now_s - REPORT_S) / epoch_s))  # fewer than left
-        line = f"budget: epochs now take ≈ {epoch_s:.0f} s"
-        if fit < left:
-            line += (f", so {count(left, 'more epoch')} no longer fit in {self.budget_s / 60:g} min: the run ends "
-                     f"after epoch {epochs_done + fit} instead of {self.epochs}, its learning-rate decay compressed "
+        full_s, room = train_s / self.share(epochs_done - 1), self.budget_s - now_s - REPORT_S
+        if self.seconds(epochs_done, self.epochs, full_s, eval_s, eval_every) <= room:
+            return None
+        fit = next((n for n in range(self.epochs - 1, epochs_done + 1, -1)
+                    if self.seconds(epochs_done, n, full_s, eval_s, eval_every) <= room), epochs_done + 1)
+        line = (f"budget: an epoch now takes ≈ {epoch_cost(full_s, eval_s, eval_every):.0f} s on all patches, so "
+                f"{count(self.epochs - epochs_done, 'more epoch')} no longer fit in {self.budget_s / 60:g} min")
+        if fit < self.epochs:
+            line += (f": the run ends after epoch {fit} instead of {self.epochs}, its learning-rate decay compressed "
                      f"onto the epochs left")
-            self.set_epochs(epochs_done + fit, step)
-        over = now_s + fit * epoch_s + REPORT_S - self.budget_s
+            self.set_epochs(fit, step)
+        over = self.seconds(epochs_done, fit, full_s, eval_s, eval_every) - room
         if over > 0:  # one more epoch is the least the learning rate can still decay over
             line += f"; the last epoch will end ≈ {over:.0f} s past the budget of {self.budget_s / 60:g} min"
         self.notes.append(line)
@@ -141,3 +170,48 @@ def epoch_cost(train_s: float, eval_s: float, eval_every: int) -> float:
     """Seconds an epoch takes: its training, its share of an evaluation (one every `eval_every`
     epochs), and the files it writes."""
     return train_s + eval_s / eval_every + EPOCH_OVERHEAD_S
+
+
+# -----------------------------------------------------------------------------
+# the run's side
+
+
+def dropout_plan(train: dict, config) -> dict:
+    """Plan's drop_until and drop_share for train.patch_dropout on a model with `config`: the epochs
+    that drop patches cost the share of the tokens they keep (prefix tokens included)."""
+    if not train["patch_dropout"]:
+        return {}
+    n, prefix = config.num_patches, config.num_prefix_tokens
+    kept = max(1, int(n * (1.0 - train["patch_dropout"])))
+    return {"drop_until": train["patch_dropout_until"], "drop_share": (prefix + kept) / (prefix + n)}
+
+
+def announce_speed(run, rate: float, epoch: int, batches_done: int) -> None:
+    """The cost line from the speed the run measured `batches_done` batches into `epoch`, and with a
+    time budget not yet decided, the decision of how many epochs fit."""
+    t, d, loaders, plan = run.params["train"], run.d, run.loaders, run.plan
+    train_images = len(loaders.train) * t["batch_size"] * d.world_size
+    val_images = loaders.report["val_files"] if loaders.val is not None else 0
+    full_rate = rate * plan.share(epoch)  # images/s on all patches: evaluation sees them all
+    epoch_s = train_images / full_rate
+    line = cost_line(rate, epoch_s, val_images * EVAL_COST / full_rate, t["eval_every"],
+                     [plan.share(e) for e in range(plan.epochs)], epoch, d.device, run.trainer.settings.precision)
+    if not plan.decided:
+        rate, now_s, epoch_s = distributed.gather((rate, run.clock() - run.started, epoch_s), d)[0]
+        full_rate = rate * plan.share(epoch)
+        line = speed_phrase(rate, d.device, run.trainer.settings.precision) + "; " + plan.decide(
+            now_s=now_s, step=epoch * run.steps_per_epoch + math.ceil(batches_done / t["grad_accum"]),
+            epoch_train_s=train_images / rate, left_s=(len(loaders.train) - batches_done) / len(loaders.train) * train_images / rate,
+            eval_s=val_images * EVAL_COST / full_rate, eval_every=t["eval_every"])
+    if d.is_main:
+        tqdm.write(line)
+
+
+def judge(run, epoch: int, train_s: float, now: float) -> None:
+    """After `epoch` (0-based), which trained in `train_s`: shorten the run when its planned epochs no
+    longer fit in the time budget (`now` on the run's clock)."""
+    train_s, eval_s, now_s = distributed.gather((train_s, run.eval_s, now - run.started), run.d)[0]
+    line = run.plan.check(now_s=now_s, epochs_done=epoch + 1, train_s=train_s, eval_s=eval_s,
+                          eval_every=run.params["train"]["eval_every"], step=(epoch + 1) * run.steps_per_epoch)
+    if line and run.d.is_main:
+        print(line)

@@ -33,7 +33,7 @@ from vit.model import ViTForImageClassification
 from vit.run_folder import BEST, CURVES, HF_DIR, LAST, METRICS, PARAMS
 from vit.train import budget, checkpoint, engine, optim, tensorboard
 from vit.train.checkpoint import Progress
-from vit.train.report import cost_line, data_counts, speed_phrase, epoch_line, report, summary_line, writing
+from vit.train.report import data_counts, epoch_line, report, summary_line, writing
 from vit.viz import plots
 from vit.viz.text import count
 
@@ -152,7 +152,7 @@ def set_up(params_file: str, overrides: list, resume: bool, launched: float, lau
         progress, rng, scaler_state, plan = restore(last_path, model, optimizer, d, t, command, steps_per_epoch, ema)
     else:
         progress, rng, scaler_state = Progress(), None, None
-        plan = budget.Plan.start(t["epochs"], steps_per_epoch, t["time_budget"])
+        plan = budget.Plan.start(t["epochs"], steps_per_epoch, t["time_budget"], **budget.dropout_plan(t, model.config))
     sample_shape = (t["batch_size"], params["data"]["channels"], params["data"]["image_size"], params["data"]["image_size"])
     # every rank trains in rank 0's choice (auto times steps, and two ranks could time them differently)
     precision, why = distributed.gather(precisions.resolve(t["precision"], device, model, sample_shape,
@@ -212,7 +212,8 @@ def restore(last_path: str, model, optimizer, d: distributed.Dist, t: dict, comm
     # each rank continues its own streams and metric sums (another world size cannot be exact anyway)
     rank = d.rank if d.rank < len(rngs) else 0
     progress.sums = progress.sums[rank] if progress.sums else None
-    plan, change = budget.Plan.resumed(progress.plan, steps_per_epoch, t["epochs"], t["time_budget"])
+    plan, change = budget.Plan.resumed(progress.plan, steps_per_epoch, t["epochs"], t["time_budget"],
+                                       **budget.dropout_plan(t, model.config))
     if change:
         print(change)
     if progress.epoch >= plan.epochs:
@@ -303,13 +304,15 @@ def run_epochs(run: Run, stop: StopRequest) -> tuple[int, Optional[dict]]:
     def on_rate(rate, batches_done):  # once per process, a few dozen steps into its first epoch
         if not measured:
             measured.append(rate)
-            announce_speed(run, rate, epoch, batches_done)
+            budget.announce_speed(run, rate, epoch, batches_done)
 
     while epoch < run.plan.epochs:  # a time budget may change plan.epochs mid-way (vit/train/budget.py)
         if progress.step_in_epoch == 0:
             engine.seed_epoch(t["seed"], epoch, d.rank)
             run.rng = None
         loaders.train.set_epoch(epoch)
+        # the first epochs of the plan may train on a share of each image's patches (train.patch_dropout)
+        run.model.vit.patch_drop.prob = t["patch_dropout"] if epoch < run.plan.drop_epochs() else 0.0
         epoch_start = run.clock()
         try:
             stats = engine.train_one_epoch(run.trainer, loaders.train, engine.Epoch(
@@ -338,36 +341,6 @@ def run_epochs(run: Run, stop: StopRequest) -> tuple[int, Optional[dict]]:
     return 0, final_val
 
 
-def announce_speed(run: Run, rate: float, epoch: int, batches_done: int) -> None:
-    """The cost line, from the speed the run measured `batches_done` batches into `epoch`; with a time
-    budget not yet decided, the decision of how many epochs fit (from rank 0's figures on every rank,
-    so that all train the same schedule)."""
-    t, d, loaders = run.params["train"], run.d, run.loaders
-    batch = t["batch_size"] * d.world_size
-    train_images, val_images = len(loaders.train) * batch, loaders.report["val_files"] if loaders.val is not None else 0
-    line = cost_line(rate, train_images, val_images, t["eval_every"], run.plan.epochs, run.plan.epochs - epoch,
-                     d.device, run.trainer.settings.precision)
-    if not run.plan.decided:
-        rate, now = distributed.gather((rate, run.clock() - run.started), d)[0]
-        line = speed_phrase(rate, d.device, run.trainer.settings.precision) + "; " + run.plan.decide(
-            now_s=now, step=epoch * run.steps_per_epoch + math.ceil(batches_done / t["grad_accum"]), rate=rate,
-            train_images=train_images, val_images=val_images, eval_every=t["eval_every"],
-            images_left=(len(loaders.train) - batches_done) * batch)
-    if d.is_main:
-        tqdm.write(line)
-
-
-def judge_budget(run: Run, epoch: int, train_s: float, now: float) -> None:
-    """After `epoch` (0-based): shorten the run when its planned epochs no longer fit in the time budget,
-    from this epoch's training time and the last evaluation's (rank 0's figures on every rank)."""
-    t = run.params["train"]
-    train_s, eval_s, now_s = distributed.gather((train_s, run.eval_s, now - run.started), run.d)[0]
-    line = run.plan.check(now_s=now_s, epochs_done=epoch + 1, step=(epoch + 1) * run.steps_per_epoch,
-                          epoch_s=budget.epoch_cost(train_s, eval_s, t["eval_every"]))
-    if line and run.d.is_main:
-        print(line)
-
-
 def end_epoch(run: Run, epoch: int, stats: dict, epoch_start: float, stop: StopRequest,
               judge_budget_now: bool = True) -> tuple[Optional[dict], bool]:
     """An epoch's end: evaluate (with the report's extras after the last), print and record its line,
@@ -393,7 +366,7 @@ def end_epoch(run: Run, epoch: int, stats: dict, epoch_start: float, stop: StopR
                   epoch_s=round(now - epoch_start, 2), elapsed_s=round(now - run.started, 2))
     print(epoch_line(record))
     if judge_budget_now:  # before the saves, so that last.pt holds the plan the run goes on with
-        judge_budget(run, epoch, eval_start - epoch_start, now)
+        budget.judge(run, epoch, eval_start - epoch_start, now)
     if run.board is not None:  # before the checkpoint: a resume from an earlier one purges it and writes it again
         run.board.epoch(progress.step, record)
     progress.history.append(record)

@@ -61,14 +61,16 @@ def speed_phrase(rate: float, device: torch.device, precision: str) -> str:
     return f"speed: {rate:,.0f} images/s on the {where}"
 
 
-def cost_line(rate: float, train_images: int, val_images: int, eval_every: int, epochs: int, epochs_left: int,
+def cost_line(rate: float, full_epoch_s: float, eval_s: float, eval_every: int, shares: list, epoch: int,
               device: torch.device, precision: str) -> str:
-    """What the run will cost, from the measured training speed: evaluation is a forward pass only,
-    about a third of a training step per image."""
-    epoch_s = train_images / rate + val_images / (3 * rate) / eval_every
-    left = f" ({duration(epoch_s * epochs_left)} left)" if epochs_left < epochs else ""
-    return (f"{speed_phrase(rate, device, precision)}: ≈ {duration(epoch_s)}/epoch with evaluation, "
-            f"≈ {duration(epoch_s * epochs)} for {count(epochs, 'epoch')}{left}")
+    """What the run will cost, from the measured training speed `rate`: an epoch on all patches trains
+    in `full_epoch_s` and an evaluation takes `eval_s`; `shares` is each epoch's cost against such an
+    epoch (below 1 where patch dropout is on), and the run stands at `epoch`."""
+    costs = [full_epoch_s * share + eval_s / eval_every for share in shares]
+    total, left = sum(costs), sum(costs[epoch:])
+    each = f"≈ {duration(total / len(costs))}/epoch with evaluation" + (", fewer where patches drop" if min(shares) < 1 else "")
+    return (f"{speed_phrase(rate, device, precision)}: {each}, ≈ {duration(total)} for {count(len(costs), 'epoch')}"
+            + (f" ({duration(left)} left)" if epoch else ""))
 
 
 def report(val: dict, classes: list, out: str, n_mistakes: int) -> None:
