@@ -395,9 +395,6 @@ def _check_cross(params):
     if params["output"]["best_metric"] == "val_acc_ema" and t["ema_decay"] is None:
         raise UserError("params key output.best_metric is \"val_acc_ema\" but train.ema_decay is null, so there is no EMA; "
                         "set train.ema_decay (e.g. 0.9998) or output.best_metric to \"val_acc\".")
-    if t["patch_dropout"] and t["freeze_backbone"]:
-        raise UserError(f"params key train.patch_dropout is {t['patch_dropout']} but train.freeze_backbone keeps the backbone "
-                        f"frozen in eval mode, where no patch drops; set train.patch_dropout to 0.")
     if m["pretrained_ema"] and m["pretrained"] is None:
         raise UserError("params key model.pretrained_ema is true but model.pretrained is null; set model.pretrained or drop model.pretrained_ema.")
 

@@ -179,11 +179,25 @@ def epoch_cost(train_s: float, eval_s: float, eval_every: int) -> float:
 def dropout_plan(train: dict, config) -> dict:
     """Plan's drop_until and drop_share for train.patch_dropout on a model with `config`: the epochs
     that drop patches cost the share of the tokens they keep (prefix tokens included)."""
-    if not train["patch_dropout"]:
+    if not train["patch_dropout"] or train["freeze_backbone"]:  # a frozen backbone runs in eval mode: no patch drops
         return {}
     n, prefix = config.num_patches, config.num_prefix_tokens
     kept = max(1, int(n * (1.0 - train["patch_dropout"])))
     return {"drop_until": train["patch_dropout_until"], "drop_share": (prefix + kept) / (prefix + n)}
+
+
+def start_line(plan: Plan, train: dict) -> Optional[str]:
+    """What the start-up lines say of the run's length: the budget still to decide, patch dropout."""
+    parts = []
+    if not plan.decided:
+        parts.append(f"time budget {plan.budget_s / 60:g} min: how many of train.epochs={plan.epochs} fit is decided "
+                     f"a few dozen steps in")
+    if plan.drop_share < 1.0:
+        parts.append(f"patch dropout: the first {plan.drop_until:.0%} of the epochs train on "
+                     f"{1 - train['patch_dropout']:.0%} of each image's patches, ≈ {1 / plan.drop_share:.1f}x faster a step")
+    elif train["patch_dropout"] and train["freeze_backbone"]:
+        parts.append("train.patch_dropout does not apply: a frozen backbone (train.freeze_backbone) runs in eval mode")
+    return "; ".join(parts) or None
 
 
 def announce_speed(run, rate: float, epoch: int, batches_done: int) -> None:

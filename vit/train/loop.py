@@ -256,6 +256,8 @@ def open_run_folder(run: Run, why: str) -> None:
               f"{t['epochs']} epochs; raise train.lr, or set train.lr_scale_batch to the effective batch {batch} or to null")
     where = f"the CPU, {precisions.thread_note()}" if d.device.type == "cpu" else str(d.device)
     print(f"training on {where}; precision {run.trainer.settings.precision} ({why})")
+    if budget.start_line(run.plan, t):
+        print(budget.start_line(run.plan, t))
 
 
 def write_history(path: str, history: list) -> None:
