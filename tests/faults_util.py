@@ -50,13 +50,14 @@ LOST = []  # resumed runs that did not match the uninterrupted one (a test faile
 make_folder = partial(helpers.make_folder, per_class=16)
 
 
-def tiny_params(folder, out_dir, **train):
-    """A valid params dict: a 2-layer width-32 ViT on `folder` at 16x16, 2 epochs of fp32 on the CPU."""
+def tiny_params(folder, out_dir, data=None, **train):
+    """A valid params dict: a 2-layer width-32 ViT on `folder` at 16x16, 2 epochs of fp32 on the CPU
+    (`data` and `train` change keys of those sections)."""
     return {
         "model": {"patch_size": 4, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                   "intermediate_size": 64, "hidden_dropout_prob": 0.1},
         "data": {"dataset": "folder", "train_dir": str(folder), "val_split": 0.25, "image_size": 16,
-                 "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "workers": 0},
+                 "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "workers": 0, **(data or {})},
         "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_epochs": 1, "precision": "fp32",
                   "drop_path": 0.1, **train},
         "output": {"dir": str(out_dir), "misclassified": 4},
@@ -296,16 +297,16 @@ def read_metrics(run_dir):
 _REFERENCES = {}
 
 
-def reference(folder, tmp, epochs, **train):
-    """The uninterrupted tiny run on `folder` (made by make_folder), with `train` keys changed: last.pt
-    weights (and EMA weights) and metrics lines.
+def reference(folder, tmp, epochs, data=None, **train):
+    """The uninterrupted tiny run on `folder` (made by make_folder), with `data` and `train` keys changed:
+    last.pt weights (and EMA weights) and metrics lines.
 
     Cached per epoch count and keys for the session: paths differ between callers, results do not.
     """
-    key = (epochs, *sorted(train.items()))
+    key = (epochs, *sorted((data or {}).items()), *sorted(train.items()))
     if key not in _REFERENCES:
         run_dir = os.path.join(str(tmp), "reference_run")
-        params = write_params(os.path.join(str(tmp), "reference.json"), tiny_params(folder, run_dir, epochs=epochs, **train))
+        params = write_params(os.path.join(str(tmp), "reference.json"), tiny_params(folder, run_dir, data, epochs=epochs, **train))
         r = run(["--params", params], tmp)
         assert r.returncode == 0, r.stderr[-3000:]
         _REFERENCES[key] = {"state": load_state(os.path.join(run_dir, "last.pt")), "metrics": read_metrics(run_dir),

@@ -2,7 +2,9 @@
 
 Reproducibility does not depend on the number of workers: the batch sampler hands each sample its
 own seed (drawn from (seed, epoch, rank)), and the dataset seeds torch/random/numpy with it around
-the transform. A file that fails to decode becomes a short message instead of a tensor; the collate
+the transform. The DataLoader draws its workers' base seed from a generator of its own, never from the
+global torch stream: with persistent workers it draws once per process, so a resumed process would
+otherwise shift dropout and drop path from its first epoch on. A file that fails to decode becomes a short message instead of a tensor; the collate
 drops it and the loader counts it in `.skipped`, so a corrupt file never stops an epoch.
 """
 
@@ -136,6 +138,7 @@ class WorkerLoader:
             dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
             prefetch_factor=4 if workers > 0 else None, persistent_workers=workers > 0,
+            generator=torch.Generator(),  # unused by our per-sample seeds; it keeps the global stream untouched
         )
 
     def set_epoch(self, epoch):
