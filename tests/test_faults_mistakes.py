@@ -212,13 +212,14 @@ def test_misclassified_titles_say_which_label_is_true_and_which_predicted(figure
     fu.record("mistakes", "misclassified.png titles say true and predicted", 1)
 
 
-def test_curves_have_whole_epoch_ticks(figures):
-    history = [{"epoch": e, "loss": 1.0 / e, "acc": 0.5, "val_loss": 1.0, "val_acc": 0.5} for e in (1, 2, 3)]
+@pytest.mark.parametrize("epochs", [1, 2, 3, 40])  # one epoch: a single point, whose axis spans a tenth of an epoch
+def test_curves_have_whole_epoch_ticks(figures, epochs):
+    history = [{"epoch": e, "loss": 1.0 / e, "acc": 0.5, "val_loss": 1.0, "val_acc": 0.5} for e in range(1, epochs + 1)]
     plots.plot_curves(history, "x.png")
     for ax in figures[0].axes:
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
-    fu.record("mistakes", "curves.png has whole-epoch ticks", 1)
+    fu.record("mistakes", f"curves.png of {epochs} epoch(s) has whole-epoch ticks", 1)
 
 
 @pytest.mark.parametrize("heads", [3, 12, 24])

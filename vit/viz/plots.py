@@ -82,7 +82,8 @@ def plot_curves(history, path):
                 x, y = zip(*points)
                 ax.plot(x, y, marker="o" if len(points) < 30 else None, markersize=3, label=legend)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+        # epochs are whole; min_n_ticks=1: a 1-epoch run's axis spans a tenth of an epoch, with one whole tick in it
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         if ax.get_lines():
