@@ -11,7 +11,7 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 
 from vit import ViTForImageClassification, ViTModel
 from vit.errors import UserError
-from vit.resize import adapt_input_channels, resample_patch_kernel, resample_pos_embed
+from vit.resize import LUMA, adapt_input_channels, resample_patch_kernel, resample_pos_embed
 
 
 def assert_close(ours, ref, what, tol=1e-5):
@@ -112,14 +112,17 @@ def test_rgb_checkpoint_on_gray_images_matches_timm(timm_file):
 
 
 def test_gray_checkpoint_on_rgb_images(tmp_path):
-    """1-channel weights, 3-channel model: an RGB image gives what the gray model gives for its channel mean."""
+    """1-channel weights, 3-channel model: an RGB image gives what the gray model gives for its gray version
+    (PIL's luma weights, as open_image converts an RGB file for a 1-channel model)."""
     torch.manual_seed(2)
     gray_model = timm_vit(width=32, depth=2, heads=4, image_size=32, patch=8, classes=5, in_chans=1).eval()
     torch.save(gray_model.state_dict(), tmp_path / "gray.pth")
     ours = ViTForImageClassification.from_pretrained(tmp_path / "gray.pth", num_channels=3, num_attention_heads=4).eval()
     assert "patch kernel adapted 1 -> 3 input channels" in str(ours.load_report)
     rgb = torch.randn(2, 3, 32, 32)
-    assert_close(ours(rgb).logits, gray_model(rgb.mean(dim=1, keepdim=True)), "logits")
+    luma = torch.tensor(LUMA).view(1, 3, 1, 1)
+    assert_close(ours(rgb).logits, gray_model((rgb * luma).sum(dim=1, keepdim=True)), "logits")
+    assert_close(adapt_input_channels(torch.ones(8, 1, 4, 4), 4, "x.pth"), torch.full((8, 4, 4, 4), 0.25), "another count: the mean")
 
 
 def test_channel_counts_that_cannot_be_adapted_are_refused():

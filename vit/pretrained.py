@@ -16,8 +16,10 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from vit.loading.load import load_pretrained
+from vit.resize import adapt_input_channels
 
 Model = TypeVar("Model", bound="PreTrainedModel")
+KERNEL = "embeddings.patch_embeddings.projection.weight"  # the patch kernel, (D, C, p, p), under `vit.` in a classifier
 
 
 class PreTrainedModel(nn.Module):
@@ -35,17 +37,26 @@ class PreTrainedModel(nn.Module):
         What the load did is `model.load_report`, and is logged on the `vit` logger."""
         return load_pretrained(cls, path, num_labels=num_labels, image_size=image_size, ema=ema, **overrides)
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """Write config.json and model.safetensors, a folder transformers' from_pretrained reads."""
-        from safetensors.torch import save_file
+    def save_pretrained(self, directory: Union[str, os.PathLike], num_channels: Optional[int] = None) -> None:
+        """Write config.json and model.safetensors, a folder transformers' from_pretrained reads. Both are
+        written by open(), so they follow the user's umask (safetensors' own save_file writes 0600).
+        `num_channels` saves the model for another input channel count, its patch kernel adapted as the
+        loader adapts it (vit/resize.py): 3 makes a gray model one that takes RGB, as transformers'
+        image pipelines feed it."""
+        from safetensors.torch import save
 
         os.makedirs(directory, exist_ok=True)
         config = self.config.to_hf_dict()
         config["architectures"] = [type(self).__name__]
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if num_channels is not None and num_channels != self.config.num_channels:
+            kernel = next(k for k in tensors if k.endswith(KERNEL))
+            tensors[kernel] = adapt_input_channels(tensors[kernel], num_channels, str(directory))
+            config["num_channels"] = num_channels
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+            f.write(save(tensors, metadata={"format": "pt"}))
 
     def _init_weights(self, module: nn.Module) -> None:
         # HF's init: truncated normal for matrices (and, in ViTModel, the learned embeddings), zero biases.

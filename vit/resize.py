@@ -45,16 +45,24 @@ def resample_patch_kernel(kernel: torch.Tensor, new_patch: int) -> torch.Tensor:
     return new.reshape(out_ch, in_ch, new_patch, new_patch).to(kernel.dtype)
 
 
+# PIL's convert("L") (ITU-R 601-2 luma, in its own 16-bit fixed point): gray = these weights . (R, G, B); they sum to 1
+LUMA = (19595 / 65536, 38470 / 65536, 7471 / 65536)
+
+
 def adapt_input_channels(kernel: torch.Tensor, channels: int, path: str) -> torch.Tensor:
     """The patch kernel for another number of input channels (RGB weights for gray images, say).
 
     To 1 channel, as timm's adapt_input_conv: sum over the old channels, so a gray image gives what
-    its copy on every RGB channel gave. From 1 channel: repeat and divide by the new count, so a
-    C-channel image gives what the mean of its channels gave.
+    its copy on every RGB channel gave. From 1 channel to 3: the kernel times PIL's LUMA weights, so
+    an RGB image gives what its gray version (as open_image makes it) gave, up to PIL's rounding to
+    whole levels; to another count: repeat and divide by it (the channels' mean). Both hold for
+    inputs normalized with one mean and std for every channel.
     """
     old = kernel.shape[1]  # (D, C, p, p)
     if channels == 1:
         return kernel.sum(dim=1, keepdim=True)
+    if old == 1 and channels == 3:
+        return kernel * torch.tensor(LUMA, dtype=kernel.dtype).view(1, 3, 1, 1)
     if old == 1:
         return kernel.repeat(1, channels, 1, 1) / channels
     raise UserError(f"checkpoint {path} has {old} input channels and cannot be adapted to {channels}; use num_channels={old} or 1.")

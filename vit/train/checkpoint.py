@@ -18,7 +18,6 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 
 from vit.data import Loaders
 from vit.errors import UserError
@@ -121,7 +120,12 @@ def training_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
 
 def save_hf(model: torch.nn.Module, directory: str, mean: list, std: list) -> None:
     """save_pretrained (+ the normalization as HF's preprocessor_config.json) into a temp folder, then
-    swap it in, so `directory` is always whole."""
+    swap it in, so `directory` is always whole.
+
+    A gray (1-channel) model is saved as one that takes RGB, its patch kernel spread over R, G and B by
+    PIL's luma weights (vit/resize.py): transformers' image pipelines convert every image to RGB, and
+    its processor has no gray option. It computes what the gray model computes on the gray version of
+    an image, up to PIL's rounding of gray levels; loading it for gray data sums the kernel back."""
     tmp, old = directory + ".tmp", directory + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     if os.path.isdir(old):  # an earlier save was killed mid-swap: keep the whole copy, drop the other
@@ -129,18 +133,20 @@ def save_hf(model: torch.nn.Module, directory: str, mean: list, std: list) -> No
             shutil.rmtree(old)
         else:
             os.replace(old, directory)
-    size = model.config.image_size
+    size, gray = model.config.image_size, model.config.num_channels == 1
+    if gray:  # the one value for each of R, G and B: HF's processor wants one per channel
+        mean, std = list(mean) * 3, list(std) * 3
     processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": size, "width": size},
                  "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,  # 3: bicubic, as our eval
                  "image_mean": list(mean), "image_std": list(std)}
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, num_channels=3 if gray else None)
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
             json.dump(processor, f, indent=2)
         if os.path.isdir(directory):
             os.replace(directory, old)
         os.replace(tmp, directory)
-    except (OSError, SafetensorError) as e:  # safetensors reports a full disk as its own error
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if os.path.isdir(old) and not os.path.isdir(directory):
             os.replace(old, directory)  # the swap failed halfway: put the previous folder back
