@@ -267,7 +267,8 @@ def own_pt_cases():
         "mean two values": ({"mean": [0.5, 0.5], "std": [0.5, 0.5]}, False),
         "params a string": ({"params": "x"}, False),
         "params sections not objects": ({"params": {"data": 5}}, False),
-        "classes a number (unused: names come from the config)": ({"classes": 5}, True),
+        "classes a number": ({"classes": 5}, False),
+        "classes one name too few": ({"classes": ["a", "b"]}, False),
         "no mean or std": ({"mean": None, "std": None}, True),
     }
 

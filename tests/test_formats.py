@@ -203,7 +203,9 @@ def test_npz_in21k_new_head_drops_pre_logits(in21k, caplog):
     rep = ours.load_report
     assert rep.fresh == ["classifier.weight", "classifier.bias"]
     assert rep.ignored == ["classifier.bias", "classifier.weight", "vit.pooler.dense.bias", "vit.pooler.dense.weight"]
-    assert "the checkpoint's head has 21843 classes" in logged(caplog)
+    text = logged(caplog)  # the new head said once, by its note: not again as fresh and ignored keys
+    assert "the checkpoint's head for 21843 classes is left out" in text and "classifier.weight" not in text, text
+    assert "ignored from checkpoint: vit.pooler.dense.bias, vit.pooler.dense.weight" in text, text
     x = torch.randn(2, 3, 32, 32)
     feats = ours.forward_head(ours.forward_features(x), pre_logits=True)
     assert_close(feats, t.forward_head(t.forward_features(x), pre_logits=True), "pre-logits features")

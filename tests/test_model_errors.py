@@ -44,7 +44,7 @@ def test_folder_without_config_or_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(ViTConfig(hidden_size=32, num_attention_heads=4).to_hf_dict()))
     raises(["no model.safetensors or pytorch_model.bin"], load, tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    raises(["config.json", "not a valid"], load, tmp_path)
+    raises(["config.json", "not valid JSON"], load, tmp_path)
 
 
 def test_unrecognised_format(tmp_path):

@@ -5,6 +5,7 @@ through it without building a model. The modules themselves are in `vit/model.py
 """
 
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields
 from typing import Optional
@@ -169,6 +170,54 @@ class ViTConfig:
         """Read an HF config.json body, ignoring the keys this model has no use for."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})  # num_labels follows id2label in __post_init__
+
+
+# -----------------------------------------------------------------------------
+# what a config costs, from its sizes alone: checked before anything is allocated
+
+FALLBACK_MEMORY = 2**42  # 4 TiB: the bound where the OS does not say how much memory it has
+
+
+def parameter_count(config: ViTConfig) -> int:
+    """The parameters of a ViTForImageClassification with `config` (ViTModel: num_labels=0), without building it."""
+    c, d, i = config, config.hidden_size, config.intermediate_size
+    block = 4 * d + 3 * (d * d + d * c.qkv_bias) + d * d + d + 2 * d * i + i + d + (2 * d if c.layer_scale_init is not None else 0)
+    embeddings = (c.num_channels * c.patch_size**2 * d + (0 if c.pre_norm else d) + c.num_prefix_tokens * d
+                  + (c.num_patches + c.num_pos_prefix_tokens) * d + (2 * d if c.pre_norm else 0))
+    heads = (d * c.num_labels + c.num_labels) * (2 if c.distilled else 1) if c.num_labels > 0 else 0
+    return embeddings + c.num_hidden_layers * block + 2 * d + (d * d + d if c.use_pre_logits else 0) + heads
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory on this machine (FALLBACK_MEMORY where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return FALLBACK_MEMORY
+
+
+def check_memory(config: ViTConfig, what: str, advice: str, batch_size: int = 0, kept_layers: Optional[int] = None) -> None:
+    """Refuse, in one sentence starting with `what` and ending with `advice`, a model that cannot fit in this
+    machine's memory: its fp32 weights, and with batch_size > 0 the activations a training step keeps for
+    the backward pass in `kept_layers` blocks (default all; 1 with gradient checkpointing or a frozen
+    backbone). A lower bound (4D + MLP width values a token per block, at 2 bytes: bf16, the least any
+    precision keeps), so what it refuses cannot run, on a CPU or a GPU."""
+    tokens = config.num_patches + config.num_prefix_tokens
+    layers = config.num_hidden_layers if kept_layers is None else kept_layers
+    count = parameter_count(config)
+    need = 4 * count + 2 * batch_size * layers * tokens * (4 * config.hidden_size + config.intermediate_size)
+    have = machine_memory()
+    if need > have:
+        doing = f"to train on {batch_size} images at a time" if batch_size else "to hold its weights"
+        raise UserError(f"{what} has {count:,} parameters and {tokens:,} tokens per image, and needs at least "
+                        f"{_bytes(need)} {doing}, more than this machine's {_bytes(have)} of memory; {advice}.")
+
+
+def _bytes(n):
+    """1.5 GB, 212 TB: a size in words."""
+    units = ["bytes", "KB", "MB", "GB", "TB", "PB"]
+    k = min(int(math.log(max(n, 1), 1000)), len(units) - 1)
+    return f"{n / 1000**k:.3g} {units[k]}" if k else f"{n} bytes"
 
 
 def _is_number(value):

@@ -1,6 +1,7 @@
 """The one exception type for mistakes a user can make (a bad path, key, value or shape), the
-check every reader of a user's path makes first (`special_file_kind`), and the sentence every writer
-of a user's file gives when the disk or folder refuses it (`writing`).
+checks every reader of a user's path makes first (`special_file_kind`, and `path_problem` for a path
+no file system takes), and the sentence every writer of a user's file gives when the disk or folder
+refuses it (`writing`).
 
 Its message is a single sentence that names the file, key or value and says what to do;
 the command line (vit/cli.py) prints it without a traceback. It is a ValueError, as transformers' and
@@ -32,6 +33,40 @@ def special_file_kind(path: str) -> Optional[str]:
     except (OSError, ValueError):  # missing, unreadable, or a name with a NUL byte: the caller's own check says so
         return None
     return next((kind for test, kind in SPECIAL_KINDS if test(mode)), None)
+
+
+MAX_PATH_BYTES = 4096  # Linux's PATH_MAX: no longer path names a file
+MAX_PATH_DEPTH = 256  # folders in a path: beyond it os.makedirs recurses towards Python's limit, and nobody means it
+
+
+def path_problem(path: str) -> Optional[str]:
+    """Why `path` cannot name a file, in words ("is empty", "holds a NUL character", ...), or None."""
+    if not path.strip():
+        return "is empty"
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeEncodeError:  # a lone surrogate from a \udXXX escape: no file name can hold it
+        return "holds a character no file name can hold (a lone UTF-16 surrogate)"
+    if "\0" in path:
+        return "holds a NUL character"
+    if size > MAX_PATH_BYTES:
+        return f"is {size} bytes long, more than the {MAX_PATH_BYTES} a path may have"
+    depth = len([part for part in path.split(os.sep) if part])
+    if depth > MAX_PATH_DEPTH:
+        return f"is {depth} folders deep, more than the {MAX_PATH_DEPTH} this project creates"
+    return None
+
+
+def existing_parent(path: str, option: str) -> None:
+    """Refuse, in one sentence naming `option` (e.g. "--out"), a path to write into a folder that does not
+    exist, or one no file system takes: a command creates the file or folder it is asked for, never the
+    folders above it (`export --out /nonexistent/m.onnx` must not make /nonexistent)."""
+    problem = path_problem(path)
+    if problem is not None:
+        raise UserError(f"{option} {path[:80]!r} {problem}; pass a plain path.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"{option} {path}: its folder {parent} does not exist; create it first, or pass another {option}.")
 
 
 @contextmanager

@@ -15,6 +15,8 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 
+from typing import Optional
+
 import torch
 
 from vit.config import ViTConfig
@@ -305,13 +307,16 @@ class LoadReport:
     ignored: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     extras: dict = field(default_factory=dict)
+    adapted_channels: Optional[tuple] = None  # (the file's input channels, the model's) when the patch kernel was adapted
+    said: tuple = ()  # key prefixes a note speaks for (a new head's): left out of the printed fresh and ignored lines
 
     def __str__(self):
         lines = [f"loaded {self.source} {self.path}: {len(self.mapped)} tensors mapped"]
-        if self.fresh:
-            lines.append(f"  freshly initialised: {', '.join(self.fresh)}")
-        if self.ignored:
-            lines.append(f"  ignored from checkpoint: {', '.join(self.ignored)}")
+        fresh, ignored = ([k for k in keys if not k.startswith(self.said)] for keys in (self.fresh, self.ignored))
+        if fresh:
+            lines.append(f"  freshly initialised: {', '.join(fresh)}")
+        if ignored:
+            lines.append(f"  ignored from checkpoint: {', '.join(ignored)}")
         lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 

@@ -6,11 +6,11 @@ transformers' other ViT-family folders, keyed by model_type: DeiT has ViT's name
 Keys these tables don't name are ViT's already and pass through.
 """
 
-import json
 import os
 
 from vit.config import ViTConfig
 from vit.errors import UserError
+from vit.files import read_json
 from vit.loading.core import (L, Source, checked_normalization, config_fields, fold_class_position, is_file, read_file,
                               rename, strip_prefixes, tensors_of)
 
@@ -44,11 +44,10 @@ def read_hf_folder(path: str) -> Source:
     config_path = os.path.join(path, "config.json")
     if not is_file(config_path):
         raise UserError(f"folder {path} has no config.json; pass a Hugging Face model folder or a checkpoint file.")
+    hf_config = read_json(config_path, "config file", "re-save the model folder or fix it")
     try:
-        with open(config_path) as f:
-            hf_config = json.load(f)
         config = ViTConfig.from_hf_dict(family_fields(hf_config))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError, ValueError) as e:  # UserError is a ValueError
+    except (TypeError, AttributeError, ValueError) as e:  # UserError is a ValueError
         raise UserError(f"config file {config_path} is not a valid ViT config.json ({e}); re-save it or fix it.") from None
     model_type = hf_config.get("model_type", "vit")
     if model_type not in HF_FAMILY:
@@ -57,10 +56,10 @@ def read_hf_folder(path: str) -> Source:
         raise UserError(f"config file {config_path} has use_swiglu_ffn=true (DINOv2 giant's SwiGLU MLP), which this ViT has no counterpart for; pass a DINOv2 S, B or L folder.")
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if is_file(os.path.join(path, index)):
+            listing = read_json(os.path.join(path, index), "shard index", "re-save the model folder")
             try:
-                with open(os.path.join(path, index)) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                files = sorted(set(listing["weight_map"].values()))
+            except (KeyError, TypeError, AttributeError) as e:
                 raise UserError(f"shard index {os.path.join(path, index)} is not valid ({type(e).__name__}: {e}); re-save the model folder.") from None
             missing = [n for n in files if not is_file(os.path.join(path, n))]
             if missing:
@@ -102,11 +101,7 @@ def read_normalization(folder):
     pre = os.path.join(folder, "preprocessor_config.json")
     if not is_file(pre):
         return {}
-    try:
-        with open(pre) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise UserError(f"file {pre} is not valid JSON ({type(e).__name__}); fix it or delete it to use mean/std 0.5.") from None
+    cfg = read_json(pre, "file", "fix it, or delete it to use mean and std 0.5")
     if isinstance(cfg, dict) and "image_mean" in cfg and "image_std" in cfg:
         return checked_normalization(cfg["image_mean"], cfg["image_std"], f"file {pre}: image_mean/image_std")
     return {}

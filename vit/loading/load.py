@@ -15,7 +15,7 @@ import os
 from dataclasses import fields
 from typing import Optional, TypeVar, Union
 
-from vit.config import SWITCHES, ViTConfig
+from vit.config import SWITCHES, ViTConfig, check_memory
 from vit.errors import UserError
 from vit.loading import hf, npz, project, timm
 from vit.loading.core import (WRAPPER_PREFIXES, ZERO_HEAD, LoadReport, Source, copy_weights, ema_notes, infer_config, is_file,
@@ -124,7 +124,9 @@ def load_pretrained(cls: type[M], path: Union[str, os.PathLike], num_labels: Opt
     # adapt and resample what the new channel count, patch or image size needs
     kernel_key = "embeddings.patch_embeddings.projection.weight"
     if state[kernel_key].shape[1] != config.num_channels:
-        report.notes.append(f"patch kernel adapted {state[kernel_key].shape[1]} -> {config.num_channels} input channels (timm's adapt_input_conv)")
+        report.adapted_channels = old_new = (state[kernel_key].shape[1], config.num_channels)
+        how = "timm's adapt_input_conv" if old_new[1] == 1 else "PIL's luma weights" if old_new == (1, 3) else "the channels' mean"
+        report.notes.append(f"patch kernel adapted {old_new[0]} -> {old_new[1]} input channels ({how})")
         state[kernel_key] = adapt_input_channels(state[kernel_key], config.num_channels, path)
     if state[kernel_key].shape[-1] != config.patch_size:
         report.notes.append(f"patch kernel resampled {state[kernel_key].shape[-1]} -> {config.patch_size} (FlexiViT)")
@@ -135,11 +137,13 @@ def load_pretrained(cls: type[M], path: Union[str, os.PathLike], num_labels: Opt
         state["embeddings.position_embeddings"] = resample_pos_embed(state["embeddings.position_embeddings"], new_grid,
                                                                      num_prefix_tokens=file_pos_prefix)
 
+    check_memory(config, f"checkpoint {path} at image_size {config.image_size}", "load it at a smaller image size")
     model = cls(config)
+    new_head = is_classifier and not keep_head and config.num_labels > 0
     if is_classifier:
         state = {(k if k.startswith(HEADS) else "vit." + k): v for k, v in state.items()}
-        if not keep_head and config.num_labels > 0:
-            was = f"the checkpoint's head has {head_rows} classes" if head_rows else "the checkpoint has no head"
+        if new_head:
+            was = f"the checkpoint's head for {head_rows} classes is left out" if head_rows else "the checkpoint has no head"
             report.notes.append(f"new classifier for num_labels={config.num_labels} ({was}): zero-initialised, needs training")
 
     # the copy loop: only the pooler, the head and an fc_norm asked for by override (MAE's fine-tuning
@@ -147,6 +151,8 @@ def load_pretrained(cls: type[M], path: Union[str, os.PathLike], num_labels: Opt
     optional = HEADS + ("pooler.", "vit.pooler.", "fc_norm.", "vit.fc_norm.")
     skip = () if keep_head else HEADS
     report.mapped, report.fresh, report.ignored = copy_weights(model, state, path, optional, skip)
+    if new_head:  # the note above says it once: the printed report does not list the heads' keys again
+        report.said = HEADS
     if keep_head and is_zero_head(model):  # the first in21k release: google-research/vision_transformer#10
         report.notes.append(ZERO_HEAD)
     model.load_report = report

@@ -51,14 +51,19 @@ def from_training_checkpoint(obj: dict, state: dict, path: str, notes: list) -> 
         known = ViTConfig.from_hf_dict(obj["config"])
     except (TypeError, ValueError) as e:  # UserError is a ValueError
         raise UserError(f"checkpoint {path} carries a config this model cannot read ({e}); pass its best_hf folder instead.") from None
-    extras = run_extras(obj, path)
+    extras = run_extras(obj, path, known.num_labels)
     return Source(state, config_fields(known, state, path, f"checkpoint {path}: its config"), KIND, extras, notes)
 
 
-def run_extras(obj: dict, path: str) -> dict:
+def run_extras(obj: dict, path: str, num_labels: int) -> dict:
     """What a training checkpoint carries for inference (mean and std, the run's params), each checked:
-    a wrong type here would fail later, far from the file."""
+    a wrong type here would fail later, far from the file. Its class names (the config's id2label names
+    them for the commands) must be a list of `num_labels` names too: anything else is a damaged file."""
     extras = {}
+    classes = obj.get("classes")
+    if "classes" in obj and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes) and len(classes) == num_labels):
+        raise UserError(f"checkpoint {path} carries classes {str(classes)[:80]}, not a list of its {num_labels} class names; "
+                        f"it is damaged or not this project's: pass its best_hf folder instead.")
     if "mean" in obj or "std" in obj:
         extras.update(checked_normalization(obj.get("mean"), obj.get("std"), f"checkpoint {path}"))
     params = obj.get("params")
