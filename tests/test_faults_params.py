@@ -249,8 +249,9 @@ LATE = {  # --set items (or a params file's text, for "file:"), and the words th
     "train_dir with a NUL": (['data.train_dir="d\\u0000"'], ["data.train_dir", "NUL"]),
     "pretrained with a lone surrogate": (['model.pretrained="w\\udfff.pth"', "model.patch_size=null"], ["model.pretrained"]),
     "file: an integer with 5000 digits": ('{"train": {"epochs": ' + "7" * 5000 + "}}", ["digits"]),
-    "file: lists 100,000 deep": ('{"data": {"mean": ' + deep(100_000) + "}}", ["deeper than Python reads"]),
-    "file: lists 900 deep": ('{"data": {"mean": ' + deep(900) + "}}", ["data.mean"]),
+    "file: lists 100,000 deep": ('{"data": {"mean": ' + deep(100_000) + "}}", ["100002 deep", "more than the 64"]),
+    "file: lists 900 deep": ('{"data": {"mean": ' + deep(900) + "}}", ["902 deep"]),
+    "file: lists 60 deep (read, then refused by name)": ('{"data": {"mean": ' + deep(60) + "}}", ["data.mean"]),
     "file: lr as a string": ('{"train": {"lr": "3e-4"}}', ["train.lr", "0.0003"]),
 }
 

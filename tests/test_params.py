@@ -105,7 +105,6 @@ def test_unknown_key_is_named_with_a_suggestion_and_the_valid_keys():
     ("train.min_lr=1", ["train.min_lr", "train.lr"]),
     ("train.randaugment=augmix", ["train.randaugment", "rand-m9-mstd0.5"]),
     ("data.dataset=folder", ["data.train_dir", "folder"]),
-    ("model.pretrained=x.npz", ["model.patch_size", "null"]),
     ("train.layer_decay=1.5", ["train.layer_decay", "at most 1"]),
     ("train.lr=Infinity", ["train.lr", "Infinity", "finite"]),
     ("data.mean=[NaN]", ["data.mean", "NaN", "finite"]),

@@ -13,10 +13,9 @@ from typing import Sequence
 
 import torch
 
-from vit.config import ViTConfig
+from vit import params as P
 from vit.errors import UserError
 from vit.model import ViTForImageClassification
-from vit.params import FROM_SCRATCH
 
 logger = logging.getLogger(__name__)
 
@@ -29,18 +28,31 @@ def build_model(params: dict, classes: Sequence[str]) -> ViTForImageClassificati
                   attention_probs_dropout_prob=m["attention_probs_dropout_prob"])
     if m["global_pool"] is not None:
         common["global_pool"] = m["global_pool"]
-    if m["pretrained"] is not None:
-        # an RGB checkpoint on gray data (or the reverse) gets its patch kernel adapted, said in the load report
-        return ViTForImageClassification.from_pretrained(
-            m["pretrained"], num_labels=len(classes), id2label=id2label, num_channels=d["channels"],
-            ema=m["pretrained_ema"], **common)
-    sizes = {k: m[k] for k in FROM_SCRATCH if m[k] is not None}
-    kw = dict(num_channels=d["channels"], num_labels=len(classes), id2label=id2label, **common, **sizes)
-    if m["preset"] is not None:
-        config = ViTConfig.from_preset(m["preset"], **kw)
-    else:
-        config = ViTConfig(**{"layer_norm_eps": 1e-6, **kw})
-    return ViTForImageClassification(config)
+    if m["pretrained"] is None:  # its size was checked at validation, before anything was allocated
+        return ViTForImageClassification(P.architecture(params, num_labels=len(classes), id2label=id2label, **common))
+    model = ViTForImageClassification.from_pretrained(
+        m["pretrained"], num_labels=len(classes), id2label=id2label, num_channels=d["channels"],
+        ema=m["pretrained_ema"], **common)
+    P.check_fits(model.config, params, f"model.pretrained {m['pretrained']} at data.image_size {d['image_size']}")
+    if model.load_report.adapted_channels is not None:
+        logger.warning("%s", channel_change(model.load_report, params))
+    return model
+
+
+def channel_change(report, params: dict) -> str:
+    """The start-up line of a fine-tune from RGB to gray data (or the reverse): what was adapted, and the
+    normalization and learning rate in force, beside what the checkpoint states."""
+    was, now = report.adapted_channels
+    d, t = params["data"], params["train"]
+    stated = f" (the checkpoint states mean {report.extras['mean']}, std {report.extras['std']})" if "mean" in report.extras else ""
+    scaled = f" x effective batch / train.lr_scale_batch {t['lr_scale_batch']}" if t["lr_scale_batch"] is not None else ""
+    return (f"note: model.pretrained {report.path} was trained on {_channels(was)} images and data.channels is {now}: "
+            f"it sees {_channels(now)} images through its adapted patch kernel; in force: data.mean {d['mean']}, "
+            f"data.std {d['std']}{stated}, train.lr {t['lr']:g}{scaled}")
+
+
+def _channels(n: int) -> str:
+    return {1: "1-channel (grayscale)", 3: "3-channel (RGB)"}.get(n, f"{n}-channel")
 
 
 def load_model(path: str, device: torch.device, ema: bool = False) -> tuple[ViTForImageClassification, dict]:

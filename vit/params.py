@@ -17,14 +17,17 @@ and the benchmarks read it.
 import copy
 import difflib
 import json
+import logging
 import math
 import os
 import re
-import sys
 from typing import Iterable, Optional, Sequence
 
-from vit.config import POOLINGS, PRESET_RE, PRESETS, WEIGHT_INITS
-from vit.errors import UserError
+from vit import files
+from vit.config import POOLINGS, PRESET_RE, PRESETS, WEIGHT_INITS, ViTConfig, check_memory
+from vit.errors import UserError, path_problem, special_file_kind
+
+logger = logging.getLogger(__name__)
 
 NUMBER = (int, float)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -114,6 +117,21 @@ SCHEMA = {
     },
 }
 
+# what other tools call some keys (HF's TrainingArguments and ViTConfig, timm's train.py and create_model), for
+# "did you mean": train.learning_rate -> train.lr
+ALIASES = {
+    "learning_rate": "lr", "base_lr": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs", "epoch": "epochs",
+    "bs": "batch_size", "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "accum_iter": "grad_accum", "warmup": "warmup_epochs", "warmup_steps": "warmup_epochs", "wd": "weight_decay",
+    "smoothing": "label_smoothing", "drop_path_rate": "drop_path", "max_grad_norm": "clip_grad", "amp": "precision",
+    "dtype": "precision", "model_ema_decay": "ema_decay", "img_size": "image_size", "input_size": "image_size",
+    "num_workers": "workers", "in_chans": "channels", "num_channels": "channels", "output_dir": "dir",
+    "embed_dim": "hidden_size", "width": "hidden_size", "depth": "num_hidden_layers", "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads", "heads": "num_attention_heads", "mlp_dim": "intermediate_size",
+    "drop_rate": "hidden_dropout_prob", "dropout": "hidden_dropout_prob", "attn_drop_rate": "attention_probs_dropout_prob",
+    "checkpoint": "pretrained", "weights": "pretrained", "data_dir": "train_dir",
+}
+
 # the model keys without a default of their own: null leaves them to the preset or the checkpoint
 SIZES = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 FROM_SCRATCH = (*SIZES, "layer_norm_eps", "qkv_bias", "weight_init")  # ViTConfig fields that model.pretrained decides instead
@@ -133,31 +151,47 @@ def defaults() -> dict:
 
 def load(path: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     """Defaults <- the JSON file (if any) <- `--set` overrides, validated; the one entry point."""
-    params = defaults()
-    if path is not None:
-        merge(params, read_json(path), source=path)
-    for item in overrides:
-        key, value = parse_override(item)
-        merge(params, nest(key, value), source="--set")
+    params, written = defaults(), {}
+    updates = [] if path is None else [(path, read_json(path))]
+    for source, update in updates + [("--set", nest(*parse_override(item))) for item in overrides]:
+        merge(params, update, source=source)
+        _later_architecture(params, update.get("model", {}), source, written)
     validate(params)
     return params
 
 
+def _later_architecture(params, model, source, written):
+    """The later-written one wins: a model.preset or model.pretrained that `source` sets (its model section
+    is `model`) replaces the architecture keys earlier sources wrote (a preset: the sizes and a
+    checkpoint; a checkpoint: the preset and every from-scratch key), said in one line on the `vit`
+    logger. `written` maps each model key to the source that last wrote it. Keys one source writes
+    together stay: explicit sizes beside a preset refine it, and sizes beside a checkpoint are refused."""
+    if model.get("pretrained") is not None:
+        key, replaced = "pretrained", ("preset", *FROM_SCRATCH)
+    elif model.get("preset") is not None:
+        key, replaced = "preset", (*SIZES, "pretrained")
+    else:
+        key, replaced = None, ()
+    dropped = {k: params["model"][k] for k in replaced if k not in model and k in written and params["model"][k] is not None}
+    if dropped:
+        for k in dropped:
+            params["model"][k] = None
+        earlier = " and ".join(dict.fromkeys(written[k] for k in dropped))
+        logger.warning("%s: model.%s %s decides the architecture, so %s's %s %s ignored", source, key,
+                       json.dumps(model[key]), earlier, ", ".join(f"model.{k}={json.dumps(v)}" for k, v in dropped.items()),
+                       "is" if len(dropped) == 1 else "are")
+    written.update(dict.fromkeys(model, source))
+
+
 def read_json(path):
-    """The JSON object in `path`, or a UserError naming the file, line and column."""
+    """The JSON object in `path`, or a UserError naming the file (and the line and column of a syntax error)."""
+    kind = "a folder" if os.path.isdir(path) else special_file_kind(path)
+    if kind is not None:
+        inside = f" (e.g. {os.path.join(path, 'params.json')})" if os.path.isdir(path) else ""
+        raise UserError(f"params file {path} is {kind}, not a file; pass a params file{inside} to --params.")
     if not os.path.isfile(path):
         raise UserError(f"params file {path} does not exist; pass an existing file to --params.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start} cannot be decoded); save it as UTF-8.") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}.") from None
-    except (ValueError, RecursionError) as e:  # an integer over Python's digit limit; nesting deeper than the stack
-        raise UserError(f"{path} cannot be read as params: {_json_limit(e)}.") from None
+    obj = files.read_json(path, "params file")
     if not isinstance(obj, dict):
         raise UserError(f"{path} must hold a JSON object with sections {list(SCHEMA)}, not {type(obj).__name__}.")
     return obj
@@ -168,23 +202,14 @@ def parse_override(item):
     if "=" not in item:
         raise UserError(f"--set {item!r} needs the form section.key=value, e.g. train.epochs=3.")
     key, raw = item.split("=", 1)
+    key = key.strip()
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as e:
-        if raw.lstrip()[:1] in ("[", "{", '"'):  # meant as a list, an object or a quoted string
-            raise UserError(f"--set {key.strip()}={raw[:60]} is not valid JSON ({e.msg} at column {e.colno}); "
-                            f"write lists like [0.5, 0.5, 0.5].") from None
-        value = raw  # bare words like fp16 or runs/x stay strings
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"--set {key.strip()} cannot be read: {_json_limit(e)}.") from None
-    return key.strip(), value
-
-
-def _json_limit(e):
-    """What a JSON parse hit besides a syntax error, in words."""
-    if isinstance(e, RecursionError):
-        return "its JSON nests lists or objects deeper than Python reads"
-    return f"it holds an integer of more than {sys.get_int_max_str_digits()} digits, more than Python reads"
+        return key, files.parse_json(raw, f"--set {key}")
+    except UserError:
+        # meant as a list, an object, a quoted string or a number: it must be JSON; bare words like fp16 or runs/x stay strings
+        if raw.lstrip()[:1] in ("[", "{", '"') or raw.strip().lstrip("-").isdigit():
+            raise
+        return key, raw
 
 
 def _nesting(value):
@@ -232,15 +257,18 @@ def merge(base, update, source, prefix=""):
 def _unknown_key(name, valid, source):
     """'params key data.batch_size ... did you mean train.batch_size?' plus the valid keys."""
     leaf = name.rsplit(".", 1)[-1]
-    everywhere = [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys]
-    # the same key in another section is the likeliest mistake, then a typo of a key here
-    same_leaf = [k for k in everywhere if k.endswith("." + leaf)]
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
-    hint = ""
-    if same_leaf:
-        hint = f" did you mean {same_leaf[0]}?"
-    elif close:
-        hint = f" did you mean {name.rsplit('.', 1)[0] + '.' if '.' in name else ''}{close[0]}?"
+    everywhere = {k: f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys}  # each key's name is one section's
+    # the same key in another section is the likeliest mistake, then another tool's name for a key, then a
+    # typo of a key here, then a typo of a key elsewhere
+    target = everywhere.get(leaf) or everywhere.get(ALIASES.get(leaf.lower()))
+    if target is None:
+        close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
+        if close:
+            target = (name.rsplit(".", 1)[0] + "." if "." in name else "") + close[0]
+        else:
+            close = difflib.get_close_matches(leaf, list(everywhere), n=1, cutoff=0.75)
+            target = everywhere[close[0]] if close else None
+    hint = f" did you mean {target}?" if target else ""
     return f"{source}: params key {name} is not known;{hint} valid keys here: {', '.join(valid)}."
 
 
@@ -318,15 +346,11 @@ def _check_rule(name, value, rule):
         if not test(value):
             raise UserError(f"params key {name} is {json.dumps(value)}; it must be {words}.")
     elif rule == "path":
-        if not value.strip():
+        problem = path_problem(value)
+        if problem == "is empty":
             raise UserError(f"params key {name} is empty; set it to a path, e.g. \"runs/my_run\".")
-        try:
-            os.fsencode(value)
-        except UnicodeEncodeError:  # a lone surrogate from a \udXXX escape: no file name can hold it
-            raise UserError(f"params key {name} is {json.dumps(value)[:80]}, which holds a character no file name "
-                            f"can hold (a lone UTF-16 surrogate); use a plain path.") from None
-        if "\0" in value:
-            raise UserError(f"params key {name} is {json.dumps(value)[:80]}, which holds a NUL character; use a plain path.")
+        if problem is not None:
+            raise UserError(f"params key {name} is {json.dumps(value)[:60]}, which {problem}; use a plain path.")
     elif rule == "floats":
         if not value or not _all_numbers(value):
             raise UserError(f"params key {name} must be a non-empty list of numbers, got {json.dumps(value)}.")
@@ -397,6 +421,25 @@ def _check_cross(params):
                         "set train.ema_decay (e.g. 0.9998) or output.best_metric to \"val_acc\".")
     if m["pretrained_ema"] and m["pretrained"] is None:
         raise UserError("params key model.pretrained_ema is true but model.pretrained is null; set model.pretrained or drop model.pretrained_ema.")
+    if m["pretrained"] is None:  # sizes no memory holds stop here, before anything is allocated (a checkpoint: vit/factory.py)
+        check_fits(architecture(params, num_labels=2), params, "the model params describe")
+
+
+def architecture(params: dict, **fields) -> ViTConfig:
+    """The ViTConfig of the model trained from scratch that `params` describes (a preset and/or explicit
+    sizes, at data.image_size and data.channels), with `fields` added (num_labels, id2label, dropout, ...)."""
+    m, d = params["model"], params["data"]
+    kw = {"image_size": d["image_size"], "num_channels": d["channels"], **{k: m[k] for k in FROM_SCRATCH if m[k] is not None}, **fields}
+    if m["preset"] is not None:
+        return ViTConfig.from_preset(m["preset"], **kw)
+    return ViTConfig(**{"layer_norm_eps": 1e-6, **kw})
+
+
+def check_fits(config: ViTConfig, params: dict, what: str) -> None:
+    """Refuse, naming it as `what`, a model that cannot train on this machine at train.batch_size (see config.check_memory)."""
+    t = params["train"]
+    check_memory(config, what, "choose smaller model sizes, data.image_size or train.batch_size", t["batch_size"],
+                 1 if t["grad_checkpointing"] or t["freeze_backbone"] else None)  # activations kept for one block at a time
 
 
 def save(params: dict, path: str) -> None:
