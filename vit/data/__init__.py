@@ -15,7 +15,7 @@ is read as it is; nothing here restates a default. This package imports nothing 
 vit.errors.
 """
 
-import warnings
+import logging
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -25,12 +25,13 @@ import torch
 from vit.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from vit.data.fashion_mnist import load_fashion_mnist
 from vit.data.device_decode import CropPlan, DeviceDecodeLoader, DeviceDecoder, EncodedSource, collate_encoded
-from vit.data.folder import decode_all, record_dropped, scan_folder
+from vit.data.folder import class_folders, decode_all, record_dropped, scan_folder
 from vit.data.tensor_loader import TensorLoader
 from vit.data.transforms import eval_transform, resize_size, train_transform
 from vit.data.worker_loader import ArraySource, EpochBatchSampler, FileSource, SampleDataset, WorkerLoader
 from vit.errors import UserError
 
+logger = logging.getLogger(__name__)  # the skipped files' notices: one line each, printed by the command line
 IN_MEMORY_LIMIT = 2 * 1024**3  # bytes of decoded uint8 images for in_memory "auto"
 
 
@@ -43,6 +44,14 @@ class Loaders:
     mean: list
     std: list
     report: dict
+
+
+def class_names(data_params: dict) -> list:
+    """The class names of params.json's data section, from the folder names alone (no file is read):
+    the model's head is built from them before the data is decoded."""
+    if data_params["dataset"] == "fashion_mnist":
+        return list(FASHION_MNIST_CLASSES)
+    return class_folders(data_params["train_dir"], "data.train_dir")
 
 
 def build_loaders(data_params: dict, train_params: dict, device: Union[str, torch.device], rank: int = 0,
@@ -107,7 +116,7 @@ def _tensor_loader_factory(dataset, data_params, device, report, common):
         else:  # decoded once at the eval framing; files that fail are dropped and counted
             x, y, failed = decode_all(samples, channels, resize_size(image_size), max(4, data_params["workers"]))
             if failed:
-                warnings.warn(f"skipped {len(failed)} image(s) that failed to decode: {'; '.join(failed[:5])}")
+                logger.warning("skipped %d image(s) that failed to decode: %s", len(failed), "; ".join(failed[:5]))
             record_dropped(report, failed)
             x = torch.from_numpy(x)
         return TensorLoader(x.contiguous().to(device), torch.from_numpy(np.array(y)), train=train, **aug, **kw)

@@ -3,7 +3,7 @@
 Policy for bad input (one rule per kind, decided here for the whole project):
 - refused before training, UserError naming them: a missing train/val folder, no class folders,
   a class folder with no usable image, val classes that differ from the train classes;
-- skipped at scan time, with one warning and a count in the report: files without an image
+- skipped at scan time, with one notice (the `vit` logger) and a count in the report: files without an image
   extension, zero-byte files, files whose header PIL cannot identify (random bytes, text named .jpg),
   and decompression-bomb sizes. The scan reads headers only (PIL open without load), so it stays fast;
 - dropped at load time, counted in the report (and, for loaders that decode during the epoch, in
@@ -12,7 +12,7 @@ Policy for bad input (one rule per kind, decided here for the whole project):
 Hidden files and folders (".DS_Store", "._x.jpg", ".ipynb_checkpoints") are ignored silently.
 """
 
-import warnings
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from torchvision.transforms import functional as TF
 from vit.data.images import IMAGE_EXTENSIONS, BadImage, check_header, open_image
 from vit.errors import UserError
 
+logger = logging.getLogger(__name__)
 MAX_LISTED = 20  # file names kept in the report per kind; the counts are always complete
 
 
@@ -41,10 +42,12 @@ class FolderSplit:
     report: dict = field(default_factory=dict)
 
 
-def scan_folder(train_dir, val_dir=None, *, val_split=None, split_seed=None, threads=8, keys=("data.train_dir", "data.val_dir")):
+def scan_folder(train_dir, val_dir=None, *, val_split=None, split_seed=None, threads=8, keys=("data.train_dir", "data.val_dir"),
+                quiet=False):
     """Scan train_dir (and val_dir), apply the policy above, and split when there is no val_dir
     (then val_split and split_seed say how: data.val_split and data.split_seed). `keys` name the two
-    folders in messages: the params keys, or the option the user typed."""
+    folders in messages: the params keys, or the option the user typed. The skipped files are one
+    notice on the `vit` logger, unless `quiet` (a caller that scans the same folder again)."""
     if not train_dir:
         raise UserError(f"{keys[0]} is not set; point it at a folder with one sub-folder per class.")
     train_classes, train_files, skipped = _scan_root(Path(train_dir), keys[0], threads)
@@ -64,7 +67,8 @@ def scan_folder(train_dir, val_dir=None, *, val_split=None, split_seed=None, thr
         train, val = _split(train_classes, train_files, val_split, split_seed)
     if skipped:
         listed = "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        warnings.warn(f"skipped {len(skipped)} file(s) that are not usable images: {listed}", stacklevel=2)
+        if not quiet:
+            logger.warning("skipped %d file(s) that are not usable images: %s", len(skipped), listed)
     report = {"train_files": len(train), "val_files": len(val), "skipped_at_scan": len(skipped),
               "skipped_files": skipped[:MAX_LISTED]}
     return FolderSplit(train_classes, train, val, report)
@@ -72,11 +76,7 @@ def scan_folder(train_dir, val_dir=None, *, val_split=None, split_seed=None, thr
 
 def _scan_root(root, key, threads):
     """root/<class>/** -> (classes, {class: [good paths]}, [skip messages]); refuses empty classes."""
-    if not root.is_dir():
-        raise UserError(f"{key} {root} is not a folder; it must hold one sub-folder per class.")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise UserError(f"{key} {root} has no class sub-folders; put the images in {root}/<class>/.")
+    classes = class_folders(root, key)
     candidates = {c: sorted(p for p in (root / c).rglob("*") if p.is_file() and not _hidden(p, root)) for c in classes}
     flat = [p for c in classes for p in candidates[c]]
     with ThreadPoolExecutor(threads) as pool:  # header reads are I/O bound; threads overlap them
@@ -87,6 +87,21 @@ def _scan_root(root, key, threads):
     if empty:
         raise UserError(f"class folder(s) {', '.join(empty)} have no usable images; add images or remove the folder.")
     return classes, files, list(bad.values())
+
+
+def class_folders(root, key):
+    """The sorted class folder names under `root` (hidden ones left out), refused unless there are two or
+    more: one class trains to val_acc 1.0 and learns nothing. `key` names the folder in the sentence."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{key} {root} is not a folder; it must hold one sub-folder per class.")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"{key} {root} has no class sub-folders; put the images in {root}/<class>/.")
+    if len(classes) == 1:
+        raise UserError(f"{key} {root} has one class folder ({classes[0]}), and a classifier needs two or more: "
+                        f"every image would be right, and nothing learned; add a folder per class.")
+    return classes
 
 
 def _hidden(path, root):

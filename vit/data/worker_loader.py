@@ -8,8 +8,8 @@ otherwise shift dropout and drop path from its first epoch on. A file that fails
 drops it and the loader counts it in `.skipped`, so a corrupt file never stops an epoch.
 """
 
+import logging
 import random
-import warnings
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from torch.utils.data import DataLoader, Dataset
 from vit.data.folder import record_dropped
 from vit.data.images import BadImage, open_image
 from vit.data.sampler import epoch_generator, num_batches, shard_indices, shard_size
+
+
+logger = logging.getLogger(__name__)  # a dropped file's notice, once per file
 
 
 class FileSource:
@@ -160,7 +163,7 @@ class WorkerLoader:
                 if message in self.dropped:
                     continue
                 self.dropped.add(message)
-                warnings.warn(f"skipped an image that failed to decode: {message}", stacklevel=2)
+                logger.warning("skipped an image that failed to decode: %s", message)
                 record_dropped(self.report, [message])
             self.skipped += len(bad)
             if x is None:  # a whole batch of broken files: nothing to train on

@@ -133,8 +133,9 @@ def set_up(params_file: str, overrides: list, resume: bool, launched: float, lau
         torch.backends.cudnn.allow_tf32 = True
     engine.seed_epoch(t["seed"], 0, 0)  # model init: the same on every rank (DDP also broadcasts rank 0's)
 
+    # the model before the data: a checkpoint's patch or size that cannot work is refused before any image is decoded
+    model = factory.build_model(params, data.class_names(params["data"])).to(device)
     loaders = data.build_loaders(params["data"], t, device, d.rank, d.world_size)
-    model = factory.build_model(params, loaders.classes).to(device)
     if t["freeze_backbone"]:
         optim.freeze_backbone(model)
     if t["grad_checkpointing"]:
@@ -285,8 +286,11 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt  # impatient second Ctrl-C: the last saved checkpoint stays as it is
+        if self.signum is not None:  # impatient second signal: no save, the last saved checkpoint stays as it is
+            before = self.previous[signum]
+            if callable(before):  # the command line's: its line, and exit 128 + signal (vit/cli.py)
+                before(signum, frame)
+            raise KeyboardInterrupt(signum)
         self.signum = signum
         print(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the next step, then stopping "
               f"(send it again to stop without saving).", file=sys.stderr)
