@@ -2,6 +2,7 @@
 and every plot and command writing a valid PNG of the size it promises."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -10,7 +11,6 @@ from PIL import Image
 
 from vit import ViTConfig, ViTForImageClassification, ViTModel, commands
 from vit.data.fashion_mnist import CLASSES
-from vit.errors import UserError
 from vit.viz import plots
 from vit.viz.analysis import (
     attention_rollout,
@@ -192,7 +192,8 @@ def images(tmp_path):
 
 def test_attention_command(checkpoint, images, tmp_path, capsys):
     kind, path = checkpoint
-    written = commands.attention(path, images, str(tmp_path / "out"), "cpu")
+    assert commands.attention(path, images, str(tmp_path / "out"), "cpu") == 0  # the exit code: every image read
+    written = sorted(str(p) for p in (tmp_path / "out").iterdir())
     assert [p.rsplit("/", 1)[1] for p in written] == ["a_attention.png", "b_attention.png"]
     for p in written:
         assert_png(p, (600, 440))  # 3 columns x 2 in; 1 + ceil(2 heads / 3) rows x 2.2 in
@@ -232,9 +233,13 @@ def test_inspect_without_folder(tmp_path, capsys):
     assert "64 images from the Fashion-MNIST test set" in capsys.readouterr().out
 
 
-def test_attention_command_bad_image_is_a_user_error(tmp_path):
+def test_attention_command_skips_a_bad_image_and_exits_1(tmp_path, capsys):
+    """The policy of predict, attention and features: an unreadable image is a line, the rest are done, exit 1."""
     model = ViTForImageClassification(ViTConfig(**TINY, num_labels=2))
     model.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(UserError, match="notes.txt"):
-        commands.attention(str(tmp_path / "ckpt"), [str(tmp_path / "notes.txt")], str(tmp_path / "out"), "cpu")
+    Image.new("RGB", (16, 16)).save(tmp_path / "good.png")
+    code = commands.attention(str(tmp_path / "ckpt"), [str(tmp_path / "notes.txt"), str(tmp_path / "good.png")],
+                              str(tmp_path / "out"), "cpu")
+    assert code == 1 and "notes.txt: cannot read" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "out") == ["good_attention.png"]

@@ -3,6 +3,7 @@
     vit                                             # train what params.json says
     vit --params configs/cpu_smoke.json --set train.epochs=3 train.batch_size=64
     vit --resume                                    # continue the run in output.dir
+    vit init [DIR]                                  # a starter params.json and configs/, to train in any folder
     vit eval --checkpoint runs/fashion_mnist [--data-dir D] [--out results.json]
     vit predict --checkpoint runs/fashion_mnist/best.pt img1.png img2.jpg --topk 5
     vit attention --checkpoint C img1.png ... [--out DIR]
@@ -29,15 +30,27 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import logging  # noqa: E402
+import shlex  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 from vit.errors import UserError  # noqa: E402
 
-COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export", "runs")
+COMMANDS = ("train", "init", "eval", "predict", "attention", "inspect", "features", "export", "runs")
+DEFAULT_PARAMS = "params.json"
+# what a signal leaves, per command: one line, true at any moment of it
+STOPPED = {
+    "starting": "stopped by {signal} while starting; nothing was written",
+    "train": "training stopped by {signal} without saving; the last saved checkpoint is kept as it was",
+    "eval": "eval stopped by {signal}; it writes no files",
+    "predict": "predict stopped by {signal}; it writes no files",
+}
+WROTE = "{command} stopped by {signal}; every file it wrote is whole, none is half-written"  # the commands that write files
 
 
 def main(argv=None, launched=None):
@@ -47,18 +60,65 @@ def main(argv=None, launched=None):
     for stream in (sys.stdout, sys.stderr):  # names from the file system may hold bytes no encoding can print
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    args.launched = time.perf_counter() if launched is None else launched
-    args.launcher = launcher() if argv is None else ("python", "main.py")
-    try:
-        with library_notices():
-            return args.run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # a second Ctrl-C while stopping: no new save, the last one stands
-        print("interrupted; the last saved checkpoint is kept as it was.", file=sys.stderr)
-        return 128 + signal.SIGINT
+    with Interrupts() as interrupts:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args.launched = time.perf_counter() if launched is None else launched
+        args.launcher = launcher() if argv is None else ("python", "main.py")
+        try:
+            with library_notices():
+                module = importlib.import_module(args.module)  # torch and the rest: still "starting"
+                interrupts.phase = args.command
+                return args.run(module, args)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as e:  # a signal outside training's own stop (or a second one during it)
+            signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+            print(interrupts.line(signum), file=sys.stderr)
+            return 128 + signum
+
+
+class Interrupts:
+    """SIGINT and SIGTERM while a command runs: one line that fits the command, and exit 128 + signal.
+
+    The handler raises KeyboardInterrupt(signum), which main turns into that line, except inside an
+    import: a KeyboardInterrupt there leaves modules half-made, which some libraries catch and go on
+    with (numpy without `matrix`, a signal swallowed whole), so there it prints the line and ends the
+    process at once. Training installs its own handlers for its epochs (save, then stop) and passes a
+    second signal on to these. A forked DataLoader worker gets torch's plain KeyboardInterrupt.
+    Outside the main thread (where Python allows no handlers) nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.phase, self.pid, self.previous = "starting", os.getpid(), {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if os.getpid() == self.pid and _importing(frame):
+            print(self.line(signum), file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(128 + signum)
+        raise KeyboardInterrupt(signum)
+
+    def line(self, signum):
+        words = dict(command=self.phase, signal=signal.Signals(signum).name)
+        return STOPPED.get(self.phase, WROTE).format(**words) + "."
+
+
+def _importing(frame):
+    """Whether an import is running in `frame` or below it on the stack."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class PrintHandler(logging.Handler):
@@ -89,56 +149,69 @@ def library_notices():
 def parse_args(argv):
     if not argv or argv[0] not in {*COMMANDS, "-h", "--help"}:
         argv = ["train", *argv]  # plain `vit [--params ...]` trains
-    parser = argparse.ArgumentParser(prog=_prog(), description="Train and use a Vision Transformer (see params.json).")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog=_prog(), description="Train and use a Vision Transformer. Without a command it trains: "
+        f"`{_prog()} [--params FILE] [--set KEY=VALUE ...] [--resume]`.")
+    _train_options(parser.add_argument_group("training, the default command"))  # shown by --help; `train` parses them
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("train", help="train what params.json describes (the default command)")
-    p.add_argument("--params", default="params.json", help="params file (default params.json)")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override keys, e.g. train.epochs=3")
-    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from last.pt")
-    p.set_defaults(run=_train)
+    _train_options(p)
+    p.set_defaults(module="vit.train.loop", run=_train)
+    p = sub.add_parser("init", help="write a starter params.json and configs/ into a folder, to train outside this checkout")
+    p.add_argument("folder", nargs="?", default=".", help="where to write them (default: here); created inside an existing folder")
+    p.set_defaults(module="vit.starter", run=_init)
     p = sub.add_parser("eval", help="evaluate a checkpoint on a folder or the run's val data")
     _checkpoint_args(p)
     p.add_argument("--data-dir", default=None, help="folder of class folders (default: the run's own val data)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the run's train.batch_size)")
     p.add_argument("--workers", type=int, default=None, help="processes decoding images (default: the run's data.workers, at most the CPU count)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the metrics, per-class accuracy and confusion matrix there")
-    p.set_defaults(run=_eval)
+    p.set_defaults(module="vit.commands", run=_eval)
     p = sub.add_parser("predict", help="top-k classes for images")
     _checkpoint_args(p)
-    p.add_argument("images", nargs="+")
-    p.add_argument("--topk", type=int, default=5)
-    p.set_defaults(run=_predict)
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, and folders whose images are read")
+    p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
+    p.set_defaults(module="vit.commands", run=_predict)
     p = sub.add_parser("attention", help="attention-rollout maps for images")
     _checkpoint_args(p)
-    p.add_argument("images", nargs="+")
-    p.add_argument("--out", default=None)
-    p.set_defaults(run=_attention)
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, and folders whose images are read")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: attention/ beside the checkpoint)")
+    p.set_defaults(module="vit.commands", run=_attention)
     p = sub.add_parser("inspect", help="the ViT paper's Figure 7 panels")
     _checkpoint_args(p)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--out", default=None)
-    p.set_defaults(run=_inspect)
+    p.add_argument("--data-dir", default=None, help="images for the attention distance (default: the Fashion-MNIST test set "
+                   "for a Fashion-MNIST checkpoint, else that figure is skipped)")
+    p.add_argument("--out", default=None, help="folder for the PNGs (default: inspect/ beside the checkpoint)")
+    p.set_defaults(module="vit.commands", run=_inspect)
     p = sub.add_parser("features", help="pooled embeddings (what the head sees) of images, as .npy")
     _checkpoint_args(p)
-    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
-    p.add_argument("--out", required=True, help="the .npy to write; the file order goes beside it as .txt")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.set_defaults(run=_features)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, and folders searched for images")
+    p.add_argument("--out", required=True, help="the .npy to write, in an existing folder; the file order goes beside it as .txt")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.set_defaults(module="vit.commands", run=_features)
     p = sub.add_parser("export", help="export to ONNX with a dynamic batch, checked against PyTorch with onnxruntime")
     _checkpoint_args(p)
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="the format to write (onnx, the only one)")
+    p.add_argument("--out", required=True, help="the .onnx file to write, in an existing folder")
     p.add_argument("--image-size", type=int, default=None, help="a fixed input size (default: the checkpoint's)")
-    p.set_defaults(run=_export)
+    p.set_defaults(module="vit.export", run=_export)
     p = sub.add_parser("runs", help="a table of training runs: epochs, best val_acc, time, state, the params that differ")
     p.add_argument("dirs", nargs="*", default=["runs"], metavar="DIR", help="run folders, or folders of them (default runs/)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table there as CSV")
-    p.set_defaults(run=_runs)
+    p.set_defaults(module="vit.runs", run=_runs)
     return parser.parse_args(argv)
 
 
+def _train_options(p):
+    p.add_argument("--params", default=DEFAULT_PARAMS, metavar="FILE", help=f"the params file (default {DEFAULT_PARAMS}; "
+                   "`init` writes one)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="change keys of the params file, e.g. --set train.epochs=3 data.workers=2 (may be repeated)")
+    p.add_argument("--resume", action="store_true", help="continue the run in output.dir from its last.pt")
+
+
 def _checkpoint_args(p):
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a run folder, a .pt of a run, an HF folder, a timm file or a Google .npz")
     p.add_argument("--ema", action="store_true", help="take the file's EMA weights (model_ema / state_dict_ema)")
 
 
@@ -178,58 +251,51 @@ def _prog():
 
 
 # -----------------------------------------------------------------------------
-# dispatch: each imports what its command needs (so `--help` loads no torch) and returns the exit code
+# dispatch: main imports each command's module (so `--help` loads no torch) and passes it in; each returns the exit code
 
 
-def _train(args):
-    from vit.train import loop
-
+def _train(loop, args):
+    if args.params == DEFAULT_PARAMS and not os.path.exists(DEFAULT_PARAMS):
+        raise UserError(f"there is no {DEFAULT_PARAMS} in {os.getcwd()}; run `{shlex.join([*args.launcher, 'init'])}` to write a "
+                        f"starter {DEFAULT_PARAMS} and configs/ here, or pass --params FILE.")
     return loop.train(args.params, args.set, args.resume, args.launched, args.launcher)
 
 
-def _eval(args):
-    from vit import commands
-
-    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.workers, args.ema, args.out)
-
-
-def _predict(args):
-    from vit import commands
-
-    return commands.predict(args.checkpoint, args.images, args.topk, args.ema)
-
-
-def _attention(args):
-    from vit import commands
-
-    commands.attention(args.checkpoint, args.images, args.out, ema=args.ema)  # it prints each PNG it writes
+def _init(starter, args):
+    written = starter.init(args.folder)
+    print(f"wrote {DEFAULT_PARAMS} (the default run: a small ViT on Fashion-MNIST) and {len(written) - 1} recipes in configs/ "
+          f"into {args.folder}; train there with `{shlex.join(args.launcher)}`, or in seconds with "
+          f"`{shlex.join([*args.launcher, '--params', 'configs/cpu_smoke.json'])}`")
     return 0
 
 
-def _inspect(args):
-    from vit import commands
+def _eval(commands, args):
+    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.workers, args.ema, args.out)
 
+
+def _predict(commands, args):
+    return commands.predict(args.checkpoint, args.images, args.topk, args.ema)
+
+
+def _attention(commands, args):
+    return commands.attention(args.checkpoint, args.images, args.out, ema=args.ema)
+
+
+def _inspect(commands, args):
     commands.inspect(args.checkpoint, args.data_dir, args.out, ema=args.ema)
     return 0
 
 
-def _features(args):
-    from vit import commands
-
+def _features(commands, args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be 1 or more.")
-    commands.features(args.checkpoint, args.inputs, args.out, args.batch_size, args.ema)
-    return 0
+    return commands.features(args.checkpoint, args.inputs, args.out, args.batch_size, args.ema)
 
 
-def _export(args):
-    from vit import export
-
+def _export(export, args):
     export.export_onnx(args.checkpoint, args.out, args.image_size, args.ema)
     return 0
 
 
-def _runs(args):
-    from vit import runs
-
+def _runs(runs, args):
     return runs.runs(args.dirs, args.csv)

@@ -11,14 +11,13 @@ import json
 import math
 import os
 import sys
-import warnings
 from typing import Optional, Sequence
 
 import torch
 
 from vit import distributed, evaluation
 from vit import params as P
-from vit.errors import UserError, special_file_kind, writing
+from vit.errors import UserError, existing_parent, special_file_kind, writing
 from vit.factory import load_model
 from vit.files import atomic_write
 from vit.loading.core import ZERO_HEAD, is_zero_head
@@ -67,9 +66,8 @@ def evaluate(checkpoint: str, data_dir: Optional[str] = None, batch_size: Option
 
         # the folder serves as both splits; files are read lazily, and only the val side is iterated
         data_params.update(dataset="folder", train_dir=data_dir, val_dir=data_dir, in_memory=False)
-        with warnings.catch_warnings():  # build_loaders scans it again and warns about its bad files then
-            warnings.simplefilter("ignore")
-            batch_size = min(batch_size, scan_folder(data_dir, data_dir, keys=("--data-dir", "--data-dir")).report["train_files"])
+        # quiet: build_loaders scans it again and says which files it skips then
+        batch_size = min(batch_size, scan_folder(data_dir, data_dir, keys=("--data-dir", "--data-dir"), quiet=True).report["train_files"])
     data_params.update(image_size=info["image_size"], channels=info["channels"], mean=info["mean"], std=info["std"])
     train_params = {**run_params["train"], "batch_size": batch_size, "randaugment": None}
     loaders = data.build_loaders(data_params, train_params, d.device, d.rank, d.world_size)
@@ -129,10 +127,8 @@ def _eval_data(data_params, data_dir, count):
 
 def predict(checkpoint: str, images: Sequence[str], topk: int = 5, ema: bool = False) -> int:
     """Print the top-k class names with probabilities for each image (a folder stands for the images
-    in it); 1 when an image could not be read. A head of zeros (an in21k release's) gets a warning and
-    "no prediction" lines instead."""
-    from vit.data.images import BadImage
-
+    in it); returns the exit code, 1 when an image could not be read (see `read_each`). A head of zeros
+    (an in21k release's) gets a warning and "no prediction" lines instead."""
     if topk < 1:
         raise UserError(f"--topk {topk} must be 1 or more.")
     images = image_arguments(images)
@@ -140,46 +136,55 @@ def predict(checkpoint: str, images: Sequence[str], topk: int = 5, ema: bool = F
     model, info = load_model(checkpoint, device, ema)
     classes = info["classes"] or [str(i) for i in range(model.config.num_labels)]
     zero_head = warn_zero_head(model, checkpoint)
-    failed = 0
-    for path in images:
-        try:
-            x = _preprocess(path, info).to(device)  # (1, C, H, W)
-        except (BadImage, OSError) as e:
-            print(f"{label(path)}: cannot read ({label(e)})", file=sys.stderr)
-            failed += 1
-            continue
+    skipped = []
+    for path, x in read_each(images, info, skipped):
         if zero_head:
             print(f"{label(path)}: no prediction (the head is all zeros)")
             continue
         with torch.no_grad():
-            probs = model(x).logits.float().softmax(-1)[0]  # (K,)
+            probs = model(x.to(device)).logits.float().softmax(-1)[0]  # (K,)
         top = probs.topk(min(topk, len(classes)))
         print(f"{label(path)}: " + ", ".join(f"{label(classes[i])} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
-    return 1 if failed else 0
+    return 1 if skipped else 0
 
 
-def attention(checkpoint: str, images: Sequence[str], out: Optional[str] = None, device=None, ema: bool = False) -> list[str]:
-    """Write <out>/<image stem>_attention.png per image (default out: <run folder>/attention): the
-    rollout overlay, the last layer's heads and the prediction (none from a head of zeros). Returns the paths written."""
-    from vit.data import denormalize
+def read_each(paths: Sequence[str], info: dict, skipped: list):
+    """(path, the eval-transformed image (1, C, H, W)) for each of `paths` that can be read. The policy of
+    the commands that take images by name (predict, attention, features): an unreadable one is a line on
+    stderr and is appended to `skipped`, the others are done, and the command exits 1 at the end. (eval
+    and inspect read folders of data, as training does: bad files are skipped and counted, exit 0.)"""
     from vit.data.images import BadImage
+
+    for path in paths:
+        try:
+            x = _preprocess(path, info)
+        except (BadImage, OSError) as e:
+            print(f"{label(path)}: cannot read ({label(e)}); skipped", file=sys.stderr)
+            skipped.append(path)
+            continue
+        yield path, x
+
+
+def attention(checkpoint: str, images: Sequence[str], out: Optional[str] = None, device=None, ema: bool = False) -> int:
+    """Write <out>/<image stem>_attention.png per image (default out: <run folder>/attention, created in an
+    existing folder): the rollout overlay, the last layer's heads and the prediction (none from a head of
+    zeros), and print each path. Returns the exit code, 1 when an image could not be read (see `read_each`)."""
+    from vit.data import denormalize
     from vit.viz import analysis, plots
 
     images = image_arguments(images)
     device = distributed.init().device if device is None else device
     out_dir = out or _default_out(checkpoint, "attention")
+    existing_parent(out_dir, "--out")
     model, info = load_model(checkpoint, device, ema)
     if not model.config.class_token:
         raise UserError(f"checkpoint {checkpoint} has no class token (class_token=false), and the attention maps show the "
                         f"class token's attention; use a checkpoint with one, or `inspect` for its attention distances.")
     prefix = model.config.num_prefix_tokens
     zero_head = warn_zero_head(model, checkpoint)
-    written = []
-    for path in images:
-        try:
-            x = _preprocess(path, info).to(device)  # (1, C, H, W)
-        except BadImage as e:
-            raise UserError(f"cannot read image {e}; pass an image file (jpg, png, ...).") from e
+    written, skipped = [], []
+    for path, x in read_each(images, info, skipped):
+        x = x.to(device)  # (1, C, H, W)
         attentions, logits = analysis.attentions_and_logits(model, x)
         rollout = analysis.cls_rollout_map(attentions, num_prefix_tokens=prefix)[0].cpu().numpy()  # (gh, gw)
         heads = analysis.last_layer_cls_attention(attentions, num_prefix_tokens=prefix)[0].cpu().numpy()  # (heads, gh, gw)
@@ -199,7 +204,7 @@ def attention(checkpoint: str, images: Sequence[str], out: Optional[str] = None,
             plots.plot_attention(image, rollout, heads, png, f"{stem}: {verdict}")
         print(f"{label(path)}: {verdict}; wrote {label(png)}")
         written.append(png)
-    return written
+    return 1 if skipped else 0
 
 
 def inspect(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] = None, device=None,
@@ -215,6 +220,7 @@ def inspect(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] 
 
     device = distributed.init().device if device is None else device
     out_dir = out or _default_out(checkpoint, "inspect")
+    existing_parent(out_dir, "--out")
     model, info = load_model(checkpoint, device, ema)
     embeddings = model.vit.embeddings
     written = []
@@ -248,22 +254,20 @@ def inspect(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] 
     return written
 
 
-def features(checkpoint: str, inputs: Sequence[str], out: str, batch_size: int = FEATURES_BATCH,
-             ema: bool = False) -> tuple[str, str]:
+def features(checkpoint: str, inputs: Sequence[str], out: str, batch_size: int = FEATURES_BATCH, ema: bool = False) -> int:
     """Write the pooled embeddings of the images in `inputs` (files, and folders searched recursively)
-    to `out` as an (N, D) float32 .npy: per image the vector the head sees (forward_head(pre_logits=True)),
-    for retrieval and linear probes. Their paths, one a line in the same order, go to <out stem>.txt.
-    Unreadable images are skipped with a warning. Returns (the .npy path, the .txt path)."""
+    to `out` (in an existing folder) as an (N, D) float32 .npy: per image the vector the head sees
+    (forward_head(pre_logits=True)), for retrieval and linear probes. Their paths, one a line in the
+    same order, go to <out stem>.txt. Returns the exit code, 1 when an image could not be read (see `read_each`)."""
     import numpy as np
-
-    from vit.data.images import BadImage
 
     if not out.endswith(".npy"):
         raise UserError(f"--out {out} must end in .npy (the file order goes beside it as .txt); e.g. --out feats.npy.")
+    existing_parent(out, "--out")
     device = distributed.init().device
     model, info = load_model(checkpoint, device, ema)
     files = image_arguments(inputs)
-    rows, kept, batch, skipped = [], [], [], 0
+    rows, kept, batch, skipped = [], [], [], []
 
     def flush():
         with torch.no_grad():
@@ -272,13 +276,8 @@ def features(checkpoint: str, inputs: Sequence[str], out: str, batch_size: int =
         kept.extend(path for path, _ in batch)
         batch.clear()
 
-    for path in files:
-        try:
-            batch.append((path, _preprocess(path, info)))
-        except (BadImage, OSError) as e:
-            print(f"{label(path)}: cannot read ({label(e)}); skipped", file=sys.stderr)
-            skipped += 1
-            continue
+    for path, x in read_each(files, info, skipped):
+        batch.append((path, x))
         if len(batch) == batch_size:
             flush()
     if batch:
@@ -287,12 +286,11 @@ def features(checkpoint: str, inputs: Sequence[str], out: str, batch_size: int =
         raise UserError(f"no readable images in {', '.join(inputs)}; pass image files or folders that hold some.")
     listing = out[: -len(".npy")] + ".txt"
     with writing(out, OUT_ADVICE):
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         atomic_write(out, lambda f: np.save(f, np.concatenate(rows)))
         atomic_write(listing, lambda f: f.write("".join(p + "\n" for p in kept)), mode="w")
     print(f"wrote {out}: {len(kept)} x {rows[0].shape[1]} embeddings (float32), file order in {listing}"
-          + (f"; skipped {skipped} unreadable" if skipped else ""))
-    return out, listing
+          + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
+    return 1 if skipped else 0
 
 
 # -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from vit.errors import UserError, writing
+from vit.errors import UserError, existing_parent, writing
 from vit.model import ViTForImageClassification
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # torch's exporter needs the first two, the check the third
@@ -46,6 +46,7 @@ def export_onnx(checkpoint: str, out: str, image_size: Optional[int] = None, ema
     if missing:
         raise UserError(f"exporting to ONNX needs the packages {', '.join(ONNX_PACKAGES)} ({', '.join(missing)} missing); "
                         f"install them with pip install -r requirements.txt.")
+    existing_parent(out, "--out")
     overrides = {"image_size": image_size} if image_size is not None else {}
     model = ViTForImageClassification.from_pretrained(checkpoint, ema=ema, **overrides).eval()
     wrapped = Logits(model).eval()
@@ -55,7 +56,7 @@ def export_onnx(checkpoint: str, out: str, image_size: Optional[int] = None, ema
     shutil.rmtree(tmp_dir, ignore_errors=True)
     try:
         with writing(out, "choose another --out or free space there"):
-            os.makedirs(tmp_dir)
+            os.mkdir(tmp_dir)  # beside --out, whose folder exists: no folder is made above it
             tmp = os.path.join(tmp_dir, os.path.basename(out))
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
             with torch.no_grad():
