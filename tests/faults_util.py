@@ -156,12 +156,13 @@ class Child:
 
     _count = 0
 
-    def __init__(self, args, log_dir, **faults):
+    def __init__(self, args, log_dir, cwd=ROOT, **faults):
         Child._count += 1
         base = os.path.join(str(log_dir), f"run{Child._count}")
         self.out_path, self.err_path, self.rss_path = base + ".out", base + ".err", base + ".rss"
         self.args = list(args)
-        self.process = _context().Process(target=_child_main, args=(self.args, faults, self.out_path, self.err_path, self.rss_path))
+        self.process = _context().Process(target=_child_main, args=(self.args, faults, self.out_path, self.err_path,
+                                                                    self.rss_path, str(cwd)))
         self.process.start()
         self.pid = self.process.pid
 
@@ -183,9 +184,9 @@ class Child:
         return Result(self.process.exitcode, out, err, rss)
 
 
-def run(args, log_dir, timeout=120, **faults):
-    """Start a Child and wait for it."""
-    return Child(args, log_dir, **faults).wait(timeout)
+def run(args, log_dir, timeout=120, cwd=ROOT, **faults):
+    """Start a Child (in the folder `cwd`) and wait for it."""
+    return Child(args, log_dir, cwd, **faults).wait(timeout)
 
 
 _CTX = []
@@ -202,9 +203,9 @@ def _context():
     return _CTX[0]
 
 
-def _child_main(args, faults, out_path, err_path, rss_path):
-    """In the forked process: point fds 1 and 2 at files, install the hooks, run the command line's main,
-    write the peak memory, exit with its code."""
+def _child_main(args, faults, out_path, err_path, rss_path, cwd):
+    """In the forked process: point fds 1 and 2 at files, install the hooks, run the command line's main
+    in the folder `cwd`, write the peak memory, exit with its code."""
     for fd, path in ((1, out_path), (2, err_path)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
@@ -223,7 +224,7 @@ def _child_main(args, faults, out_path, err_path, rss_path):
 
         torch.set_num_threads(1)
         tqdm.set_lock(threading.RLock())  # its default is a multiprocessing semaphore, leaked by os._exit
-        os.chdir(ROOT)
+        os.chdir(cwd)
         code = _install_hooks().main(list(args))
     except SystemExit as e:  # argparse
         code = e.code if isinstance(e.code, int) else 1
@@ -399,7 +400,8 @@ def summary_line():
             f"special files {total.get('special', 0)}, foreign values {total.get('values', 0)}, "
             f"npz headers {total.get('npz', 0)}, odd names {total.get('names', 0)}, "
             f"late-failing params {total.get('late', 0)}, signals in the last epoch's tail {total.get('tail', 0)}, "
-            f"everyday mistakes {total.get('mistakes', 0)}, "
+            f"everyday mistakes {total.get('mistakes', 0)}, newcomer's path {total.get('newcomer', 0)}, "
+            f"bounds before work {total.get('bounds', 0)}, signals per command and at start-up {total.get('interrupts', 0)}, "
             f"resumed runs bit-exact {total.get('exact', 0)}, data lost {len(LOST)}")
 
 

@@ -149,11 +149,16 @@ def library_notices():
 def parse_args(argv):
     if not argv or argv[0] not in {*COMMANDS, "-h", "--help"}:
         argv = ["train", *argv]  # plain `vit [--params ...]` trains
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: one subparser per command, every option with its help."""
     parser = argparse.ArgumentParser(
         prog=_prog(), description="Train and use a Vision Transformer. Without a command it trains: "
         f"`{_prog()} [--params FILE] [--set KEY=VALUE ...] [--resume]`.")
     _train_options(parser.add_argument_group("training, the default command"))  # shown by --help; `train` parses them
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (default: train)")
     p = sub.add_parser("train", help="train what params.json describes (the default command)")
     _train_options(p)
     p.set_defaults(module="vit.train.loop", run=_train)
@@ -199,7 +204,7 @@ def parse_args(argv):
     p.add_argument("dirs", nargs="*", default=["runs"], metavar="DIR", help="run folders, or folders of them (default runs/)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table there as CSV")
     p.set_defaults(module="vit.runs", run=_runs)
-    return parser.parse_args(argv)
+    return parser
 
 
 def _train_options(p):
