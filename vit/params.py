@@ -397,21 +397,15 @@ def _check_cross(params):
     elif m["preset"] is None:
         missing = [k for k in SIZES if m[k] is None]
         if missing:
-            raise UserError(
-                f"params keys model.{', model.'.join(missing)} are null but there is no model.preset or "
-                f"model.pretrained to take them from; set them or choose a preset such as \"S/16\"."
-            )
+            raise UserError(f"params keys model.{', model.'.join(missing)} are null but there is no model.preset or "
+                            f"model.pretrained to take them from; set them or choose a preset such as \"S/16\".")
     patch = m["patch_size"] or (int(PRESET_RE.fullmatch(m["preset"].strip()).group(2)) if m["preset"] else None)
     if patch is not None and d["image_size"] % patch:
-        raise UserError(
-            f"params key data.image_size={d['image_size']} is not divisible by the patch size {patch}; "
-            f"use a multiple of {patch}."
-        )
+        raise UserError(f"params key data.image_size={d['image_size']} is not divisible by the patch size {patch}; "
+                        f"use a multiple of {patch}.")
     if m["hidden_size"] and m["num_attention_heads"] and m["hidden_size"] % m["num_attention_heads"]:
-        raise UserError(
-            f"params key model.num_attention_heads={m['num_attention_heads']} does not divide "
-            f"model.hidden_size={m['hidden_size']}; choose a head count that divides it."
-        )
+        raise UserError(f"params key model.num_attention_heads={m['num_attention_heads']} does not divide "
+                        f"model.hidden_size={m['hidden_size']}; choose a head count that divides it.")
     if d["dataset"] == "folder" and not d["train_dir"]:
         raise UserError("params key data.train_dir is null but data.dataset is \"folder\"; set it to the train folder.")
     if t["min_lr"] > t["lr"]:

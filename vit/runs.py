@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from vit import params as P
 from vit.errors import UserError, special_file_kind, writing
+from vit import files
 from vit.files import atomic_write
 from vit.loading.core import read_file
 from vit.run_folder import LAST, METRICS, PARAMS
@@ -99,8 +100,8 @@ def read_text(path: str, limit: int) -> Optional[str]:
 
 def parse_json(text: str, what: str):
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError):  # syntax, an integer past Python's digit limit, nesting past the stack
+        return files.parse_json(text, what)  # its nesting bounded before the parser recurses
+    except UserError:  # syntax, nesting, an integer past Python's digit limit
         raise Unreadable(f"{what} is not valid JSON") from None
 
 

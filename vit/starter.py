@@ -3,7 +3,7 @@
 vit/recipes/ holds params.json (the default run) and configs/ (fine-tuning, linear probe, CPU smoke, the
 GPU recipes) as package data, so the installed `vit` command trains in any folder: `vit init`, then
 `vit` or `vit --params configs/cpu_smoke.json`. The checkout's own params.json and configs/ are the same
-files (tests/test_packaging.py keeps them equal), so `python main.py` in the checkout trains the same run.
+files (tests/test_faults_newcomer.py keeps them equal), so `python main.py` in the checkout trains the same run.
 """
 
 import os
