@@ -98,11 +98,12 @@ def test_paths_thousands_of_folders_deep_and_out_into_missing_folders(model_dir,
     fu.assert_clean_refusal(r, "--out", "folders deep")
     missing = tmp_path / "missing"
     for argv in (["export", "--out", str(missing / "m.onnx")], ["features", str(model_dir / "images"), "--out", str(missing / "f.npy")],
-                 ["attention", str(model_dir / "images"), "--out", str(missing / "a" / "b")]):
+                 ["attention", str(model_dir / "images"), "--out", str(missing / "a" / "b")],
+                 ["eval", "--data-dir", str(model_dir / "images"), "--out", str(missing / "eval.json")]):
         r = fu.run([argv[0], "--checkpoint", str(model_dir / "model"), *argv[1:]], tmp_path)
         fu.assert_clean_refusal(r, "--out", "does not exist")
         assert not missing.exists(), f"{argv[0]} made folders above its --out"
-    fu.record("bounds", "output.dir and --out 2000 folders deep; export, features, attention into a missing folder", 5)
+    fu.record("bounds", "output.dir and --out 2000 folders deep; export, features, attention, eval into a missing folder", 6)
 
 
 # -----------------------------------------------------------------------------

@@ -207,6 +207,7 @@ def test_planned_epochs_come_from_the_checkpoints_plan_else_params():
 
 def test_eval_out_writes_the_metrics_per_class_accuracy_and_confusion_as_json(two_runs, capsys):
     run, out = two_runs / "runs" / "lr_a", two_runs / "results" / "eval.json"
+    out.parent.mkdir(exist_ok=True)  # --out names a file in an existing folder, as for every command
     code, printed, err = run_main(["eval", "--checkpoint", str(run), "--out", str(out)], capsys)
     assert code == 0, err
     result = json.loads(out.read_text())

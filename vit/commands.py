@@ -48,6 +48,8 @@ def evaluate(checkpoint: str, data_dir: Optional[str] = None, batch_size: Option
     for option, value, least in (("--batch-size", batch_size, 1), ("--workers", workers, 0)):
         if value is not None and value < least:
             raise UserError(f"{option} {value} must be {least} or more.")
+    if out is not None:
+        existing_parent(out, "--out")
     d = distributed.init()
     model, info = load_model(checkpoint, d.device, ema)
     run_params = P.defaults()  # a pretrained source has no run params, a run older than a key lacks that key
@@ -89,7 +91,6 @@ def evaluate(checkpoint: str, data_dir: Optional[str] = None, batch_size: Option
                                {"read": described, "images": loaders.report["val_files"], "batch_size": batch_size,
                                 **{k: data_params[k] for k in EVAL_DATA_KEYS}})
         with writing(out, OUT_ADVICE):
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             atomic_write(out, lambda f: json.dump(results, f, indent=2, allow_nan=False), mode="w")
         print(f"wrote {out}: the metrics, per-class accuracy and the confusion matrix")
     return 0
