@@ -20,7 +20,7 @@ LAYERS = ["vit.errors", "vit.config", "vit.run_folder", "vit.files", "vit.resize
           "vit.evaluation", "vit.train", "vit.export", "vit.commands", "vit.runs", "vit.cli", "vit.__main__"]
 # stricter than the layers allow: what each part may import of the project besides itself
 ONLY = {"vit.errors": set(), "vit.config": {"vit.errors"}, "vit.run_folder": set(), "vit.files": set(),
-        "vit.data": {"vit.errors"}, "vit.viz": {"vit.errors"}, "vit.resize": {"vit.errors"}, "vit.distributed": set(),
+        "vit.data": {"vit.errors"}, "vit.viz": {"vit.errors"}, "vit.resize": {"vit.errors"}, "vit.distributed": {"vit.errors"},
         "vit.precision": {"vit.errors"}}
 # what inference (the commands and export) must not import: the training code, and matplotlib where no figure is drawn
 INFERENCE = ("vit.commands", "vit.export", "vit.runs")

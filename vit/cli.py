@@ -35,7 +35,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
-from vit.errors import UserError  # noqa: E402
+from vit.errors import PeerLost, UserError  # noqa: E402
 
 COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export", "runs")
 
@@ -53,6 +53,9 @@ def main(argv=None, launched=None):
     try:
         with library_notices():
             return args.run(args)
+    except PeerLost as e:  # every surviving rank says it: rank 0, whose lines alone print, may be the one gone
+        sys.stderr.write(f"error: {e}\n")
+        return 2
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,8 +35,9 @@ class PreTrainedModel(nn.Module):
         What the load did is `model.load_report`, and is logged on the `vit` logger."""
         return load_pretrained(cls, path, num_labels=num_labels, image_size=image_size, ema=ema, **overrides)
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        """Write config.json and model.safetensors, a folder transformers' from_pretrained reads."""
+    def save_pretrained(self, directory: Union[str, os.PathLike], state_dict: Optional[dict] = None) -> None:
+        """Write config.json and model.safetensors, a folder transformers' from_pretrained reads;
+        `state_dict` (HF's argument) instead of the model's own, e.g. an FSDP model's gathered weights."""
         from safetensors.torch import save_file
 
         os.makedirs(directory, exist_ok=True)
@@ -44,7 +45,7 @@ class PreTrainedModel(nn.Module):
         config["architectures"] = [type(self).__name__]
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
         save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
 
     def _init_weights(self, module: nn.Module) -> None:
