@@ -12,7 +12,7 @@ import pytest
 from helpers import ROOT, run_subprocess
 
 VIT = os.path.join(ROOT, "vit")
-COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export", "runs")
+COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export", "runs", "shards")
 
 # bottom to top: a module may import only modules of lower layers, and modules of its own subpackage
 LAYERS = ["vit.errors", "vit.config", "vit.run_folder", "vit.files", "vit.resize", "vit.loading", "vit.outputs", "vit.layers",

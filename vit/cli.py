@@ -10,10 +10,11 @@
     vit features --checkpoint C img.png folder/ ... --out feats.npy   # pooled embeddings, file order in feats.txt
     vit export --checkpoint C --format onnx --out model.onnx        # dynamic batch, checked with onnxruntime
     vit runs [DIR ...] [--csv runs.csv]             # the runs in runs/ side by side: best val_acc, state, what differs
+    vit shards SOURCE --out DIR [--per-shard N]     # an image folder or fashion-mnist as webdataset tar shards
     torchrun --nproc_per_node=2 main.py ...         # DDP, same results layout
 
 Training lives in vit/train/loop.py, export in vit/export.py, the table of runs in vit/runs.py, the
-other commands in vit/commands.py;
+shards writer in vit/data/shard_writer.py, the other commands in vit/commands.py;
 `--ema` makes any command that loads a checkpoint take its EMA weights. This file parses the
 arguments, dispatches, turns a UserError into one `error: ...` line and exit code 2, and prints
 what the library logs on the `vit` logger (the load report, assumed normalization) while a command runs.
@@ -29,7 +30,9 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
+import shlex  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -37,7 +40,7 @@ from contextlib import contextmanager  # noqa: E402
 
 from vit.errors import PeerLost, UserError  # noqa: E402
 
-COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export", "runs")
+COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export", "runs", "shards")
 
 
 def main(argv=None, launched=None):
@@ -137,6 +140,11 @@ def parse_args(argv):
     p.add_argument("dirs", nargs="*", default=["runs"], metavar="DIR", help="run folders, or folders of them (default runs/)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table there as CSV")
     p.set_defaults(run=_runs)
+    p = sub.add_parser("shards", help="write an image folder or fashion-mnist as webdataset tar shards (data.dataset webdataset)")
+    p.add_argument("source", metavar="SOURCE", help="an image folder (class sub-folders, or train/ and val/ holding them) or fashion-mnist")
+    p.add_argument("--out", required=True, help="the folder for train-000000.tar ..., val-... and shards.json")
+    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    p.set_defaults(run=_shards)
     return parser.parse_args(argv)
 
 
@@ -236,3 +244,21 @@ def _runs(args):
     from vit import runs
 
     return runs.runs(args.dirs, args.csv)
+
+
+def _shards(args):
+    from vit.data.shard_writer import write_shards
+
+    w = write_shards(args.source, args.out, args.per_shard)
+    if w.skipped:
+        print(f"skipped {len(w.skipped)} file(s) that are not usable images, e.g. {w.skipped[0]}")
+    split_words = [f"{w.samples[s]:,} {s} samples in {len(w.shards[s])} shard(s)" for s in w.shards]
+    print(f"wrote {' and '.join(split_words)} to {w.out}, {len(w.classes)} classes in {w.out}/shards.json")
+    sets = ["data.dataset=webdataset", f"data.train_shards={w.pattern('train')}"]
+    sets += [f"data.val_shards={w.pattern('val')}"] if "val" in w.shards else []
+    print("train on them with these params (data.image_size, channels, mean and std as for the source):")
+    print("  " + json.dumps({"dataset": "webdataset", "train_shards": w.pattern("train"),
+                             "val_shards": w.pattern("val") if "val" in w.shards else None,
+                             "train_samples": w.samples["train"]}))
+    print(f"  or: python main.py --set {shlex.join(sets)} data.train_samples={w.samples['train']}")
+    return 0
