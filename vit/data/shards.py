@@ -153,7 +153,9 @@ class ShardStream(IterableDataset):
         damaged = []
 
         def damage(exn):  # webdataset's handler: a truncated or unreadable tar ends that shard, counted
-            damaged.append(f"damaged shard: {exn}"[:300])
+            words = [a for a in exn.args if isinstance(a, str)]  # (what, ..., the shard webdataset adds)
+            where = words[-1] if len(words) > 1 else "a shard"
+            damaged.append(f"{where}: damaged tar ({words[0] if words else type(exn).__name__}); the rest of it is skipped")
             return True
 
         stages = [wds.SimpleShardList(order), wds.tarfile_to_samples(handler=damage)]
@@ -166,8 +168,9 @@ class ShardStream(IterableDataset):
             if isinstance(item, str):
                 yield item
                 continue
-            with seeded(rng.getrandbits(62)):
-                yield self.transform(item[0]), item[1]
+            with seeded(rng.getrandbits(62)):  # closed before the yield: the trainer's RNG is its own between samples
+                x = self.transform(item[0])
+            yield x, item[1]
         yield from damaged
 
 
