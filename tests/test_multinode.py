@@ -149,7 +149,8 @@ def test_two_nodes_equal_one_node_and_save_once(setup, one_node_run, two_nodes_r
     assert sorted(os.listdir(run)) == sorted(os.listdir(one_node_run)), "the run folder's files, each once"
     assert [h["epoch"] for h in fu.read_metrics(run)] == [1, 2]
     assert (ckpt["world_size"], ckpt["nodes"]) == (2, 2)
-    assert_close_weights(ckpt, weights(one_node_run), 1e-6, "two nodes against one")
+    diff = assert_close_weights(ckpt, weights(one_node_run), 1e-6, "two nodes against one")
+    print(f"\ntwo nodes against one: weights differ by at most {diff:.1e}")
     assert losses(run) == pytest.approx(losses(one_node_run), rel=1e-6)
     # resumed on two nodes: the next test, after a node dies
 
@@ -190,7 +191,8 @@ def test_fsdp_equals_ddp_resumes_exactly_and_writes_plain_checkpoints(setup, one
     assert rank0.returncode == rank1.returncode == 0, rank0.stderr[-3000:] + rank1.stderr[-3000:]
     assert "FSDP over 2 processes" in rank0.stdout and not rank1.stdout.strip()
     ours, ddp = weights(tmp_path / "fsdp"), weights(one_node_run)
-    assert_close_weights(ours, ddp, 1e-5, "FSDP against DDP")
+    diff = assert_close_weights(ours, ddp, 1e-5, "FSDP against DDP")
+    print(f"\nFSDP against DDP: weights differ by at most {diff:.1e}")
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(one_node_run), rel=1e-5, abs=1e-6)
     assert ours["optimizer"]["state"].keys() == ddp["optimizer"]["state"].keys()
     for i, state in ddp["optimizer"]["state"].items():  # AdamW's moments, gathered whole and numbered as DDP's
