@@ -103,9 +103,8 @@ class Run:
         return self.params["output"]["best_metric"] == "val_acc_ema"
 
     def save(self, path: str, **progress) -> dict:
-        """A checkpoint of the run at `path`, with `progress` fields changed (an interrupted epoch's
-        step_in_epoch and sums): rank 0 writes, the others wait so nobody runs ahead of it. Returns the
-        whole weights it saved (rank 0's; under FSDP every rank helps gather them)."""
+        """A checkpoint of the run at `path`, with `progress` fields changed (an interrupted epoch's step_in_epoch
+        and sums): rank 0 writes, the others wait; returns the whole weights it saved (gathered under FSDP)."""
         self.progress.elapsed_s = self.clock() - self.started
         self.progress.plan = self.plan.state_dict()
         state = fsdp.full_state(self.model, self.trainer.optimizer)
