@@ -8,8 +8,13 @@ bytes of the tensors it holds itself (a DTensor's local shard) and reads its res
 which also holds torch's libraries, ~0.4 GB, and the allocator's leftovers). Each case runs in fresh
 processes, one after the other.
 
+With --meta the model lives on torch's meta device: no memory is allocated, no step is taken (the
+gradients are set to zeros and AdamW steps once, so its state exists), and the same tensors are
+counted: what a rank would hold, for a machine that cannot hold it (no resident memory then).
+
     python benchmarks/fsdp_memory.py                      # B/16 and L/16, DDP and FSDP, 2 ranks
     python benchmarks/fsdp_memory.py --presets B/16       # a smaller machine
+    python benchmarks/fsdp_memory.py --presets L/16 --meta
 """
 
 import argparse
@@ -43,27 +48,32 @@ def rss_bytes():
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
 
 
-def rank_main(rank, world_size, port, preset, strategy, out):
+def rank_main(rank, world_size, port, preset, strategy, out, meta):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     d = distributed.init(600)
     torch.manual_seed(0)
     config = ViTConfig.from_preset(preset, image_size=224, num_labels=1000)
-    model = ViTForImageClassification(config)
+    with torch.device("meta" if meta else "cpu"):
+        model = ViTForImageClassification(config)
     optimizer = optim.build_optimizer(model, TRAIN, d.device)
     if strategy == "fsdp":
         optimizer = fsdp.shard(model, optimizer, TRAIN, "fp32", d)
-    runner = distributed.wrap(model, d, strategy)
-    x, y = torch.randn(1, 3, 224, 224), torch.tensor([rank])
-    torch.nn.functional.cross_entropy(runner(x).logits, y).backward()
+    if meta:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+    else:
+        runner = distributed.wrap(model, d, strategy)
+        x, y = torch.randn(1, 3, 224, 224), torch.tensor([rank])
+        torch.nn.functional.cross_entropy(runner(x).logits, y).backward()
     optimizer.step()  # AdamW's exp_avg and exp_avg_sq now exist; the gradients are kept, as between steps with set_to_none=False
     params = list(model.parameters())
     row = {"preset": preset, "strategy": strategy, "rank": rank, "parameters": sum(p.numel() for p in params),
            "params_gb": local_bytes(params) / GB,
            "grads_gb": local_bytes(p.grad for p in params if p.grad is not None) / GB,
            "adam_gb": local_bytes(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()) / GB,
-           "rss_gb": rss_bytes() / GB}
+           "rss_gb": float("nan") if meta else rss_bytes() / GB}
     row["total_gb"] = row["params_gb"] + row["grads_gb"] + row["adam_gb"]
     rows = distributed.gather(row, d)
     if rank == 0:
@@ -82,6 +92,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="B/16,L/16")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--meta", action="store_true", help="count on the meta device: nothing allocated, no step")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "fsdp_memory.json"))
     args = p.parse_args()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -89,7 +100,7 @@ def main():
     for preset in args.presets.split(","):
         for strategy in ("ddp", "fsdp"):
             part = args.out + ".part"
-            mp.spawn(rank_main, args=(args.ranks, free_port(), preset, strategy, part), nprocs=args.ranks)
+            mp.spawn(rank_main, args=(args.ranks, free_port(), preset, strategy, part, args.meta), nprocs=args.ranks)
             with open(part) as f:
                 rows = json.load(f)
             os.remove(part)
@@ -97,7 +108,8 @@ def main():
             print(json.dumps(rows[0]), flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nper rank, {args.ranks} ranks, fp32, after one AdamW step (rank 0; the largest rank in brackets when they differ)")
+    how = "counted on the meta device" if args.meta else "after one AdamW step"
+    print(f"\nper rank, {args.ranks} ranks, fp32, {how} (rank 0; the largest rank in brackets when they differ)")
     print(f"| model | strategy | parameters | params GB | grads GB | AdamW state GB | sum GB | resident GB |")
     print("|---|---|---|---|---|---|---|---|")
     for preset in args.presets.split(","):

@@ -69,6 +69,8 @@ def test_a_run_trains_on_shards(tmp_path, capsys):
     assert "data webdataset" in out and "data: 24 train images, 6 val images" in out
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2] and history[-1]["val_acc"] >= 0.5
+    code, out, err = run_main(["eval", "--checkpoint", str(tmp_path / "run")], capsys)  # vit eval reads the val shards
+    assert code == 0 and "the run's data.val_shards" in out and "(6 images)" in out, out + err
 
 
 COUNT_SCRIPT = """
