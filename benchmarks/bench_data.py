@@ -9,9 +9,13 @@
    issue's target is end-to-end >= 0.9 x model-only for a folder read from disk on a 16-core machine.
 3. The same for Fashion-MNIST with params.json's recipe model and its on-device tensor loader.
 Each loader is also timed alone (no model), which says how much headroom the data has.
+4. With --shards, only this: the same JPEGs written as webdataset tar shards (`vit shards`) against the
+   folder, each read by the PIL workers at 224 with the training augmentation, no model: images/s of
+   whole epochs (worker start included), in interleaved rounds after one warm-up epoch of each.
 
     python benchmarks/bench_data.py                  # GPU: B/16, batch 256, 20000 JPEGs, all cores
     python benchmarks/bench_data.py --small          # CPU smoke size: Ti/16, batch 8, 96 JPEGs
+    python benchmarks/bench_data.py --shards --images 2000 --workers 2 --batch 32 --rounds 3   # shards vs folder
 """
 
 import argparse
@@ -56,6 +60,9 @@ def parse_args():
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default 1 on the CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "bench_data.json"))
+    p.add_argument("--shards", action="store_true", help="only compare webdataset shards with the folder, loader alone")
+    p.add_argument("--rounds", type=int, default=3, help="--shards: interleaved rounds of one epoch each")
+    p.add_argument("--per-shard", type=int, default=250, help="--shards: samples per shard")
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     args.model = args.model or ("Ti/16" if args.small else "B/16")
@@ -181,6 +188,33 @@ def pipeline_case(name, model, loader_fn, batch, shape, classes, args, device):
     return result
 
 
+def compare_shards(args, jpeg_data, jpeg_train, device):
+    """Loader-only images/s over whole epochs: the JPEG folder against the same files as tar shards, interleaved."""
+    from vit.data.shard_writer import write_shards
+
+    t0 = time.perf_counter()
+    written = write_shards(args.dir, args.dir + "_shards", args.per_shard)
+    print(f"wrote {written.samples['train']} samples in {len(written.shards['train'])} shards in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    kinds = {"folder": dict(jpeg_data, in_memory=False, decode="workers"),
+             "shards": dict(jpeg_data, dataset="webdataset", train_shards=written.pattern("train"))}
+    loaders = {k: data.build_loaders(d, jpeg_train, device).train for k, d in kinds.items()}
+    rates = {k: [] for k in kinds}
+    for r in range(args.rounds + 1):  # round 0 warms the page cache and the workers up, untimed
+        for kind, loader in loaders.items():
+            loader.set_epoch(r)
+            t0, n = time.perf_counter(), 0
+            for x, _ in loader:
+                n += len(x)
+            if r:
+                rates[kind].append(n / (time.perf_counter() - t0))
+                print(f"round {r} {kind}: {rates[kind][-1]:.1f} images/s ({n} images)", flush=True)
+    print(f"\n| loader | images/s per round | median |\n|---|---|---|")
+    for kind, rs in rates.items():
+        print(f"| {kind} | {', '.join(f'{v:.0f}' for v in rs)} | {sorted(rs)[len(rs) // 2]:.0f} |")
+    return rates
+
+
 def run(cases, name, fn):
     """Run one case; a failure is recorded and the others go on."""
     t0 = time.perf_counter()
@@ -208,6 +242,11 @@ def main():
                      image_size=224, channels=3, mean=IMAGENET_MEAN, std=IMAGENET_STD, workers=args.workers)
     jpeg_train = dict(defaults["train"], batch_size=args.batch, seed=0, randaugment=None,
                       random_resized_crop_scale=[0.08, 1.0], hflip=0.5)
+    if args.shards:
+        report["shards"] = compare_shards(args, jpeg_data, jpeg_train, device)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+        return
     for kind in args.loaders:
         def fn(kind=kind):
             torch.manual_seed(0)

@@ -156,13 +156,13 @@ class Child:
 
     _count = 0
 
-    def __init__(self, args, log_dir, cwd=ROOT, **faults):
+    def __init__(self, args, log_dir, cwd=ROOT, env=None, **faults):
         Child._count += 1
         base = os.path.join(str(log_dir), f"run{Child._count}")
         self.out_path, self.err_path, self.rss_path = base + ".out", base + ".err", base + ".rss"
         self.args = list(args)
         self.process = _context().Process(target=_child_main, args=(self.args, faults, self.out_path, self.err_path,
-                                                                    self.rss_path, str(cwd)))
+                                                                    self.rss_path, str(cwd), env or {}))
         self.process.start()
         self.pid = self.process.pid
 
@@ -203,9 +203,10 @@ def _context():
     return _CTX[0]
 
 
-def _child_main(args, faults, out_path, err_path, rss_path, cwd):
-    """In the forked process: point fds 1 and 2 at files, install the hooks, run the command line's main
-    in the folder `cwd`, write the peak memory, exit with its code."""
+def _child_main(args, faults, out_path, err_path, rss_path, cwd, env):
+    """In the forked process: point fds 1 and 2 at files, install the hooks, set `env` (RANK, WORLD_SIZE,
+    MASTER_PORT... for one of several processes of a distributed run), run the command line's main in
+    the folder `cwd`, write the peak memory, exit with its code."""
     for fd, path in ((1, out_path), (2, err_path)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(f, fd)
@@ -215,6 +216,7 @@ def _child_main(args, faults, out_path, err_path, rss_path, cwd):
     for k in [k for k in os.environ if k.startswith("FAULTS_")]:
         del os.environ[k]
     os.environ.update(env_for(**faults))
+    os.environ.update(env)
     code = 1
     try:
         import threading

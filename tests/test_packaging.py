@@ -12,7 +12,7 @@ import pytest
 from helpers import ROOT, run_subprocess
 
 VIT = os.path.join(ROOT, "vit")
-COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export", "runs")
+COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "export", "runs", "shards")
 
 # bottom to top: a module may import only modules of lower layers, and modules of its own subpackage
 LAYERS = ["vit.errors", "vit.config", "vit.run_folder", "vit.files", "vit.starter", "vit.resize", "vit.loading", "vit.outputs", "vit.layers",
@@ -20,7 +20,7 @@ LAYERS = ["vit.errors", "vit.config", "vit.run_folder", "vit.files", "vit.starte
           "vit.evaluation", "vit.train", "vit.export", "vit.commands", "vit.runs", "vit.cli", "vit.__main__"]
 # stricter than the layers allow: what each part may import of the project besides itself
 ONLY = {"vit.errors": set(), "vit.config": {"vit.errors"}, "vit.run_folder": set(), "vit.files": {"vit.errors"}, "vit.starter": {"vit.errors", "vit.files"},
-        "vit.data": {"vit.errors"}, "vit.viz": {"vit.errors"}, "vit.resize": {"vit.errors"}, "vit.distributed": set(),
+        "vit.data": {"vit.errors"}, "vit.viz": {"vit.errors"}, "vit.resize": {"vit.errors"}, "vit.distributed": {"vit.errors"},
         "vit.precision": {"vit.errors"}}
 # what inference (the commands and export) must not import: the training code, and matplotlib where no figure is drawn
 INFERENCE = ("vit.commands", "vit.export", "vit.runs")

@@ -11,10 +11,11 @@
     vit features --checkpoint C img.png folder/ ... --out feats.npy   # pooled embeddings, file order in feats.txt
     vit export --checkpoint C --format onnx --out model.onnx        # dynamic batch, checked with onnxruntime
     vit runs [DIR ...] [--csv runs.csv]             # the runs in runs/ side by side: best val_acc, state, what differs
+    vit shards SOURCE --out DIR [--per-shard N]     # an image folder or fashion-mnist as webdataset tar shards
     torchrun --nproc_per_node=2 main.py ...         # DDP, same results layout
 
 Training lives in vit/train/loop.py, export in vit/export.py, the table of runs in vit/runs.py, the
-other commands in vit/commands.py;
+shards writer in vit/data/shard_writer.py, the other commands in vit/commands.py;
 `--ema` makes any command that loads a checkpoint take its EMA weights. This file parses the
 arguments, dispatches, turns a UserError into one `error: ...` line and exit code 2, and prints
 what the library logs on the `vit` logger (the load report, assumed normalization) while a command runs.
@@ -31,6 +32,7 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import shlex  # noqa: E402
 import signal  # noqa: E402
@@ -39,9 +41,9 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
-from vit.errors import UserError  # noqa: E402
+from vit.errors import PeerLost, UserError  # noqa: E402
 
-COMMANDS = ("train", "init", "eval", "predict", "attention", "inspect", "features", "export", "runs")
+COMMANDS = ("train", "init", "eval", "predict", "attention", "inspect", "features", "export", "runs", "shards")
 DEFAULT_PARAMS = "params.json"
 # what a signal leaves, per command: one line, true at any moment of it
 STOPPED = {
@@ -69,6 +71,9 @@ def main(argv=None, launched=None):
                 module = importlib.import_module(args.module)  # torch and the rest: still "starting"
                 interrupts.phase = args.command
                 return args.run(module, args)
+        except PeerLost as e:  # every surviving rank says it: rank 0, whose lines alone print, may be the one gone
+            sys.stderr.write(f"error: {e}\n")
+            return 2
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -204,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="*", default=["runs"], metavar="DIR", help="run folders, or folders of them (default runs/)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table there as CSV")
     p.set_defaults(module="vit.runs", run=_runs)
+    p = sub.add_parser("shards", help="write an image folder or fashion-mnist as webdataset tar shards (data.dataset webdataset)")
+    p.add_argument("source", metavar="SOURCE", help="an image folder (class sub-folders, or train/ and val/ holding them) or fashion-mnist")
+    p.add_argument("--out", required=True, help="the folder for train-000000.tar ..., val-... and shards.json")
+    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    p.set_defaults(module="vit.data.shard_writer", run=_shards)
     return parser
 
 
@@ -304,3 +314,19 @@ def _export(export, args):
 
 def _runs(runs, args):
     return runs.runs(args.dirs, args.csv)
+
+
+def _shards(shard_writer, args):
+    w = shard_writer.write_shards(args.source, args.out, args.per_shard)
+    if w.skipped:
+        print(f"skipped {len(w.skipped)} file(s) that are not usable images, e.g. {w.skipped[0]}")
+    split_words = [f"{w.samples[s]:,} {s} samples in {len(w.shards[s])} shard(s)" for s in w.shards]
+    print(f"wrote {' and '.join(split_words)} to {w.out}, {len(w.classes)} classes in {w.out}/shards.json")
+    sets = ["data.dataset=webdataset", f"data.train_shards={w.pattern('train')}"]
+    sets += [f"data.val_shards={w.pattern('val')}"] if "val" in w.shards else []
+    print("train on them with these params (data.image_size, channels, mean and std as for the source):")
+    print("  " + json.dumps({"dataset": "webdataset", "train_shards": w.pattern("train"),
+                             "val_shards": w.pattern("val") if "val" in w.shards else None,
+                             "train_samples": w.samples["train"]}))
+    print(f"  or: python main.py --set {shlex.join(sets)} data.train_samples={w.samples['train']}")
+    return 0

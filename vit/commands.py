@@ -79,7 +79,8 @@ def evaluate(checkpoint: str, data_dir: Optional[str] = None, batch_size: Option
         raise UserError(f"checkpoint {checkpoint} has a head for {model.config.num_labels} classes but "
                         f"{data_dir or 'the default dataset'} has {len(loaders.classes)} classes; pass --data-dir with a folder of its classes.")
     if loaders.val is None:
-        raise UserError(f"the run's val split of {data_params['train_dir']} is empty; pass --data-dir with a folder of its classes.")
+        which = "data.val_shards is null" if data_params["dataset"] == "webdataset" else f"val split of {data_params['train_dir']} is empty"
+        raise UserError(f"the run's {which}; pass --data-dir with a folder of its classes.")
     described = _eval_data(data_params, data_dir, loaders.report["val_files"])
     print(f"evaluating {model.load_report.path} on {described} ({data_params['workers']} worker(s), batch {batch_size})")
     val = evaluation.evaluate(model, loaders.val, num_classes=len(loaders.classes), d=d,
@@ -120,6 +121,8 @@ def _eval_data(data_params, data_dir, count):
         return f"--data-dir {data_dir} ({count} images)"
     if data_params["dataset"] == "fashion_mnist":
         return f"the Fashion-MNIST test set ({count} images)"
+    if data_params["dataset"] == "webdataset":
+        return f"the run's data.val_shards {data_params['val_shards']} ({count} images)"
     if data_params["val_dir"]:
         return f"the run's data.val_dir {data_params['val_dir']} ({count} images)"
     return (f"the run's val split of {data_params['train_dir']} ({count} images: data.val_split {data_params['val_split']}, "

@@ -19,6 +19,11 @@ class UserError(ValueError):
     """A problem with the user's input, explained in one sentence."""
 
 
+class PeerLost(UserError):
+    """Another process of a distributed run is gone (its node died, was killed or lost the network):
+    every surviving rank says so in one sentence, not only rank 0 (which may be the one that died)."""
+
+
 # os.stat's verdicts on what is neither a regular file nor a folder
 SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                  (stat.S_ISSOCK, "a socket"))

@@ -34,8 +34,10 @@ def per_class_accuracy(confusion, classes: list) -> dict:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, *, num_classes: int, d: distributed.Dist, precision: str = "fp32",
              oom_advice: str = "use a smaller batch.", mistakes: int = 0, denormalize: Optional[Callable] = None,
-             confusion: bool = False) -> dict:
+             confusion: bool = False, lockstep: bool = False) -> dict:
     """Loss, accuracy, top-5 (when > 5 classes) and images/s over `loader` on d.device; plain CE, no smoothing.
+    With `lockstep` (an FSDP model, whose every forward is a collective) a rank out of batches runs the
+    model on a blank image until every rank is done; that forward counts in no metric.
 
     With confusion=True, also returns `confusion` (K, K) rows = true class; with mistakes > 0 that too,
     and up to `mistakes` misclassified images as (uint8 HxWxC, true, pred) built with `denormalize(x) -> (B,H,W,C)`.
@@ -48,8 +50,13 @@ def evaluate(model: torch.nn.Module, loader, *, num_classes: int, d: distributed
     t0 = time.time()
     bar = tqdm(loader, desc="eval", disable=not d.is_main, leave=False, dynamic_ncols=True)
     with bar, oom_hint(oom_advice):
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for batch in distributed.lockstep(bar, d) if lockstep else bar:
+            if batch is None:
+                c = model.config
+                with autocast(device, precision):
+                    model(torch.zeros(1, c.num_channels, c.image_size, c.image_size, device=device))
+                continue
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = model(x).logits.float()  # (B, K)
             pred = logits.argmax(-1)

@@ -31,13 +31,14 @@ logger = logging.getLogger(__name__)
 
 NUMBER = (int, float)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-DATASETS = ("fashion_mnist", "folder")
+DATASETS = ("fashion_mnist", "folder", "webdataset")
+STRATEGIES = ("ddp", "fsdp")
 
 # each leaf: (default, allowed types, rule). rule is None, a tuple of choices, or a string:
 #   ">0"  strictly positive     ">=0"  non-negative     "(0,1)"  open unit interval
 #   "[0,1]"  closed unit interval     "[0,1)"  half-open     "(0,4096]"  a side length in pixels
 #   "path"  a non-empty string the OS can take as a file name     "alpha"  0 (off) or a Beta parameter
-#   "preset" / "scale" / "floats" / "randaugment": see _check_rule
+#   "preset" / "scale" / "floats" / "randaugment" / "shards": see _check_rule
 SCHEMA = {
     "model": {
         "preset": (None, (str, type(None)), "preset"),  # "Ti/16", "B/16", ...; null: explicit sizes
@@ -73,6 +74,12 @@ SCHEMA = {
         "workers": (4, int, ">=0"),
         "in_memory": ("auto", (str, bool), ("auto", True, False)),
         "decode": ("workers", str, ("workers", "device")),  # JPEG folders read from disk: PIL in workers, or nvjpeg
+        # dataset "webdataset": tar shards (`vit shards` writes them), a brace pattern "d/train-{000000..000099}.tar"
+        # or a list of paths; classes.json beside the first train shard names the classes
+        "train_shards": (None, (str, list, type(None)), "shards"),
+        "val_shards": (None, (str, list, type(None)), "shards"),  # null: no validation
+        "train_samples": (None, (int, type(None)), ">0"),  # the epoch's length over all ranks; null: all of train_shards
+        "shuffle_buffer": (1000, int, ">0"),  # samples each shard reader shuffles among (webdataset's shuffle)
     },
     "train": {
         "epochs": (20, int, ">0"),  # with a time_budget: the most the run trains
@@ -106,6 +113,8 @@ SCHEMA = {
         "eval_every": (1, int, ">0"),
         "grad_checkpointing": (False, bool, None),  # recompute each block in the backward pass: less memory, ~1/3 more time
         "ema_decay": (None, (int, float, type(None)), "(0,1)"),  # EMA of the weights (timm's ModelEmaV3, with warm-up); null: off
+        "strategy": ("ddp", str, STRATEGIES),  # several processes: DDP copies the model, FSDP2 shards it (vit/train/fsdp.py)
+        "dist_timeout_s": (600, NUMBER, ">0"),  # how long a process waits in a collective for the others before it stops
     },
     "output": {
         "dir": ("runs/fashion_mnist", str, "path"),
@@ -363,6 +372,11 @@ def _check_rule(name, value, rule):
                 f"params key {name} is {value!r}, not a known preset; use a size from {', '.join(PRESETS)} and a "
                 f"positive patch size, e.g. \"B/16\" or \"S/4\", or null with explicit sizes."
             )
+    elif rule == "shards":
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise UserError(f"params key {name} must be a brace pattern or a list of paths, got {json.dumps(value)[:80]}.")
+        for path in value if isinstance(value, list) else [value]:
+            _check_rule(name, path, "path")
     elif rule == "randaugment":
         if not re.fullmatch(r"rand(-[a-z]+[\d.]*)*", value):
             raise UserError(
@@ -406,6 +420,12 @@ def _check_cross(params):
     if m["hidden_size"] and m["num_attention_heads"] and m["hidden_size"] % m["num_attention_heads"]:
         raise UserError(f"params key model.num_attention_heads={m['num_attention_heads']} does not divide "
                         f"model.hidden_size={m['hidden_size']}; choose a head count that divides it.")
+    if d["dataset"] == "webdataset" and not d["train_shards"]:
+        raise UserError("params key data.train_shards is empty but data.dataset is \"webdataset\"; set it to the train "
+                        "shards (a brace pattern or a list of paths; `vit shards` writes them and prints the lines).")
+    if t["strategy"] == "fsdp" and t["ema_decay"] is not None:
+        raise UserError("params key train.ema_decay is set but train.strategy is \"fsdp\", whose sharded weights the EMA "
+                        "(an unsharded copy) cannot follow; set train.ema_decay to null or train.strategy to \"ddp\".")
     if d["dataset"] == "folder" and not d["train_dir"]:
         raise UserError("params key data.train_dir is null but data.dataset is \"folder\"; set it to the train folder.")
     if t["min_lr"] > t["lr"]:

@@ -37,18 +37,20 @@ class PreTrainedModel(nn.Module):
         What the load did is `model.load_report`, and is logged on the `vit` logger."""
         return load_pretrained(cls, path, num_labels=num_labels, image_size=image_size, ema=ema, **overrides)
 
-    def save_pretrained(self, directory: Union[str, os.PathLike], num_channels: Optional[int] = None) -> None:
+    def save_pretrained(self, directory: Union[str, os.PathLike], num_channels: Optional[int] = None,
+                        state_dict: Optional[dict] = None) -> None:
         """Write config.json and model.safetensors, a folder transformers' from_pretrained reads. Both are
         written by open(), so they follow the user's umask (safetensors' own save_file writes 0600).
         `num_channels` saves the model for another input channel count, its patch kernel adapted as the
         loader adapts it (vit/resize.py): 3 makes a gray model one that takes RGB, as transformers'
-        image pipelines feed it."""
+        image pipelines feed it. `state_dict` (HF's argument) is saved instead of the model's own, e.g.
+        an FSDP model's gathered weights."""
         from safetensors.torch import save
 
         os.makedirs(directory, exist_ok=True)
         config = self.config.to_hf_dict()
         config["architectures"] = [type(self).__name__]
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in (self.state_dict() if state_dict is None else state_dict).items()}
         if num_channels is not None and num_channels != self.config.num_channels:
             kernel = next(k for k in tensors if k.endswith(KERNEL))
             tensors[kernel] = adapt_input_channels(tensors[kernel], num_channels, str(directory))

@@ -7,7 +7,8 @@ Which loader serves a dataset:
 - WorkerLoader (DataLoader workers decode files): everything else, and any dataset when
   train.randaugment is set (RandAugment runs on PIL images, one at a time);
 - DeviceDecodeLoader (workers read bytes, the batch is decoded and augmented on the device): folders
-  that stay on disk when data.decode is "device".
+  that stay on disk when data.decode is "device";
+- ShardLoader (webdataset streams tar shards, split by rank and worker): data.dataset "webdataset".
 train.batch_size is per rank (the DeiT convention): a DDP run sees world_size * batch_size per step.
 
 The sections come validated and complete (vit/params.py fills in every default), so each key
@@ -26,6 +27,7 @@ from vit.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from vit.data.fashion_mnist import load_fashion_mnist
 from vit.data.device_decode import CropPlan, DeviceDecodeLoader, DeviceDecoder, EncodedSource, collate_encoded
 from vit.data.folder import class_folders, decode_all, record_dropped, scan_folder
+from vit.data.shards import loaders_from_shards
 from vit.data.tensor_loader import TensorLoader
 from vit.data.transforms import eval_transform, resize_size, train_transform
 from vit.data.worker_loader import ArraySource, EpochBatchSampler, FileSource, SampleDataset, WorkerLoader
@@ -69,6 +71,14 @@ def build_loaders(data_params: dict, train_params: dict, device: Union[str, torc
                         "or train.randaugment to null.")
     report = {"dropped_at_load": 0, "dropped_files": []}
     dataset, decode = data_params["dataset"], data_params["decode"]
+    if dataset == "webdataset":  # streamed: never in memory, decoded by the workers
+        aug = dict(scale=train_params["random_resized_crop_scale"], hflip=train_params["hflip"], randaugment=randaugment)
+        transforms = (train_transform(image_size, channels, mean, std, **aug), eval_transform(image_size, channels, mean, std))
+        train, val, classes = loaders_from_shards(data_params, train_params["batch_size"], train_params["seed"], rank,
+                                                  world_size, transforms, resize_size(image_size), device, report)
+        report["loader"] = "webdataset"
+        _check_batches(train, train_params["batch_size"], report, world_size)
+        return Loaders(train, val, classes, mean, std, report)
     if decode == "device" and (dataset != "folder" or randaugment):
         raise UserError("data.decode \"device\" decodes JPEG folders on the training device without PIL; it needs "
                         "data.dataset \"folder\" and train.randaugment null (set data.decode to \"workers\").")
@@ -85,7 +95,7 @@ def build_loaders(data_params: dict, train_params: dict, device: Union[str, torc
         decoded_bytes = (len(train_set) + len(val_set)) * channels * resize_size(image_size) ** 2
         use_tensor = in_memory is True or (in_memory == "auto" and not randaugment and decoded_bytes < IN_MEMORY_LIMIT)
     else:
-        raise UserError(f"data.dataset {dataset!r} is not one of \"fashion_mnist\", \"folder\".")
+        raise UserError(f"data.dataset {dataset!r} is not one of \"fashion_mnist\", \"folder\", \"webdataset\".")
     report["loader"] = "tensor" if use_tensor else "device-decode" if decode == "device" else "workers"
 
     common = dict(batch_size=train_params["batch_size"], seed=train_params["seed"], rank=rank, world_size=world_size)
@@ -98,10 +108,14 @@ def build_loaders(data_params: dict, train_params: dict, device: Union[str, torc
         make = _worker_loader_factory(dataset, data_params, device, report, common, randaugment)
     train = make(train_set, train=True, **aug)
     val = make(val_set, train=False, **aug) if report["val_files"] else None  # aug unused when train=False
-    if len(train) == 0:
-        raise UserError(f"train.batch_size {common['batch_size']} is more than the training images per rank "
-                        f"({report['train_files']} images over {world_size} rank(s)); lower train.batch_size.")
+    _check_batches(train, common["batch_size"], report, world_size)
     return Loaders(train, val, classes, mean, std, report)
+
+
+def _check_batches(train, batch_size, report, world_size):
+    if len(train) == 0:
+        raise UserError(f"train.batch_size {batch_size} is more than the training images per rank "
+                        f"({report['train_files']} images over {world_size} rank(s)); lower train.batch_size.")
 
 
 def _tensor_loader_factory(dataset, data_params, device, report, common):

@@ -88,11 +88,20 @@ def open_image(path, channels, size_hint=None, resize_to=None):
     resize_to: the shorter side the caller resizes the image to; refused from the header when the
     resized image would be over MAX_PIXELS.
     """
-    assert channels in (1, 3), channels
     path = Path(path)
     check_regular(path)
-    with _as_bad_image(path), Image.open(path) as im:
-        _check_size(path, im, resize_to)
+    return _decode(path, path, channels, size_hint, resize_to)
+
+
+def open_image_bytes(name, data, channels, resize_to=None):
+    """open_image for a file's bytes (a tar shard's member); `name` names it in the BadImage message."""
+    return _decode(name, io.BytesIO(data), channels, None, resize_to)
+
+
+def _decode(name, source, channels, size_hint, resize_to):
+    assert channels in (1, 3), channels
+    with _as_bad_image(name), Image.open(source) as im:
+        _check_size(name, im, resize_to)
         if size_hint is not None and im.format == "JPEG":
             im.draft(im.mode, (size_hint, size_hint))
         im.load()  # decode now, inside the with: truncated data fails here

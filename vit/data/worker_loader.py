@@ -65,11 +65,11 @@ class SampleDataset(Dataset):
             image = self.source(i)
         except BadImage as e:
             return str(e)
-        with _seeded(seed):
+        with seeded(seed):
             return self.transform(image), self.labels[i]
 
 
-class _seeded:
+class seeded:
     """Seed torch, random and numpy for one sample and restore them after (workers=0 runs in the trainer)."""
 
     def __init__(self, seed):

@@ -91,22 +91,27 @@ def _write_failed(path, e):
     return UserError(f"could not write checkpoint {path} ({getattr(e, 'strerror', None) or e}); {kept}; free disk space and {then}.")
 
 
-def training_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+def training_payload(model: torch.nn.Module, state: tuple[dict, dict], scaler: torch.amp.GradScaler,
                      progress: Progress, command: str, params: dict, loaders: Loaders, rngs: list,
-                     ema: Optional[torch.nn.Module] = None) -> dict:
-    """Everything `resume` needs, in weights_only-loadable types: `progress` with its sums one per rank,
+                     ema: Optional[torch.nn.Module] = None, nodes: int = 1) -> dict:
+    """Everything `resume` needs, in weights_only-loadable types: `state` the model's and the optimizer's
+    state dicts, whole (vit/train/fsdp.py gathers them when the model is sharded), `model` their config,
+    `progress` with its sums one per rank,
     `command` what resumes the run, `rngs` every rank's `rng_state()` (a mid-epoch resume continues
     each rank's streams: one per process), the class names and normalization of `loaders`, and `ema`
-    the weights' moving average (timm's ModelEmaV3) when the run keeps one."""
+    the weights' moving average (timm's ModelEmaV3) when the run keeps one, and `nodes` the machines the
+    processes ran on."""
+    weights, optimizer_state = state
     payload = {
-        "model": strip_prefixes(model.state_dict(), WRAPPER_PREFIXES),
+        "model": strip_prefixes(weights, WRAPPER_PREFIXES),
         "config": model.config.to_hf_dict(),
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": {"step": progress.step},  # the schedule is a pure function of the step
         "scaler": scaler.state_dict(),
         **{f.name: getattr(progress, f.name) for f in dataclasses.fields(progress) if f.name != "step"},
         "rng": rngs,
         "world_size": len(rngs),  # processes: with batch_size and grad_accum, the effective batch a resume must keep
+        "nodes": nodes,  # torchrun's launchers; any count resumes (another world size is exact no more)
         "command": command,  # what resumes this run: how it was launched, plus --resume
         "params": params,
         "classes": list(loaders.classes),
@@ -118,9 +123,10 @@ def training_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     return payload
 
 
-def save_hf(model: torch.nn.Module, directory: str, mean: list, std: list) -> None:
+def save_hf(model: torch.nn.Module, directory: str, mean: list, std: list, weights: Optional[dict] = None) -> None:
     """save_pretrained (+ the normalization as HF's preprocessor_config.json) into a temp folder, then
-    swap it in, so `directory` is always whole.
+    swap it in, so `directory` is always whole; `weights` instead of the model's own state dict (a
+    sharded model's, gathered).
 
     A gray (1-channel) model is saved as one that takes RGB, its patch kernel spread over R, G and B by
     PIL's luma weights (vit/resize.py): transformers' image pipelines convert every image to RGB, and
@@ -140,7 +146,7 @@ def save_hf(model: torch.nn.Module, directory: str, mean: list, std: list) -> No
                  "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,  # 3: bicubic, as our eval
                  "image_mean": list(mean), "image_std": list(std)}
     try:
-        model.save_pretrained(tmp, num_channels=3 if gray else None)
+        model.save_pretrained(tmp, num_channels=3 if gray else None, state_dict=weights)
         with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
             json.dump(processor, f, indent=2)
         if os.path.isdir(directory):

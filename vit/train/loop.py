@@ -31,7 +31,7 @@ from vit.files import atomic_write
 from vit.loading.core import is_file
 from vit.model import ViTForImageClassification
 from vit.run_folder import BEST, CURVES, HF_DIR, LAST, METRICS, PARAMS
-from vit.train import budget, checkpoint, engine, optim, tensorboard
+from vit.train import budget, checkpoint, engine, fsdp, optim, tensorboard
 from vit.train.checkpoint import Progress
 from vit.train.report import data_counts, epoch_line, report, summary_line, writing
 from vit.viz import plots
@@ -49,16 +49,17 @@ def train(params_file: str = "params.json", overrides: Sequence[str] = (), resum
     Returns the exit code: 0, or 128 + the signal that asked it to stop.
     """
     run = set_up(params_file, list(overrides), resume, clock() if launched is None else launched, launcher, clock)
-    with tensorboard.closing(run.board), StopRequest() as stop:
-        code, final_val = run_epochs(run, stop)
-    if code == 0 and distributed.any_rank(stop(), run.d):
-        # the signal came after the last epoch's stop check: that epoch is saved (the last one always is),
-        # and what it asked for is a stop, so the report waits for --resume
-        print(f"stopped after the last epoch, before the end-of-run report; {run.path(LAST)} holds all "
-              f"{count(run.plan.epochs, 'epoch')}. Resume with: {run.resume_hint} (it writes the report)")
-        code = 128 + (stop.signum or signal.SIGINT)
-    elif code == 0:
-        finish(run, final_val)
+    with distributed.watch_peers(run.d, run.resume_hint):  # another node gone: one sentence, not a hang
+        with tensorboard.closing(run.board), StopRequest() as stop:
+            code, final_val = run_epochs(run, stop)
+        if code == 0 and distributed.any_rank(stop(), run.d):
+            # the signal came after the last epoch's stop check: that epoch is saved (the last one always is),
+            # and what it asked for is a stop, so the report waits for --resume
+            print(f"stopped after the last epoch, before the end-of-run report; {run.path(LAST)} holds all "
+                  f"{count(run.plan.epochs, 'epoch')}. Resume with: {run.resume_hint} (it writes the report)")
+            code = 128 + (stop.signum or signal.SIGINT)
+        elif code == 0:
+            finish(run, final_val)
     distributed.cleanup(run.d)
     return code
 
@@ -101,18 +102,20 @@ class Run:
         """Whether the EMA weights' val_acc_ema picks best.pt and best_hf/ (output.best_metric)."""
         return self.params["output"]["best_metric"] == "val_acc_ema"
 
-    def save(self, path: str, **progress) -> None:
-        """A checkpoint of the run at `path`, with `progress` fields changed (an interrupted epoch's
-        step_in_epoch and sums): rank 0 writes, the others wait so nobody runs ahead of it."""
+    def save(self, path: str, **progress) -> dict:
+        """A checkpoint of the run at `path`, with `progress` fields changed (an interrupted epoch's step_in_epoch
+        and sums): rank 0 writes, the others wait; returns the whole weights it saved (gathered under FSDP)."""
         self.progress.elapsed_s = self.clock() - self.started
         self.progress.plan = self.plan.state_dict()
+        state = fsdp.full_state(self.model, self.trainer.optimizer)
         rngs = distributed.gather(checkpoint.rng_state(), self.d)
         if self.d.is_main:
-            payload = checkpoint.training_payload(self.model, self.trainer.optimizer, self.trainer.scaler,
+            payload = checkpoint.training_payload(self.model, state, self.trainer.scaler,
                                                   replace(self.progress, **progress), self.resume_hint, self.params,
-                                                  self.loaders, rngs, self.ema)
+                                                  self.loaders, rngs, self.ema, nodes=self.d.nodes)
             checkpoint.save(path, payload)
         distributed.barrier(self.d)
+        return state[0]
 
 
 def set_up(params_file: str, overrides: list, resume: bool, launched: float, launcher: Sequence[str] = ("python", "main.py"),
@@ -120,12 +123,13 @@ def set_up(params_file: str, overrides: list, resume: bool, launched: float, lau
     """Everything the epochs need, in the order that keeps runs reproducible, and the run folder."""
     params = P.load(params_file, overrides)
     wants_board = tensorboard.wanted(params["output"]["tensorboard"])  # true without the package stops here
-    d = distributed.init()
+    d = distributed.init(params["train"]["dist_timeout_s"])
     t, out, device = params["train"], params["output"]["dir"], d.device
     last_path = os.path.join(out, LAST)
     command = functools.partial(resume_command, launcher, params_file, overrides)
     if resume and not is_file(last_path):
         raise UserError(f"--resume found no checkpoint at {last_path}; start without --resume or set output.dir.")
+    distributed.check_shared(is_file(last_path), last_path, d)
     if not resume and is_file(last_path):
         raise UserError(f"{out} already holds a run ({last_path}); pass --resume to continue it or set output.dir to a new folder.")
     if device.type == "cuda":
@@ -159,6 +163,8 @@ def set_up(params_file: str, overrides: list, resume: bool, launched: float, lau
     precision, why = distributed.gather(precisions.resolve(t["precision"], device, model, sample_shape,
                                                            saved=progress.precision), d)[0]
     progress.precision = precision
+    if t["strategy"] == "fsdp":  # after resume and the precision probe, which need the whole model
+        optimizer = fsdp.shard(model, optimizer, t, precision, d)
     evaluator = torch.compile(model) if t["compile"] else model
     trainer = make_trainer(params, loaders, evaluator, optimizer, precision, scaler_state, d, plan,
                            backbone=model.vit if t["freeze_backbone"] else None,
@@ -193,7 +199,7 @@ def make_trainer(params: dict, loaders: data.Loaders, evaluator: torch.nn.Module
         from timm.data import Mixup
         mixup_fn = Mixup(mixup_alpha=t["mixup"], cutmix_alpha=t["cutmix"], label_smoothing=t["label_smoothing"],
                          num_classes=len(loaders.classes))
-    return engine.Trainer(distributed.wrap(evaluator, d), optimizer, scaler, lr_fn, engine.StepSettings.from_params(t, precision),
+    return engine.Trainer(distributed.wrap(evaluator, d, t["strategy"]), optimizer, scaler, lr_fn, engine.StepSettings.from_params(t, precision),
                           d, mixup_fn, **extras)
 
 
@@ -256,7 +262,8 @@ def open_run_folder(run: Run, why: str) -> None:
         print(f"warning: lr_scale_batch makes the learning rate {base_lr:.2g}, too small to learn much in "
               f"{t['epochs']} epochs; raise train.lr, or set train.lr_scale_batch to the effective batch {batch} or to null")
     where = f"the CPU, {precisions.thread_note()}" if d.device.type == "cpu" else str(d.device)
-    print(f"training on {where}; precision {run.trainer.settings.precision} ({why})")
+    spread = f"; {t['strategy'].upper()} over {d.world_size} processes on {count(d.nodes, 'node')}" if d.enabled else ""
+    print(f"training on {where}; precision {run.trainer.settings.precision} ({why}){spread}")
     if budget.start_line(run.plan, t):
         print(budget.start_line(run.plan, t))
 
@@ -384,9 +391,10 @@ def end_epoch(run: Run, epoch: int, stats: dict, epoch_start: float, stop: StopR
     stopping = distributed.any_rank(stop(), d)
     # best before last: a kill in between redoes this epoch on resume, which rewrites best identically
     if is_best:
-        run.save(run.path(BEST))
+        weights = run.save(run.path(BEST))
         if d.is_main:  # the weights that scored: the EMA's when they pick best
-            checkpoint.save_hf(run.ema.module if run.picks_ema else run.model, run.path(HF_DIR), loaders.mean, loaders.std)
+            checkpoint.save_hf(run.ema.module if run.picks_ema else run.model, run.path(HF_DIR), loaders.mean, loaders.std,
+                               None if run.picks_ema else weights)
     if (epoch + 1) % run.params["output"]["save_every"] == 0 or is_last or stopping:
         run.save(last_path)
     if d.is_main:
@@ -401,7 +409,7 @@ def eval_kw(run: Run, report: bool = False) -> dict:
     """evaluation.evaluate's arguments besides the model and loader; with report=True also the confusion
     matrix and misclassified images the end-of-run report shows."""
     kw = dict(num_classes=len(run.loaders.classes), d=run.d, precision=run.trainer.settings.precision,
-              oom_advice=run.trainer.settings.oom_advice)
+              oom_advice=run.trainer.settings.oom_advice, lockstep=fsdp.is_sharded(run.model))
     if report:
         kw.update(mistakes=max(run.params["output"]["misclassified"], 1),
                   denormalize=functools.partial(data.denormalize, mean=run.loaders.mean, std=run.loaders.std))
