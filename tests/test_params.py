@@ -12,6 +12,7 @@ from vit import ViTConfig, ViTForImageClassification
 from vit.errors import UserError
 from vit.train import optim
 from vit import params as P
+from vit import schema
 
 
 def load_with(*overrides):
@@ -56,9 +57,9 @@ def test_params_json_the_defaults_and_the_readme_table_agree():
     defaults = P.defaults()
     assert {s: set(keys) - {P.DOC_KEY} for s, keys in stated.items() if s != P.DOC_KEY} == {s: set(k) for s, k in defaults.items()}
     differ = [f"{s}.{k}" for s in defaults for k in defaults[s] if stated[s][k] != defaults[s][k]]
-    own = {f"{s}.{k}" for s, keys in P.DEFAULT_RUN_ONLY.items() for k in keys}
+    own = {f"{s}.{k}" for s, keys in schema.DEFAULT_RUN_ONLY.items() for k in keys}
     assert set(differ) <= own, f"params.json differs from the defaults at {differ}"
-    assert all(defaults[s][k] is None for s, keys in P.DEFAULT_RUN_ONLY.items() for k in keys)
+    assert all(defaults[s][k] is None for s, keys in schema.DEFAULT_RUN_ONLY.items() for k in keys)
     with open(os.path.join(ROOT, "README.md")) as f:
         rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| (.*) \|$", f.read(), re.M) if m.group(1) in defaults}
     assert set(rows) == set(defaults), "the README's params table has a row per section"

@@ -27,7 +27,7 @@ from vit.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from vit.data.fashion_mnist import load_fashion_mnist
 from vit.data.device_decode import CropPlan, DeviceDecodeLoader, DeviceDecoder, EncodedSource, collate_encoded
 from vit.data.folder import class_folders, decode_all, record_dropped, scan_folder
-from vit.data.shards import loaders_from_shards
+from vit.data.shards import expand, loaders_from_shards, read_index
 from vit.data.tensor_loader import TensorLoader
 from vit.data.transforms import eval_transform, resize_size, train_transform
 from vit.data.worker_loader import ArraySource, EpochBatchSampler, FileSource, SampleDataset, WorkerLoader
@@ -53,6 +53,8 @@ def class_names(data_params: dict) -> list:
     the model's head is built from them before the data is decoded."""
     if data_params["dataset"] == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES)
+    if data_params["dataset"] == "webdataset":  # shards.json beside the shards names them
+        return read_index(expand(data_params["train_shards"], "data.train_shards"), "data.train_shards")[0]
     return class_folders(data_params["train_dir"], "data.train_dir")
 
 
