@@ -37,7 +37,7 @@ def test_default_recipe_is_the_cpu_sized_fashion_mnist_one():
     from vit.factory import build_model
     p = load_with()
     assert p["data"]["dataset"] == "fashion_mnist" and p["data"]["image_size"] == 28 and p["data"]["channels"] == 1
-    assert p["train"]["precision"] == "auto" and p["train"]["epochs"] == 20 and p["model"]["weight_init"] == "jax"
+    assert p["train"]["precision"] == "auto" and p["train"]["epochs"] == 30 and p["train"]["time_budget"] == 15 and p["model"]["weight_init"] == "jax"
     assert sum(t.numel() for t in build_model(p, list("0123456789")).parameters()) == 306_826
     gpu_file = os.path.join(ROOT, "configs", "vit_lite_7_4_gpu.json")
     gpu = P.load(gpu_file)

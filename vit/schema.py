@@ -60,7 +60,7 @@ SCHEMA = {
         "shuffle_buffer": (1000, int, ">0"),  # samples each shard reader shuffles among (webdataset's shuffle)
     },
     "train": {
-        "epochs": (20, int, ">0"),  # with a time_budget: the most the run trains
+        "epochs": (30, int, ">0"),  # with a time_budget: the most the run trains
         # minutes for the whole run, set-up and evaluation included: the run decides how many epochs fit
         # (vit/train/budget.py); null: train.epochs as given
         "time_budget": (None, (int, float, type(None)), "minutes"),
