@@ -91,8 +91,11 @@ def test_device_decoder_on_cuda_matches_the_cpu(tmp_path, split):
     level = 1 / 255 / 0.25
     for (x, y), (x_cpu, y_cpu) in zip(on_gpu, on_cpu):
         assert x.is_cuda and torch.equal(y.cpu(), y_cpu)
-        diff = (x.cpu() - x_cpu).abs() / level  # nvjpeg's IDCT is not libjpeg's: a few levels apart at most
-        assert diff.max() <= 4 and diff.mean() < 0.5, (diff.max(), diff.mean())
+        # nvjpeg is not libjpeg-turbo: on these colourful 4:2:0 JPEGs the decoded pixels themselves differ by
+        # up to 25 levels (mean 3.3; H200, 2026-12-04), mostly the chroma upsampling; after the downscale to
+        # 32 px that measured 7 levels at most, 0.68 on average. The bound is that, with a little room.
+        diff = (x.cpu() - x_cpu).abs() / level
+        assert diff.max() <= 8 and diff.mean() < 1.0, (diff.max(), diff.mean())
 
 
 def test_tensor_loader_on_cuda_matches_the_cpu():

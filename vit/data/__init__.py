@@ -27,7 +27,6 @@ from vit.data.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
 from vit.data.fashion_mnist import load_fashion_mnist
 from vit.data.device_decode import CropPlan, DeviceDecodeLoader, DeviceDecoder, EncodedSource, collate_encoded
 from vit.data.folder import class_folders, decode_all, record_dropped, scan_folder
-from vit.data.shards import expand, loaders_from_shards, read_index
 from vit.data.tensor_loader import TensorLoader
 from vit.data.transforms import eval_transform, resize_size, train_transform
 from vit.data.worker_loader import ArraySource, EpochBatchSampler, FileSource, SampleDataset, WorkerLoader
@@ -54,6 +53,7 @@ def class_names(data_params: dict) -> list:
     if data_params["dataset"] == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES)
     if data_params["dataset"] == "webdataset":  # shards.json beside the shards names them
+        from vit.data.shards import expand, read_index  # webdataset is imported by the runs that stream shards alone
         return read_index(expand(data_params["train_shards"], "data.train_shards"), "data.train_shards")[0]
     return class_folders(data_params["train_dir"], "data.train_dir")
 
@@ -76,6 +76,7 @@ def build_loaders(data_params: dict, train_params: dict, device: Union[str, torc
     if dataset == "webdataset":  # streamed: never in memory, decoded by the workers
         aug = dict(scale=train_params["random_resized_crop_scale"], hflip=train_params["hflip"], randaugment=randaugment)
         transforms = (train_transform(image_size, channels, mean, std, **aug), eval_transform(image_size, channels, mean, std))
+        from vit.data.shards import loaders_from_shards
         train, val, classes = loaders_from_shards(data_params, train_params["batch_size"], train_params["seed"], rank,
                                                   world_size, transforms, resize_size(image_size), device, report)
         report["loader"] = "webdataset"
