@@ -52,7 +52,7 @@ def rank_main(rank, world_size, port, preset, strategy, out, meta):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    d = distributed.init(600)
+    d = distributed.init(timeout_s=600)
     torch.manual_seed(0)
     config = ViTConfig.from_preset(preset, image_size=224, num_labels=1000)
     with torch.device("meta" if meta else "cpu"):

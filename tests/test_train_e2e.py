@@ -55,7 +55,7 @@ def test_checkpoints_hold_everything_and_load_with_weights_only(trained):
     ckpt = read_training_checkpoint(str(tmp / "run" / "last.pt"))  # weights_only=True inside
     assert ckpt["epoch"] == 2 and ckpt["classes"] == classes and ckpt["mean"] == [0.5, 0.5, 0.5]
     assert {"model", "optimizer", "scheduler", "scaler", "rng", "params", "config"} <= set(ckpt)
-    assert len(ckpt["rng"]) == 1 and set(ckpt["rng"][0]) == {"torch", "cuda", "numpy", "python"}  # one per rank
+    assert len(ckpt["rng"]) == 1 and set(ckpt["rng"][0]) == {"torch", "cuda", "mps", "numpy", "python"}  # one per rank
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     config = json.loads((tmp / "run" / "best_hf" / "config.json").read_text())
     assert config["id2label"] == {str(i): c for i, c in enumerate(classes)}

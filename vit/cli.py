@@ -42,6 +42,7 @@ import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
 from vit.errors import PeerLost, UserError  # noqa: E402
+from vit.schema import DEVICES  # noqa: E402  (plain Python: --help still loads no torch)
 
 COMMANDS = ("train", "init", "eval", "predict", "attention", "inspect", "features", "export", "runs", "shards")
 DEFAULT_PARAMS = "params.json"
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the run's train.batch_size)")
     p.add_argument("--workers", type=int, default=None, help="processes decoding images (default: the run's data.workers, at most the CPU count)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the metrics, per-class accuracy and confusion matrix there")
+    _device_arg(p)
     p.set_defaults(module="vit.commands", run=_eval)
     p = sub.add_parser("predict", help="top-k classes for images")
     _checkpoint_args(p)
@@ -186,18 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_args(p)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, and folders whose images are read")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: attention/ beside the checkpoint)")
+    _device_arg(p)
     p.set_defaults(module="vit.commands", run=_attention)
     p = sub.add_parser("inspect", help="the ViT paper's Figure 7 panels")
     _checkpoint_args(p)
     p.add_argument("--data-dir", default=None, help="images for the attention distance (default: the Fashion-MNIST test set "
                    "for a Fashion-MNIST checkpoint, else that figure is skipped)")
     p.add_argument("--out", default=None, help="folder for the PNGs (default: inspect/ beside the checkpoint)")
+    _device_arg(p)
     p.set_defaults(module="vit.commands", run=_inspect)
     p = sub.add_parser("features", help="pooled embeddings (what the head sees) of images, as .npy")
     _checkpoint_args(p)
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, and folders searched for images")
     p.add_argument("--out", required=True, help="the .npy to write, in an existing folder; the file order goes beside it as .txt")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    _device_arg(p)
     p.set_defaults(module="vit.commands", run=_features)
     p = sub.add_parser("export", help="export to ONNX with a dynamic batch, checked against PyTorch with onnxruntime")
     _checkpoint_args(p)
@@ -228,6 +233,10 @@ def _train_options(p):
 def _checkpoint_args(p):
     p.add_argument("--checkpoint", required=True, help="a run folder, a .pt of a run, an HF folder, a timm file or a Google .npz")
     p.add_argument("--ema", action="store_true", help="take the file's EMA weights (model_ema / state_dict_ema)")
+
+
+def _device_arg(p):
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where the model runs (default auto: cuda, then mps, then cpu)")
 
 
 def launcher():
@@ -285,7 +294,7 @@ def _init(starter, args):
 
 
 def _eval(commands, args):
-    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.workers, args.ema, args.out)
+    return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.workers, args.ema, args.out, args.device)
 
 
 def _predict(commands, args):
@@ -293,18 +302,18 @@ def _predict(commands, args):
 
 
 def _attention(commands, args):
-    return commands.attention(args.checkpoint, args.images, args.out, ema=args.ema)
+    return commands.attention(args.checkpoint, args.images, args.out, args.device, args.ema)
 
 
 def _inspect(commands, args):
-    commands.inspect(args.checkpoint, args.data_dir, args.out, ema=args.ema)
+    commands.inspect(args.checkpoint, args.data_dir, args.out, args.device, args.ema)
     return 0
 
 
 def _features(commands, args):
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size} must be 1 or more.")
-    return commands.features(args.checkpoint, args.inputs, args.out, args.batch_size, args.ema)
+    return commands.features(args.checkpoint, args.inputs, args.out, args.batch_size, args.ema, args.device)
 
 
 def _export(export, args):

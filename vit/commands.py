@@ -39,10 +39,10 @@ def warn_zero_head(model, checkpoint):
 
 
 def evaluate(checkpoint: str, data_dir: Optional[str] = None, batch_size: Optional[int] = None,
-             workers: Optional[int] = None, ema: bool = False, out: Optional[str] = None) -> int:
+             workers: Optional[int] = None, ema: bool = False, out: Optional[str] = None, device: str = "auto") -> int:
     """Accuracy of a checkpoint on `data_dir` (a folder of class folders), or on the run's own val data;
     `workers` decode images (default: the run's data.workers, at most the CPU count). With `out`, the
-    results go to that JSON file too (`eval_results`)."""
+    results go to that JSON file too (`eval_results`); `device` as --device says (auto, cpu, cuda, mps)."""
     from vit import data
 
     for option, value, least in (("--batch-size", batch_size, 1), ("--workers", workers, 0)):
@@ -50,7 +50,7 @@ def evaluate(checkpoint: str, data_dir: Optional[str] = None, batch_size: Option
             raise UserError(f"{option} {value} must be {least} or more.")
     if out is not None:
         existing_parent(out, "--out")
-    d = distributed.init()
+    d = distributed.init(device, key="--device")
     model, info = load_model(checkpoint, d.device, ema)
     run_params = P.defaults()  # a pretrained source has no run params, a run older than a key lacks that key
     for section, keys in (info["params"] or {}).items():
@@ -169,7 +169,8 @@ def read_each(paths: Sequence[str], info: dict, skipped: list):
         yield path, x
 
 
-def attention(checkpoint: str, images: Sequence[str], out: Optional[str] = None, device=None, ema: bool = False) -> int:
+def attention(checkpoint: str, images: Sequence[str], out: Optional[str] = None, device: str = "auto",
+              ema: bool = False) -> int:
     """Write <out>/<image stem>_attention.png per image (default out: <run folder>/attention, created in an
     existing folder): the rollout overlay, the last layer's heads and the prediction (none from a head of
     zeros), and print each path. Returns the exit code, 1 when an image could not be read (see `read_each`)."""
@@ -177,7 +178,7 @@ def attention(checkpoint: str, images: Sequence[str], out: Optional[str] = None,
     from vit.viz import analysis, plots
 
     images = image_arguments(images)
-    device = distributed.init().device if device is None else device
+    device = distributed.init(device, key="--device").device
     out_dir = out or _default_out(checkpoint, "attention")
     existing_parent(out_dir, "--out")
     model, info = load_model(checkpoint, device, ema)
@@ -211,7 +212,7 @@ def attention(checkpoint: str, images: Sequence[str], out: Optional[str] = None,
     return 1 if skipped else 0
 
 
-def inspect(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] = None, device=None,
+def inspect(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] = None, device: str = "auto",
             ema: bool = False) -> list[str]:
     """Write the ViT paper's Figure 7 panels into `out` (default: <run folder>/inspect):
     embedding_filters.png, position_similarity.png and attention_distance.png. Returns the paths written.
@@ -222,7 +223,7 @@ def inspect(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] 
     """
     from vit.viz import analysis, plots
 
-    device = distributed.init().device if device is None else device
+    device = distributed.init(device, key="--device").device
     out_dir = out or _default_out(checkpoint, "inspect")
     existing_parent(out_dir, "--out")
     model, info = load_model(checkpoint, device, ema)
@@ -258,7 +259,8 @@ def inspect(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] 
     return written
 
 
-def features(checkpoint: str, inputs: Sequence[str], out: str, batch_size: int = FEATURES_BATCH, ema: bool = False) -> int:
+def features(checkpoint: str, inputs: Sequence[str], out: str, batch_size: int = FEATURES_BATCH, ema: bool = False,
+             device: str = "auto") -> int:
     """Write the pooled embeddings of the images in `inputs` (files, and folders searched recursively)
     to `out` (in an existing folder) as an (N, D) float32 .npy: per image the vector the head sees
     (forward_head(pre_logits=True)), for retrieval and linear probes. Their paths, one a line in the
@@ -268,7 +270,7 @@ def features(checkpoint: str, inputs: Sequence[str], out: str, batch_size: int =
     if not out.endswith(".npy"):
         raise UserError(f"--out {out} must end in .npy (the file order goes beside it as .txt); e.g. --out feats.npy.")
     existing_parent(out, "--out")
-    device = distributed.init().device
+    device = distributed.init(device, key="--device").device
     model, info = load_model(checkpoint, device, ema)
     files = image_arguments(inputs)
     rows, kept, batch, skipped = [], [], [], []

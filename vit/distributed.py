@@ -5,6 +5,9 @@ everything degrades to one process.
 One node or several is the same code: torchrun (one launcher per node, c10d rendezvous) sets RANK,
 WORLD_SIZE, LOCAL_RANK and GROUP_WORLD_SIZE (the node count), and the process group's timeout bounds
 how long a rank waits in a collective for a peer that stopped answering.
+
+Which device a process uses is decided here too (`pick_device`): `train.device` and the commands'
+`--device` say auto, cpu, cuda or mps; auto takes CUDA, then Apple's MPS, then the CPU.
 """
 
 import builtins
@@ -40,18 +43,38 @@ class Dist:
         return self.world_size > 1
 
 
-def init(timeout_s: Optional[float] = None) -> Dist:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK/GROUP_WORLD_SIZE; nccl on CUDA, gloo on CPU; silence
-    other ranks. `timeout_s` bounds every collective (None: torch's default, 10 min for nccl, 30 for gloo)."""
+def pick_device(requested: str = "auto", local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """The device `requested` names ("auto", "cpu", "cuda" or "mps"; `key` is where it was asked for, for
+    the error); auto takes CUDA (this process's local rank's GPU), then MPS, then the CPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{key} is cuda but torch sees no CUDA GPU here; set {key} to auto or cpu.")
+        return torch.device("cuda", local_rank)
+    if requested == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"{key} is mps but torch sees no Apple GPU (MPS) here; set {key} to auto or cpu.")
+        return torch.device("mps")
+    if requested != "cpu":
+        raise UserError(f"{key} is {requested!r}; choose one of auto, cpu, cuda, mps.")
+    return torch.device("cpu")
+
+
+def init(device: str = "auto", key: str = "train.device", timeout_s: Optional[float] = None) -> Dist:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK/GROUP_WORLD_SIZE, take the device `device` names (see
+    pick_device); nccl on CUDA, gloo on the CPU; silence other ranks. `timeout_s` bounds every collective
+    (None: torch's default, 10 min for nccl, 30 for gloo)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     nodes = int(os.environ.get("GROUP_WORLD_SIZE", 1))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = pick_device(device, local_rank, key)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    if device.type == "mps" and world_size > 1:
+        raise UserError(f"{key} is mps but this launch has {world_size} processes, and torch's process groups do not "
+                        f"run on MPS; launch one process (python main.py), or set {key} to cpu.")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 **({} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}))

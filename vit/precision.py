@@ -2,13 +2,16 @@
 
 `train.precision` is "auto", "bf16", "fp16" or "fp32", on the GPU and on the CPU alike:
 - CUDA: auto is bf16 where the GPU has it, else fp16 (with a gradient scaler).
+- MPS (Apple GPUs): auto is bf16 where torch runs it there (macOS 14 or newer), else fp32; fp16 is
+  refused, as its gradient scaler runs on CUDA only here. Unmeasured: no Mac has run this project yet.
 - CPU: bf16 autocast pays off only on CPUs with native bf16 matmuls (AVX512-BF16, AMX), and by how
   much depends on the shapes (a training step on a 2-core AVX512-BF16 EPYC: 1.9x for the default
   width-96 model, 2.7x for width 192; the model's attention avoids SDPA's slow bf16 CPU kernel). Where
   the flags cannot tell, or a CPU's bf16 is slow, only timing can, so auto times a few training steps of
   the actual model in both precisions and takes bf16 only when it is clearly faster. fp16 has no fast
   CPU kernels and is refused there.
-The choice is saved in the checkpoint and reused on resume, so a resumed run stays bit-exact.
+The choice is saved in the checkpoint and reused on resume, so a resumed run stays bit-exact, unless
+the resumed run's device cannot run it (fp16 saved on CUDA, resumed on the CPU): then it is chosen again.
 """
 
 import copy
@@ -50,7 +53,10 @@ def resolve(requested: str, device: torch.device, model: torch.nn.Module, sample
             saved: Optional[str] = None) -> tuple[str, str]:
     """(precision, reason) for this run: `requested` from params, `saved` from the checkpoint resumed."""
     if requested == "auto" and saved is not None:
-        return saved, "auto, as chosen when this run started (kept so the resumed run stays exact)"
+        if runs_on(saved, device):
+            return saved, "auto, as chosen when this run started (kept so the resumed run stays exact)"
+        precision, why = resolve(requested, device, model, sample_shape)
+        return precision, f"{why}; the run started in {saved}, which {device.type} does not run"
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         if requested == "auto":
@@ -58,6 +64,8 @@ def resolve(requested: str, device: torch.device, model: torch.nn.Module, sample
         if requested == "bf16" and not bf16:
             raise UserError("train.precision is bf16 but this GPU has no bf16; set train.precision to fp16 or auto.")
         return requested, "train.precision"
+    if device.type == "mps":
+        return _resolve_mps(requested)
     if requested == "fp16":
         raise UserError("train.precision fp16 needs a CUDA GPU (the CPU has no fast fp16 kernels); "
                         "set train.precision to auto, bf16 or fp32.")
@@ -70,6 +78,31 @@ def resolve(requested: str, device: torch.device, model: torch.nn.Module, sample
     choice = "bf16" if gain >= BF16_GAIN else "fp32"
     return choice, (f"auto: a training step of this model took {1e3 * bf16_s:.0f} ms in bf16 and "
                     f"{1e3 * fp32_s:.0f} ms in fp32 at batch {batch} ({gain:.2f}x; bf16 needs {BF16_GAIN}x)")
+
+
+def _resolve_mps(requested: str) -> tuple[str, str]:
+    """An Apple GPU: bf16 autocast where torch runs it (macOS 14 or newer), else fp32; no fp16 (its gradient
+    scaler is CUDA-only here) and no timing (the CPU's probe would measure the wrong device)."""
+    bf16 = torch.backends.mps.is_macos_or_newer(14, 0)
+    if requested == "fp16":
+        raise UserError("train.precision fp16 needs a gradient scaler, which this project runs on CUDA only; "
+                        "set train.precision to auto, bf16 or fp32 on mps.")
+    if requested == "bf16" and not bf16:
+        raise UserError("train.precision is bf16 but torch runs bf16 on MPS only from macOS 14; set train.precision to auto or fp32.")
+    if requested != "auto":
+        return requested, "train.precision"
+    return ("bf16", "auto: torch runs bf16 autocast on this Apple GPU") if bf16 else ("fp32", "auto: bf16 on MPS needs macOS 14")
+
+
+def runs_on(precision: str, device: torch.device) -> bool:
+    """Whether `device` runs `precision` (a resumed run's saved choice may come from another device)."""
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        return precision == "fp16" or torch.cuda.is_bf16_supported()
+    if device.type == "mps":
+        return precision == "bf16" and torch.backends.mps.is_macos_or_newer(14, 0)
+    return precision == "bf16"
 
 
 def time_steps(model: torch.nn.Module, sample_shape: tuple, device: torch.device) -> tuple[float, float, int]:

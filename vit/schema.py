@@ -9,6 +9,7 @@ from vit.config import POOLINGS, WEIGHT_INITS
 
 NUMBER = (int, float)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # auto: cuda, then mps, then the CPU (vit/distributed.py's pick_device)
 DATASETS = ("fashion_mnist", "folder", "webdataset")
 STRATEGIES = ("ddp", "fsdp")
 
@@ -82,6 +83,7 @@ SCHEMA = {
         "patch_dropout": (0.5, NUMBER, "[0,1)"),
         "patch_dropout_until": (0.5, NUMBER, "[0,1]"),  # the share of the run's epochs, from the first, that drop patches
         "precision": ("auto", str, PRECISIONS),  # auto: bf16 on a GPU, and on a CPU where bf16 is faster
+        "device": ("auto", str, DEVICES),  # where the run trains; auto: cuda, then mps, then the CPU
         "compile": (False, bool, None),
         "grad_accum": (1, int, ">0"),
         "clip_grad": (1.0, (int, float, type(None)), ">0"),  # max global grad norm; null: no clipping

@@ -85,6 +85,9 @@ def build_loaders(data_params: dict, train_params: dict, device: Union[str, torc
     if decode == "device" and (dataset != "folder" or randaugment):
         raise UserError("data.decode \"device\" decodes JPEG folders on the training device without PIL; it needs "
                         "data.dataset \"folder\" and train.randaugment null (set data.decode to \"workers\").")
+    if decode == "device" and device.type == "mps":
+        raise UserError("data.decode \"device\" decodes JPEGs with nvjpeg on a CUDA GPU (or libjpeg on the CPU), and torch "
+                        "has no JPEG decoder on MPS; set data.decode to \"workers\".")
     if dataset == "fashion_mnist":
         classes = list(FASHION_MNIST_CLASSES)
         train_set, val_set = load_fashion_mnist("train"), load_fashion_mnist("val")

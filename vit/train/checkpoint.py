@@ -44,28 +44,36 @@ class Progress:
     precision: Optional[str] = None  # what train.precision "auto" chose, kept for the resumed run (None: not yet)
     elapsed_s: float = 0.0  # the run's wall time so far, summed over resumes
     plan: Optional[dict] = None  # the run's length: vit/train/budget.py's Plan.state_dict() (None: not made yet)
+    device: Optional[str] = None  # the device type it trained on last ("cpu", "cuda", "mps"; None: not saved)
 
 
 # -----------------------------------------------------------------------------
 # rng state, as tensors and lists so that weights_only loading accepts it
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """Every random stream a run draws from: the CPU's, the training device's (CUDA or MPS; only that
+    device is asked, so a CPU run on a CUDA machine makes no CUDA call), numpy's and Python's."""
     np_state = np.random.get_state()  # ('MT19937', keys (624,) uint32, pos, has_gauss, cached_gaussian)
     py_version, py_internal, py_gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+        "mps": torch.mps.get_rng_state() if device.type == "mps" else None,
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore `rng_state`'s streams; the device's own only when the state has them for this device type
+    (a run resumed on another device says so at start-up, vit/train/loop.py)."""
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
+    if state["cuda"] and device.type == "cuda":
         torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("mps") is not None and device.type == "mps":  # checkpoints from before MPS have no "mps"
+        torch.mps.set_rng_state(state["mps"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
@@ -195,7 +203,7 @@ def resume(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
     # checkpoints from before precision, elapsed_s and the plan were saved: the precision is chosen again,
     # the clock starts at 0, and the run's length is train.epochs
     progress = Progress(ckpt["epoch"], ckpt["scheduler"]["step"], ckpt["step_in_epoch"], ckpt["sums"], ckpt["best_acc"],
-                        ckpt["history"], ckpt.get("precision"), ckpt.get("elapsed_s", 0.0), ckpt.get("plan"))
+                        ckpt["history"], ckpt.get("precision"), ckpt.get("elapsed_s", 0.0), ckpt.get("plan"), ckpt.get("device"))
     return progress, ckpt["rng"], ckpt["scaler"]
 
 

@@ -157,7 +157,7 @@ def train_one_epoch(trainer: Trainer, loader, epoch: Epoch) -> dict:
             if i < skip:
                 continue  # resuming mid-epoch: the loader's order is a pure function of the epoch
             if i == skip and epoch.rng is not None:
-                set_rng_state(epoch.rng)  # dropout / drop-path / mixup continue where they stopped
+                set_rng_state(epoch.rng, device)  # dropout / drop-path / mixup continue where they stopped
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if i % ga == 0:
                 set_lr(optimizer, lr_fn(index * steps_per_epoch + i // ga))

@@ -108,7 +108,7 @@ class Run:
         self.progress.elapsed_s = self.clock() - self.started
         self.progress.plan = self.plan.state_dict()
         state = fsdp.full_state(self.model, self.trainer.optimizer)
-        rngs = distributed.gather(checkpoint.rng_state(), self.d)
+        rngs = distributed.gather(checkpoint.rng_state(self.d.device), self.d)
         if self.d.is_main:
             payload = checkpoint.training_payload(self.model, state, self.trainer.scaler,
                                                   replace(self.progress, **progress), self.resume_hint, self.params,
@@ -123,7 +123,7 @@ def set_up(params_file: str, overrides: list, resume: bool, launched: float, lau
     """Everything the epochs need, in the order that keeps runs reproducible, and the run folder."""
     params = P.load(params_file, overrides)
     wants_board = tensorboard.wanted(params["output"]["tensorboard"])  # true without the package stops here
-    d = distributed.init(params["train"]["dist_timeout_s"])
+    d = distributed.init(params["train"]["device"], timeout_s=params["train"]["dist_timeout_s"])
     t, out, device = params["train"], params["output"]["dir"], d.device
     last_path = os.path.join(out, LAST)
     command = functools.partial(resume_command, launcher, params_file, overrides)
@@ -162,7 +162,7 @@ def set_up(params_file: str, overrides: list, resume: bool, launched: float, lau
     # every rank trains in rank 0's choice (auto times steps, and two ranks could time them differently)
     precision, why = distributed.gather(precisions.resolve(t["precision"], device, model, sample_shape,
                                                            saved=progress.precision), d)[0]
-    progress.precision = precision
+    progress.precision, progress.device = precision, device.type
     if t["strategy"] == "fsdp":  # after resume and the precision probe, which need the whole model
         optimizer = fsdp.shard(model, optimizer, t, precision, d)
     evaluator = torch.compile(model) if t["compile"] else model
@@ -232,6 +232,10 @@ def restore(last_path: str, model, optimizer, d: distributed.Dist, t: dict, comm
         print(f"resuming {last_path}: {progress.epoch} epoch(s) done"
               + (f", {progress.step_in_epoch} step(s) into the next" if progress.step_in_epoch else "")
               + (f" of {plan.epochs} (planned within the time budget of {plan.budget_s / 60:g} min)" if plan.budget_s else ""))
+    if isinstance(progress.device, str) and progress.device != d.device.type:
+        print(f"note: the run trained on {progress.device} and resumes on {d.device.type}: the weights, optimizer state and "
+              f"schedule carry over exactly, but another device computes (and draws random numbers) differently, so the "
+              f"result will not be bit-identical to an uninterrupted run")
     if len(rngs) != d.world_size:
         print(f"note: the run had {len(rngs)} process(es) and this launch has {d.world_size}: the effective batch is "
               f"the same, but the result will not be bit-identical to an uninterrupted run")
