@@ -26,7 +26,7 @@ from typing import Iterable, Optional, Sequence
 from vit import files
 from vit.config import PRESET_RE, PRESETS, ViTConfig, check_memory
 from vit.errors import UserError, path_problem, special_file_kind
-from vit.schema import ALIASES, FROM_SCRATCH, NUMBER, SCHEMA, SIZES
+from vit.schema import ALIASES, AUGMENTATION_OFF, FROM_SCRATCH, NUMBER, SCHEMA, SIZES
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +317,8 @@ def _check_cross(params):
     if params["output"]["best_metric"] == "val_acc_ema" and t["ema_decay"] is None:
         raise UserError("params key output.best_metric is \"val_acc_ema\" but train.ema_decay is null, so there is no EMA; "
                         "set train.ema_decay (e.g. 0.9998) or output.best_metric to \"val_acc\".")
+    if t["cache_features"]:
+        _check_cache(t, d)
     if m["pretrained_ema"] and m["pretrained"] is None:
         raise UserError("params key model.pretrained_ema is true but model.pretrained is null; set model.pretrained or drop model.pretrained_ema.")
     if m["pretrained"] is None:  # sizes no memory holds stop here, before anything is allocated (a checkpoint: vit/factory.py)
@@ -338,6 +340,25 @@ def check_fits(config: ViTConfig, params: dict, what: str) -> None:
     t = params["train"]
     check_memory(config, what, "choose smaller model sizes, data.image_size or train.batch_size", t["batch_size"],
                  1 if t["grad_checkpointing"] or t["freeze_backbone"] else None)  # activations kept for one block at a time
+
+
+def _check_cache(t, d):
+    """train.cache_features: a frozen backbone, one view per image (no augmentation), images read back in order."""
+    if not t["freeze_backbone"]:
+        raise UserError("params key train.cache_features is true but train.freeze_backbone is false, and only a frozen "
+                        "backbone gives the same features every epoch; set train.freeze_backbone to true or "
+                        "train.cache_features to false.")
+    on = {k: t[k] for k, off in AUGMENTATION_OFF.items() if t[k] != off}
+    if on:
+        now = ", ".join(f"train.{k}={json.dumps(v)}" for k, v in on.items())
+        want = ", ".join(f"train.{k}={json.dumps(AUGMENTATION_OFF[k])}" for k in on)
+        raise UserError(f"params key train.cache_features caches one view of each image, so augmentation cannot apply "
+                        f"({now}); set {want}, or train.cache_features to false.")
+    for key, value, why in (("data.dataset", "webdataset", "streamed shards cannot be read in index order for the extraction"),
+                            ("train.strategy", "fsdp", "the cached probe trains the head alone, which needs no sharding")):
+        if {"data.dataset": d["dataset"], "train.strategy": t["strategy"]}[key] == value:
+            raise UserError(f"params key train.cache_features is true but {key} is \"{value}\", and {why}; "
+                            f"set train.cache_features to false.")
 
 
 def save(params: dict, path: str) -> None:

@@ -13,6 +13,7 @@ CURVES = "curves.png"  # loss and accuracy, redrawn every epoch
 CONFUSION = "confusion.png"  # the end-of-run report: confusion matrix,
 PER_CLASS = "per_class_accuracy.json"  # per-class accuracy
 MISCLASSIFIED = "misclassified.png"  # and a grid of misclassified images
+FEATURES = "features.safetensors"  # train.cache_features: the frozen backbone's pooled features, extracted once
 
 # in the order the run's last line lists them (a folder with a trailing slash)
-FILES = (BEST, LAST, HF_DIR + "/", METRICS, CURVES, CONFUSION, PER_CLASS, MISCLASSIFIED, PARAMS)
+FILES = (BEST, LAST, HF_DIR + "/", METRICS, CURVES, CONFUSION, PER_CLASS, MISCLASSIFIED, PARAMS, FEATURES)

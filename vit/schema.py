@@ -90,6 +90,9 @@ SCHEMA = {
         "seed": (0, int, ">=0"),
         "layer_decay": (None, (int, float, type(None)), "[0.01,1]"),  # BEiT/MAE per-layer lr decay; below, deep layers' lr underflows
         "freeze_backbone": (False, bool, None),  # linear probe: only the classifier trains
+        # with freeze_backbone: the backbone's pooled features are extracted once and the head trains over them
+        # (vit/train/feature_cache.py); one view per image, so augmentation must be off
+        "cache_features": (False, bool, None),
         "eval_every": (1, int, ">0"),
         "grad_checkpointing": (False, bool, None),  # recompute each block in the backward pass: less memory, ~1/3 more time
         "ema_decay": (None, (int, float, type(None)), "(0,1)"),  # EMA of the weights (timm's ModelEmaV3, with warm-up); null: off
@@ -126,3 +129,5 @@ SIZES = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads"
 FROM_SCRATCH = (*SIZES, "layer_norm_eps", "qkv_bias", "weight_init")  # ViTConfig fields that model.pretrained decides instead
 ARCHITECTURE = ("preset", "pretrained", *FROM_SCRATCH)
 DEFAULT_RUN_ONLY = {"model": ARCHITECTURE, "train": ("time_budget",)}  # null here, set in params.json
+# train.cache_features: the augmentation keys and their "off" values (a cached feature is one view of its image)
+AUGMENTATION_OFF = {"random_resized_crop_scale": [1.0, 1.0], "hflip": 0.0, "mixup": 0.0, "cutmix": 0.0, "randaugment": None}

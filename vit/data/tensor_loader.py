@@ -46,12 +46,21 @@ class TensorLoader:
         return num_batches(n, self.batch_size, drop_last=self.train)
 
     def __iter__(self):
-        n = len(self.images)
-        idx = shard_indices(n, self.seed, self.epoch, self.rank, self.world_size, shuffle=self.train)
+        idx = shard_indices(len(self.images), self.seed, self.epoch, self.rank, self.world_size, shuffle=self.train)
+        return self._batches(idx, len(self))
+
+    def in_order(self):
+        """Every image once, in index order (all ranks' images, no drop_last), with this loader's transform:
+        a training loader's augmentation of its current epoch. What a feature cache is extracted from."""
+        idx = torch.arange(len(self.images))
+        return self._batches(idx, num_batches(len(idx), self.batch_size, drop_last=False))
+
+    def _batches(self, idx, count):
+        """`count` batches of the images at `idx`, rendered."""
         theta = self._train_theta(len(idx)) if self.train else self._eval_theta(len(idx))
         dev = self.images.device
         idx, theta = idx.to(dev, non_blocking=True), theta.to(dev, non_blocking=True)
-        for b in range(len(self)):
+        for b in range(count):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             yield self._render(self.images[idx[sl]], theta[sl]), self.labels[idx[sl]]
 

@@ -156,6 +156,18 @@ class WorkerLoader:
     def __len__(self):
         return len(self.batch_sampler)
 
+    def in_order(self):
+        """Every sample once, in index order (all ranks' samples, no drop_last), with this loader's
+        transform and workers; broken files are dropped, and warned about once, as in an epoch. What a
+        feature cache is extracted from."""
+        s = self.batch_sampler
+        sampler = EpochBatchSampler(s.n, s.batch_size, seed=s.seed, rank=0, world_size=1, shuffle=False, drop_last=False)
+        sampler.epoch = s.epoch
+        loader = type(self)(self.loader.dataset, sampler, device=self.device, workers=self.loader.num_workers,
+                            report=self.report, collate_fn=self.loader.collate_fn, finish=self.finish)
+        loader.dropped = self.dropped
+        return iter(loader)
+
     def __iter__(self):
         self.skipped = 0
         for x, y, bad in self._finished():

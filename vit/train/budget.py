@@ -217,8 +217,8 @@ def announce_speed(run, rate: float, epoch: int, batches_done: int) -> None:
             now_s=now_s, step=epoch * run.steps_per_epoch + math.ceil(batches_done / t["grad_accum"]),
             epoch_train_s=train_images / rate, left_s=(len(loaders.train) - batches_done) / len(loaders.train) * train_images / rate,
             eval_s=val_images * EVAL_COST / full_rate, eval_every=t["eval_every"])
-    if d.is_main:
-        tqdm.write(line)
+    if d.is_main:  # with train.cache_features, a line under it on what was cached
+        tqdm.write(line if getattr(run, "cache", None) is None else f"{line}\n{run.cache.note}")
 
 
 def judge(run, epoch: int, train_s: float, now: float) -> None:

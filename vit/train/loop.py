@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Optional, Sequence
 
 import torch
-from tqdm import tqdm
 
 from vit import data, distributed, evaluation, factory
 from vit import params as P
@@ -31,7 +30,7 @@ from vit.files import atomic_write
 from vit.loading.core import is_file
 from vit.model import ViTForImageClassification
 from vit.run_folder import BEST, CURVES, HF_DIR, LAST, METRICS, PARAMS
-from vit.train import budget, checkpoint, engine, fsdp, optim, tensorboard
+from vit.train import budget, checkpoint, engine, feature_cache, fsdp, optim, tensorboard
 from vit.train.checkpoint import Progress
 from vit.train.report import data_counts, epoch_line, report, summary_line, writing
 from vit.viz import plots
@@ -89,6 +88,7 @@ class Run:
     clock: Callable[[], float] = time.perf_counter  # what started, elapsed_s and the budget are measured with
     eval_s: float = 0.0  # how long the last evaluation took, for the time budget's projection
     board: Optional[tensorboard.Board] = None  # the TensorBoard event file (rank 0, output.tensorboard)
+    cache: Optional[feature_cache.FeatureCache] = None  # train.cache_features: loaders.train serves its rows
 
     def path(self, name: str) -> str:
         return os.path.join(self.params["output"]["dir"], name)
@@ -166,12 +166,15 @@ def set_up(params_file: str, overrides: list, resume: bool, launched: float, lau
     if t["strategy"] == "fsdp":  # after resume and the precision probe, which need the whole model
         optimizer = fsdp.shard(model, optimizer, t, precision, d)
     evaluator = torch.compile(model) if t["compile"] else model
-    trainer = make_trainer(params, loaders, evaluator, optimizer, precision, scaler_state, d, plan,
-                           backbone=model.vit if t["freeze_backbone"] else None,
+    cache = feature_cache.build(params, loaders, model, precision, d) if t["cache_features"] else None
+    if cache:  # the frozen backbone ran once, here: the epochs train the head over its features
+        loaders = replace(loaders, train=cache.train)
+    trainer = make_trainer(params, loaders, feature_cache.HeadOnly(evaluator) if cache else evaluator, optimizer, precision,
+                           scaler_state, d, plan, backbone=model.vit if t["freeze_backbone"] else None,
                            after_step=None if ema is None else functools.partial(ema.update, model))
     run = Run(params, d, loaders, model, trainer, evaluator, progress, rng,
               started=launched - progress.elapsed_s,  # a resumed run's clock goes on where it stopped
-              resume_hint=command(), plan=plan, ema=ema, clock=clock)
+              resume_hint=command(), plan=plan, ema=ema, clock=clock, cache=cache)
     open_run_folder(run, why)
     if wants_board and d.is_main:  # a resumed run's events from after its checkpoint are purged, then written again
         run.board = tensorboard.Board(out, params, resumed_step=progress.step if resume else None)
@@ -370,10 +373,10 @@ def end_epoch(run: Run, epoch: int, stats: dict, epoch_start: float, stop: StopR
     eval_start = run.clock()
     if loaders.val is not None and ((epoch + 1) % t["eval_every"] == 0 or is_last):
         # the last epoch's pass over the weights that pick best also gathers what the end-of-run report shows
-        val = evaluation.evaluate(run.evaluator, loaders.val, **eval_kw(run, report=is_last and not run.picks_ema))
+        val = val_pass(run, run.evaluator, report=is_last and not run.picks_ema)
         record.update({f"val_{k}": v for k, v in val.items() if k in ("loss", "acc", "top5")})
         if run.ema is not None:
-            val_ema = evaluation.evaluate(run.ema.module, loaders.val, **eval_kw(run, report=is_last and run.picks_ema))
+            val_ema = val_pass(run, run.ema.module, report=is_last and run.picks_ema)
             record.update({f"val_{k}_ema": v for k, v in val_ema.items() if k in ("loss", "acc", "top5")})
             val = val_ema if run.picks_ema else val
         final_val = val if is_last else None
@@ -409,6 +412,13 @@ def end_epoch(run: Run, epoch: int, stats: dict, epoch_start: float, stop: StopR
     return final_val, stopping
 
 
+def val_pass(run: Run, model: torch.nn.Module, report: bool = False) -> dict:
+    """`model` on the val data; with a feature cache its head on the cached rows, but the report's pass sees the images."""
+    if run.cache is not None and not report:
+        return run.cache.evaluate(model, **eval_kw(run))
+    return evaluation.evaluate(model, run.loaders.val, **eval_kw(run, report=report))
+
+
 def eval_kw(run: Run, report: bool = False) -> dict:
     """evaluation.evaluate's arguments besides the model and loader; with report=True also the confusion
     matrix and misclassified images the end-of-run report shows."""
@@ -429,7 +439,7 @@ def finish(run: Run, final_val: Optional[dict]) -> None:
     loaders, d, out = run.loaders, run.d, run.params["output"]
     if loaders.val is not None:
         if final_val is None:  # resumed after the last epoch: its evaluation ran in the process that stopped
-            final_val = evaluation.evaluate(run.ema.module if run.picks_ema else run.evaluator, loaders.val, **eval_kw(run, report=True))
+            final_val = val_pass(run, run.ema.module if run.picks_ema else run.evaluator, report=True)
         if d.is_main:
             report(final_val, loaders.classes, out["dir"], out["misclassified"])
     if loaders.report.get("skipped_at_scan") or loaders.report.get("dropped_at_load"):
