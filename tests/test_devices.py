@@ -49,6 +49,8 @@ def test_an_absent_device_is_one_sentence_and_exit_2(monkeypatch, tmp_path, caps
     make_folder(tmp_path / "images", classes=2, per_class=4)
     code, _, err = run_main(["--params", tiny_params(tmp_path, tmp_path / "images"), "--set", f"train.device={device}"], capsys)
     assert code == 2 and err.count("\n") == 1 and "set train.device to auto or cpu" in err, err
+    code, _, err = run_main(["predict", "--checkpoint", str(tmp_path), str(tmp_path / "images"), "--device", device], capsys)
+    assert code == 2 and f"--device is {device} but torch sees no" in err and "set --device to auto or cpu" in err, err
 
 
 def test_mps_cannot_run_under_torchrun(monkeypatch):
@@ -142,6 +144,7 @@ def test_the_commands_take_a_device(tmp_path, capsys):
     ckpt = ["--checkpoint", str(tmp_path / "model"), "--device", "cpu"]
     commands = [["features", *ckpt, image, "--out", str(tmp_path / "f.npy")], ["attention", *ckpt, image, "--out", str(tmp_path / "att")],
                 ["eval", *ckpt, "--data-dir", str(tmp_path / "images"), "--workers", "0"]]
+    commands.append(["predict", *ckpt, image])
     for argv in commands:
         code, _, err = run_main(argv, capsys)
         assert code == 0, (argv[0], err)

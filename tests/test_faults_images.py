@@ -264,7 +264,8 @@ def test_class_folders_with_odd_names_train_plot_and_predict(tmp_path):
     assert len(per_class) == 1 and per_class[0].count(" 0.") + per_class[0].count(" 1.") == len(ODD_NAMES), r.stdout[-2000:]
     image = os.path.join(bytes(root), ODD_NAMES[0], b"0.png")
     r = fu.run(["predict", "--checkpoint", str(tmp_path / "run"), os.fsdecode(image)], tmp_path)
-    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()  # the image's line (names with line breaks stay on it), then the summary
+    assert r.returncode == 0 and len(lines) == 2 and lines[1].startswith("predicted 1 image(s)"), r.stderr[-2000:]
     r = fu.run(["attention", "--checkpoint", str(tmp_path / "run"), os.fsdecode(image)], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     fu.record("names", "class folders named with invalid UTF-8, newlines, tabs, emoji, RTL marks and 200 characters", len(ODD_NAMES))

@@ -179,8 +179,9 @@ def test_predict_on_a_folder_predicts_its_images(finished, tmp_path):
     r = fu.run(["predict", "--checkpoint", str(run), str(folder), "--topk", "1"], tmp_path)
     (folder / ".hidden.png").unlink()
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = r.stdout.strip().splitlines()
+    *lines, summary = r.stdout.strip().splitlines()
     assert [line.split(": ")[0] for line in lines] == sorted(str(p) for p in folder.glob("[!.]*.png")), lines
+    assert summary.startswith(f"predicted {len(lines)} image(s) in "), summary
     r = fu.run(["predict", "--checkpoint", str(run), str(tmp_path)], tmp_path)  # an empty folder
     fu.assert_clean_refusal(r, str(tmp_path), "no image files")
     fu.record("mistakes", "predict on a folder predicts its images (and refuses an empty one)", 2)

@@ -107,12 +107,12 @@ def test_a_gray_runs_best_hf_works_in_transformers_pipeline(gray):
     assert json.loads((hf / "config.json").read_text())["num_channels"] == 3
     pipe = transformers.pipeline("image-classification", model=str(hf), device="cpu")
     model, info = load_model(str(run_dir / "best.pt"), torch.device("cpu"))
-    from vit.commands import _preprocess
+    from vit.data.inputs import preprocess
 
     for path in sorted((data / "class_1").glob("*.png"))[:3]:
         got = {d["label"]: d["score"] for d in pipe(Image.open(path), top_k=3)}
         with torch.no_grad():
-            ours = model(_preprocess(str(path), info)).logits.softmax(-1)[0]
+            ours = model(preprocess(str(path), info)).logits.softmax(-1)[0]
         want = {info["classes"][i]: p for i, p in enumerate(ours.tolist())}
         assert got.keys() == want.keys() and max(abs(got[k] - want[k]) for k in want) < 0.03, (got, want)
     # fine-tuning the folder on gray data again sums the spread kernel back: the run's own weights

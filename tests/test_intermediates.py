@@ -143,13 +143,13 @@ def test_features_command_writes_pooled_embeddings_in_file_order(tmp_path, capsy
     assert feats.shape == (4, WIDTH) and feats.dtype == np.float32
     assert "broken.png" in err and "skipped 1" in stdout
     # each row is what the head sees for that file, through the model's own eval transform
-    from vit.commands import _preprocess
+    from vit.data.inputs import preprocess
     from vit.factory import load_model
 
     model, info = load_model(str(tmp_path / "model"), torch.device("cpu"))
     with torch.no_grad():
         for row, path in zip(feats, files):
-            want = model.forward_head(model.forward_features(_preprocess(path, info)), pre_logits=True)[0]
+            want = model.forward_head(model.forward_features(preprocess(path, info)), pre_logits=True)[0]
             assert_close(torch.from_numpy(row), want, path)
 
 

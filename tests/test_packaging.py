@@ -17,13 +17,14 @@ COMMANDS = ("train", "eval", "predict", "attention", "inspect", "features", "exp
 # bottom to top: a module may import only modules of lower layers, and modules of its own subpackage
 LAYERS = ["vit.errors", "vit.config", "vit.run_folder", "vit.files", "vit.starter", "vit.resize", "vit.loading", "vit.outputs", "vit.layers",
           "vit.pretrained", "vit.model", "vit.data", "vit.viz", "vit.schema", "vit.params", "vit.factory", "vit.distributed", "vit.precision",
-          "vit.evaluation", "vit.train", "vit.export", "vit.commands", "vit.runs", "vit.cli", "vit.__main__"]
+          "vit.evaluation", "vit.train", "vit.quantize", "vit.export", "vit.commands", "vit.predict", "vit.runs", "vit.cli",
+          "vit.__main__"]
 # stricter than the layers allow: what each part may import of the project besides itself
 ONLY = {"vit.errors": set(), "vit.config": {"vit.errors"}, "vit.run_folder": set(), "vit.files": {"vit.errors"}, "vit.starter": {"vit.errors", "vit.files"},
         "vit.data": {"vit.errors"}, "vit.viz": {"vit.errors"}, "vit.resize": {"vit.errors"}, "vit.distributed": {"vit.errors"},
         "vit.precision": {"vit.errors"}, "vit.schema": {"vit.config"}}
 # what inference (the commands and export) must not import: the training code, and matplotlib where no figure is drawn
-INFERENCE = ("vit.commands", "vit.export", "vit.runs")
+INFERENCE = ("vit.commands", "vit.export", "vit.predict", "vit.quantize", "vit.runs")
 
 
 def requirement_names(lines):

@@ -86,8 +86,8 @@ def test_eval_and_predict_commands(trained, capsys):
     images = [str(tmp / "images" / c / "0.png") for c in classes[:2]]
     code, out, err = run_main(["predict", "--checkpoint", str(tmp / "run" / "best.pt"), *images, "--topk", "3"], capsys)
     assert code == 0, err
-    lines = out.strip().splitlines()
-    assert len(lines) == 2
+    *lines, summary = out.strip().splitlines()
+    assert len(lines) == 2 and summary.startswith("predicted 2 image(s) in ") and "images/s on cpu, batch 32" in summary
     for path, line in zip(images, lines):
         assert line.startswith(path + ": ")
         pairs = re.findall(r"(class_\d) (\d\.\d{4})", line)
@@ -172,7 +172,7 @@ def test_predict_takes_a_timm_state_dict_saved_as_pt(tmp_path, capsys):
     Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(tmp_path / "img.png")
     code, out, err = run_main(["predict", "--checkpoint", str(tmp_path / "timm_vit.pt"), str(tmp_path / "img.png")], capsys)
     assert code == 0, err
-    assert out.strip().splitlines()[-1].startswith(str(tmp_path / "img.png") + ": ")  # after the load report
+    assert out.strip().splitlines()[-2].startswith(str(tmp_path / "img.png") + ": ")  # after the load report, before the summary
     # eval of that 3-class timm file on the 6-class folder: one sentence, not a shape error from inside
     make_folder(tmp_path / "six", classes=6, per_class=2)
     code, out, err = run_main(["eval", "--checkpoint", str(tmp_path / "timm_vit.pt"), "--data-dir", str(tmp_path / "six")], capsys)

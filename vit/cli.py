@@ -6,16 +6,18 @@
     vit init [DIR]                                  # a starter params.json and configs/, to train in any folder
     vit eval --checkpoint runs/fashion_mnist [--data-dir D] [--out results.json]
     vit predict --checkpoint runs/fashion_mnist/best.pt img1.png img2.jpg --topk 5
+    vit predict --checkpoint C folder/ --out preds.csv [--batch-size 32] [--output logits] [--int8]
     vit attention --checkpoint C img1.png ... [--out DIR]
     vit inspect --checkpoint C [--data-dir D] [--out DIR]
     vit features --checkpoint C img.png folder/ ... --out feats.npy   # pooled embeddings, file order in feats.txt
     vit export --checkpoint C --format onnx --out model.onnx        # dynamic batch, checked with onnxruntime
+    vit export --checkpoint C --out model_int8.onnx --quantize int8 --images folder/   # + its top-1 agreement
     vit runs [DIR ...] [--csv runs.csv]             # the runs in runs/ side by side: best val_acc, state, what differs
     vit shards SOURCE --out DIR [--per-shard N]     # an image folder or fashion-mnist as webdataset tar shards
     torchrun --nproc_per_node=2 main.py ...         # DDP, same results layout
 
-Training lives in vit/train/loop.py, export in vit/export.py, the table of runs in vit/runs.py, the
-shards writer in vit/data/shard_writer.py, the other commands in vit/commands.py;
+Training lives in vit/train/loop.py, export in vit/export.py, predict in vit/predict.py, the table of
+runs in vit/runs.py, the shards writer in vit/data/shard_writer.py, the other commands in vit/commands.py;
 `--ema` makes any command that loads a checkpoint take its EMA weights. This file parses the
 arguments, dispatches, turns a UserError into one `error: ...` line and exit code 2, and prints
 what the library logs on the `vit` logger (the load report, assumed normalization) while a command runs.
@@ -183,7 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     _checkpoint_args(p)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, and folders whose images are read")
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default 5)")
-    p.set_defaults(module="vit.commands", run=_predict)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--out", default=None, help="write the predictions to this .csv or .json (timm's columns) instead of printing them")
+    p.add_argument("--output", choices=["probs", "logits"], default="probs", help="the top-k values: softmax probabilities or raw logits")
+    p.add_argument("--int8", action="store_true", help="run torch's dynamic int8 quantization on the CPU, and print its top-1 agreement with float32")
+    _device_arg(p)
+    p.set_defaults(module="vit.predict", run=_predict)
     p = sub.add_parser("attention", help="attention-rollout maps for images")
     _checkpoint_args(p)
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, and folders whose images are read")
@@ -209,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx", help="the format to write (onnx, the only one)")
     p.add_argument("--out", required=True, help="the .onnx file to write, in an existing folder")
     p.add_argument("--image-size", type=int, default=None, help="a fixed input size (default: the checkpoint's)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="write onnxruntime's dynamic int8 quantization of the checked graph (CPU inference)")
+    p.add_argument("--images", nargs="+", default=[], metavar="IMAGE_OR_FOLDER",
+                   help="with --quantize: images to measure int8's top-1 agreement with float32 on")
     p.set_defaults(module="vit.export", run=_export)
     p = sub.add_parser("runs", help="a table of training runs: epochs, best val_acc, time, state, the params that differ")
     p.add_argument("dirs", nargs="*", default=["runs"], metavar="DIR", help="run folders, or folders of them (default runs/)")
@@ -297,8 +308,9 @@ def _eval(commands, args):
     return commands.evaluate(args.checkpoint, args.data_dir, args.batch_size, args.workers, args.ema, args.out, args.device)
 
 
-def _predict(commands, args):
-    return commands.predict(args.checkpoint, args.images, args.topk, args.ema)
+def _predict(predict, args):
+    return predict.predict(args.checkpoint, args.images, args.topk, args.ema, args.batch_size, args.out, args.output,
+                           args.int8, args.device)
 
 
 def _attention(commands, args):
@@ -317,7 +329,7 @@ def _features(commands, args):
 
 
 def _export(export, args):
-    export.export_onnx(args.checkpoint, args.out, args.image_size, args.ema)
+    export.export_onnx(args.checkpoint, args.out, args.image_size, args.ema, args.quantize, args.images)
     return 0
 
 

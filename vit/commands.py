@@ -1,4 +1,5 @@
-"""The commands that use a finished model: eval, predict, attention, inspect and features (`vit CMD`, `python main.py CMD`).
+"""The commands that use a finished model: eval, attention, inspect and features (`vit CMD`, `python main.py CMD`;
+predict, with its batches and output files, is vit/predict.py).
 
 Each loads its model with vit/factory.py's `load_model`, that is `from_pretrained`, so a run folder, a
 training checkpoint and any pretrained source (HF folder, timm file, Google .npz) all work. The files
@@ -17,7 +18,7 @@ import torch
 
 from vit import distributed, evaluation
 from vit import params as P
-from vit.errors import UserError, existing_parent, special_file_kind, writing
+from vit.errors import UserError, existing_parent, writing
 from vit.factory import load_model
 from vit.files import atomic_write
 from vit.loading.core import ZERO_HEAD, is_zero_head
@@ -26,7 +27,13 @@ from vit.viz.text import label
 INSPECT_IMAGES = 64  # images the attention distance is averaged over
 FEATURES_BATCH = 64  # images per forward pass in `features`
 FIGURE_ADVICE = "free space there or pass --out with another folder"  # a figure's write failed
-OUT_ADVICE = "choose another --out or free space there"  # features' or export's --out failed
+OUT_ADVICE = "choose another --out or free space there"  # features', predict's or export's --out failed
+
+
+def unreadable_exit_code(unreadable: int) -> int:
+    """The exit code of a command that did what it could with the images it was given (predict, attention,
+    features): 1 when any of them could not be read (each said why), else 0; the policy in one place."""
+    return 1 if unreadable else 0
 
 
 def warn_zero_head(model, checkpoint):
@@ -129,39 +136,17 @@ def _eval_data(data_params, data_dir, count):
             f"data.split_seed {data_params['split_seed']})")
 
 
-def predict(checkpoint: str, images: Sequence[str], topk: int = 5, ema: bool = False) -> int:
-    """Print the top-k class names with probabilities for each image (a folder stands for the images
-    in it); returns the exit code, 1 when an image could not be read (see `read_each`). A head of zeros
-    (an in21k release's) gets a warning and "no prediction" lines instead."""
-    if topk < 1:
-        raise UserError(f"--topk {topk} must be 1 or more.")
-    images = image_arguments(images)
-    device = distributed.init().device
-    model, info = load_model(checkpoint, device, ema)
-    classes = info["classes"] or [str(i) for i in range(model.config.num_labels)]
-    zero_head = warn_zero_head(model, checkpoint)
-    skipped = []
-    for path, x in read_each(images, info, skipped):
-        if zero_head:
-            print(f"{label(path)}: no prediction (the head is all zeros)")
-            continue
-        with torch.no_grad():
-            probs = model(x.to(device)).logits.float().softmax(-1)[0]  # (K,)
-        top = probs.topk(min(topk, len(classes)))
-        print(f"{label(path)}: " + ", ".join(f"{label(classes[i])} {p:.4f}" for p, i in zip(top.values.tolist(), top.indices.tolist())))
-    return 1 if skipped else 0
-
-
 def read_each(paths: Sequence[str], info: dict, skipped: list):
     """(path, the eval-transformed image (1, C, H, W)) for each of `paths` that can be read. The policy of
     the commands that take images by name (predict, attention, features): an unreadable one is a line on
     stderr and is appended to `skipped`, the others are done, and the command exits 1 at the end. (eval
     and inspect read folders of data, as training does: bad files are skipped and counted, exit 0.)"""
     from vit.data.images import BadImage
+    from vit.data.inputs import preprocess
 
     for path in paths:
         try:
-            x = _preprocess(path, info)
+            x = preprocess(path, info)
         except (BadImage, OSError) as e:
             print(f"{label(path)}: cannot read ({label(e)}); skipped", file=sys.stderr)
             skipped.append(path)
@@ -175,6 +160,7 @@ def attention(checkpoint: str, images: Sequence[str], out: Optional[str] = None,
     existing folder): the rollout overlay, the last layer's heads and the prediction (none from a head of
     zeros), and print each path. Returns the exit code, 1 when an image could not be read (see `read_each`)."""
     from vit.data import denormalize
+    from vit.data.inputs import image_arguments
     from vit.viz import analysis, plots
 
     images = image_arguments(images)
@@ -209,7 +195,7 @@ def attention(checkpoint: str, images: Sequence[str], out: Optional[str] = None,
             plots.plot_attention(image, rollout, heads, png, f"{stem}: {verdict}")
         print(f"{label(path)}: {verdict}; wrote {label(png)}")
         written.append(png)
-    return 1 if skipped else 0
+    return unreadable_exit_code(len(skipped))
 
 
 def inspect(checkpoint: str, data_dir: Optional[str] = None, out: Optional[str] = None, device: str = "auto",
@@ -267,6 +253,8 @@ def features(checkpoint: str, inputs: Sequence[str], out: str, batch_size: int =
     same order, go to <out stem>.txt. Returns the exit code, 1 when an image could not be read (see `read_each`)."""
     import numpy as np
 
+    from vit.data.inputs import image_arguments
+
     if not out.endswith(".npy"):
         raise UserError(f"--out {out} must end in .npy (the file order goes beside it as .txt); e.g. --out feats.npy.")
     existing_parent(out, "--out")
@@ -296,7 +284,7 @@ def features(checkpoint: str, inputs: Sequence[str], out: str, batch_size: int =
         atomic_write(listing, lambda f: f.write("".join(p + "\n" for p in kept)), mode="w")
     print(f"wrote {out}: {len(kept)} x {rows[0].shape[1]} embeddings (float32), file order in {listing}"
           + (f"; skipped {len(skipped)} unreadable" if skipped else ""))
-    return 1 if skipped else 0
+    return unreadable_exit_code(len(skipped))
 
 
 # -----------------------------------------------------------------------------
@@ -309,58 +297,19 @@ def _default_out(checkpoint_path, name):
     return os.path.join(folder, name)
 
 
-def _preprocess(path, info):
-    """Decode and eval-transform one image to (1, C, H, W); data.images.BadImage if unreadable."""
-    from vit.data.images import open_image
-    from vit.data.transforms import eval_transform, resize_size
-
-    image = open_image(path, info["channels"], resize_to=resize_size(info["image_size"]))
-    transform = eval_transform(info["image_size"], info["channels"], info["mean"], info["std"])
-    return transform(image).unsqueeze(0)
-
-
 def _class_name(info, index):
     classes = info.get("classes")
     return label(classes[index]) if classes else str(index)
 
 
-def image_arguments(paths: Sequence[str]) -> list[str]:
-    """The images named on a command line: a folder stands for the image files under it; a FIFO, device
-    or socket is refused before anything opens it. Other paths stay as given (predict says which it
-    cannot read). Refused when that leaves no path at all (only empty folders)."""
-    from vit.data.images import IMAGE_EXTENSIONS
-
-    out = []
-    for path in paths:
-        kind = special_file_kind(path)
-        if kind is not None:
-            raise UserError(f"image {path} is {kind}, not an image file; pass image files or folders of them.")
-        out += _images_under(path) if os.path.isdir(path) else [path]
-    if not out:
-        raise UserError(f"no readable images in {', '.join(paths)}: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
-                        f"there; pass image files or folders that hold some.")
-    return out
-
-
-def _images_under(folder):
-    """The image files under `folder`, sorted, hidden ones left out (as the training scan does)."""
-    from vit.data.images import IMAGE_EXTENSIONS
-
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .ipynb_checkpoints and the like
-        files += [os.path.join(root, f) for f in names  # isfile: FIFOs and devices are left out, never opened
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".") and os.path.isfile(os.path.join(root, f))]
-    return sorted(files)
-
-
 def _image_files(folder):
     """Up to INSPECT_IMAGES image files under folder, spread evenly over its sorted listing (so over classes)."""
     from vit.data.images import IMAGE_EXTENSIONS
+    from vit.data.inputs import images_under
 
     if not os.path.isdir(folder):
         raise UserError(f"--data-dir {folder} is not a folder; pass a folder of images (class subfolders are fine).")
-    files = _images_under(folder)
+    files = images_under(folder)
     if not files:
         raise UserError(f"--data-dir {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); pass a folder of images.")
     step = max(1, len(files) // INSPECT_IMAGES)
@@ -370,11 +319,12 @@ def _image_files(folder):
 def _folder_images(folder, info):
     """Eval-transformed images from a folder, (n, C, H, W); unreadable files are skipped with a count."""
     from vit.data.images import BadImage
+    from vit.data.inputs import preprocess
 
     images, skipped = [], 0
     for path in _image_files(folder):
         try:
-            images.append(_preprocess(path, info))
+            images.append(preprocess(path, info))
         except BadImage:
             skipped += 1
     if skipped:

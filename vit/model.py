@@ -129,9 +129,13 @@ class ViTSelfAttention(nn.Module):
         b = None if self.query.bias is None else torch.cat((self.query.bias, self.key.bias, self.value.bias))
         return w, b
 
+    def project_qkv(self, hidden_states):
+        """(B, N, 3D): query, key and value in one matmul (vit/quantize.py's int8 copy runs one int8 Linear)."""
+        return F.linear(hidden_states, *self.fused_qkv())
+
     def forward(self, hidden_states, output_attentions=False):
         B, N, D = hidden_states.shape
-        qkv = F.linear(hidden_states, *self.fused_qkv())  # (B, N, 3D)
+        qkv = self.project_qkv(hidden_states)  # (B, N, 3D)
         qkv = qkv.view(B, N, 3, self.num_attention_heads, self.attention_head_size).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         dropout_p = self.dropout_prob if self.training else 0.0
