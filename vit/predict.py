@@ -66,26 +66,17 @@ def predict(checkpoint: str, images: Sequence[str], topk: int = 5, ema: bool = F
     with tqdm(total=len(files), desc="predict", unit="img", leave=False, dynamic_ncols=True) as bar:
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
-            found = {}  # position in chunk -> (1, C, H, W)
+            batch = {}  # position in chunk -> (1, C, H, W)
             chunk_rows = [None] * len(chunk)
             for j, path in enumerate(chunk):
                 try:
-                    found[j] = preprocess(path, info)
+                    batch[j] = preprocess(path, info)
                 except (BadImage, OSError) as e:
                     chunk_rows[j] = error_row(path, f"cannot read ({label(e)})")
-            if found and zero_head:
+            if zero_head:
                 chunk_rows = [row or error_row(path, ZERO_HEAD_ROW) for path, row in zip(chunk, chunk_rows)]
-            elif found:
-                x = torch.cat(list(found.values())).to(device)  # (b, C, H, W)
-                with torch.no_grad():
-                    logits = runner(x).logits.float()  # (b, K)
-                    if agreement is not None:  # the float32 check, left out of images/s
-                        t_check = time.perf_counter()
-                        agreement.add(model(x).logits.float(), logits)
-                        checking += time.perf_counter() - t_check
-                top = (logits.softmax(-1) if output == "probs" else logits).topk(k)
-                for j, i, v in zip(found, top.indices.tolist(), top.values.tolist()):
-                    chunk_rows[j] = {"filename": chunk[j], "index": i, "label": [classes[c] for c in i], column: v, "error": None}
+            elif batch:
+                checking += predict_batch(chunk, batch, chunk_rows, runner, model, classes, k, output, agreement, device)
             if out is None:  # without a file, each image's line is printed as it comes
                 for row in chunk_rows:
                     tqdm.write(printed(row, column), file=sys.stderr if row["error"] not in (None, ZERO_HEAD_ROW) else sys.stdout)
@@ -101,6 +92,24 @@ def predict(checkpoint: str, images: Sequence[str], topk: int = 5, ema: bool = F
         if agreement.warning():
             print(agreement.warning(), file=sys.stderr)
     return unreadable_exit_code(unreadable)
+
+
+def predict_batch(chunk, batch, rows, runner, model, classes, k, output, agreement, device) -> float:
+    """Fill `rows` (one per path of `chunk`) at the positions of `batch` ({position: (1, C, H, W)}) with
+    `runner`'s top-k; with `agreement`, also run the float32 `model` and count. Returns the seconds that
+    float32 check took (left out of images/s)."""
+    x = torch.cat(list(batch.values())).to(device)  # (b, C, H, W)
+    checking = 0.0
+    with torch.no_grad():
+        logits = runner(x).logits.float()  # (b, K)
+        if agreement is not None:
+            t0 = time.perf_counter()
+            agreement.add(model(x).logits.float(), logits)
+            checking = time.perf_counter() - t0
+    top = (logits.softmax(-1) if output == "probs" else logits).topk(k)
+    for j, i, v in zip(batch, top.indices.tolist(), top.values.tolist()):
+        rows[j] = {"filename": chunk[j], "index": i, "label": [classes[c] for c in i], OUTPUTS[output]: v, "error": None}
+    return checking
 
 
 def check_arguments(topk, batch_size, out, output, int8, device):

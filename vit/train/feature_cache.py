@@ -126,18 +126,17 @@ def build(params: dict, loaders: data.Loaders, model: ViTForImageClassification,
              "data": params["data"], "batch_size": t["batch_size"], "seed": t["seed"],
              "images": [loaders.train.samples, loaders.report["val_files"] if loaders.val is not None else 0]}
     tensors, replaced = read(path, stamp) if d.world_size == 1 else (None, "")
-    counts = f"{len(tensors['train']):,} train + {len(tensors.get('val', ())):,} val images" if tensors else ""
     if tensors is not None:
-        done = f"{counts} read back from {path}, extraction skipped"
+        how = f"read back from {path}, extraction skipped"
     else:
         t0 = time.perf_counter()
         tensors = extract(model, loaders, precision, d, t["batch_size"])
         elapsed = time.perf_counter() - t0
         images = len(tensors["train"]) + len(tensors.get("val", ()))
-        counts = f"{len(tensors['train']):,} train + {len(tensors.get('val', ())):,} val images"
-        done = f"{counts} extracted in {precision} in {elapsed:.0f} s ({images / max(elapsed, 1e-9):.1f} images/s)"
+        how = f"extracted in {precision} in {elapsed:.0f} s ({images / max(elapsed, 1e-9):.1f} images/s)"
         if d.world_size == 1:
             save(path, tensors, stamp, os.path.join(out, LAST))
+    done = f"{len(tensors['train']):,} train + {len(tensors.get('val', ())):,} val images {how}"
     where = f"in memory and {path}" if d.world_size == 1 else "in memory (one per process under torchrun)"
     print(f"feature cache: {done}; {_size(size)} of float32 ({model.config.hidden_size} per image), {where}{replaced}")
     train = CachedLoader(tensors["train"].to(d.device), tensors["train_labels"].to(d.device), batch_size=t["batch_size"],
