@@ -127,7 +127,7 @@ runpy.run_path("main.py", run_name="__main__")
 @pytest.mark.parametrize("command, module, signum, line", [
     ([], "numpy", signal.SIGINT, "stopped by SIGINT while starting; nothing was written."),
     (["eval", "--checkpoint", "MODEL"], "torch.nn", signal.SIGTERM, "stopped by SIGTERM while starting; nothing was written."),
-    (["predict", "--checkpoint", "MODEL", "IMAGES"], "vit.data.images", signal.SIGINT, "predict stopped by SIGINT; it writes no files."),
+    (["predict", "--checkpoint", "MODEL", "IMAGES"], "vit.data.images", signal.SIGINT, "predict stopped by SIGINT; every file it wrote is whole, none is half-written."),
 ])
 def test_a_signal_inside_an_import_is_one_line(model_dir, tmp_path, command, module, signum, line):
     """A KeyboardInterrupt raised inside an import left numpy half-made (a traceback about numpy.matrix) or

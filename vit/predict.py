@@ -22,7 +22,6 @@ check is left out of images/s.
 
 import csv
 import json
-import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from vit import distributed
 from vit.commands import OUT_ADVICE, unreadable_exit_code, warn_zero_head
-from vit.errors import UserError, writing
+from vit.errors import UserError, existing_parent, writing
 from vit.factory import load_model
 from vit.files import atomic_write
 from vit.quantize import Agreement, dynamic_int8
@@ -126,9 +125,7 @@ def check_arguments(topk, batch_size, out, output, int8, device):
     if out is not None:
         if not out.lower().endswith(FORMATS):
             raise UserError(f"--out {out} must end in .csv or .json (the format); e.g. --out preds.csv.")
-        folder = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(folder):
-            raise UserError(f"--out {out}: the folder {folder} does not exist; create it or choose another --out.")
+        existing_parent(out, "--out")  # the policy of every --out: a file in a folder that exists
 
 
 def error_row(path: str, error: str) -> dict:
