@@ -92,6 +92,9 @@ def test_a_cache_made_from_other_data_is_replaced(images, tmp_path, capsys):
     (["train.hflip=0.5"], "caches one view of each image, so augmentation cannot apply (train.hflip=0.5); set train.hflip=0.0"),
     (["train.random_resized_crop_scale=[0.8, 1]", "train.mixup=0.2"],
      "(train.random_resized_crop_scale=[0.8, 1], train.mixup=0.2); set train.random_resized_crop_scale=[1.0, 1.0], train.mixup=0.0"),
+    (["train.strategy=\"fsdp\""], "train.cache_features is true but train.strategy is \"fsdp\", and the cached probe trains the head alone"),
+    (["data.dataset=\"webdataset\"", "data.train_shards=[\"train-000000.tar\"]"],
+     "train.cache_features is true but data.dataset is \"webdataset\", and streamed shards cannot be read in index order"),
 ])
 def test_what_the_cache_cannot_serve_is_refused_in_one_sentence(images, tmp_path, capsys, sets, words):
     code, out, err = run_main(["--params", tiny_params(tmp_path, images, cache_features=True, **PROBE), "--set", *sets], capsys)
