@@ -209,7 +209,7 @@ def compare_shards(args, jpeg_data, jpeg_train, device):
             if r:
                 rates[kind].append(n / (time.perf_counter() - t0))
                 print(f"round {r} {kind}: {rates[kind][-1]:.1f} images/s ({n} images)", flush=True)
-    print(f"\n| loader | images/s per round | median |\n|---|---|---|")
+    print("\n| loader | images/s per round | median |\n|---|---|---|")
     for kind, rs in rates.items():
         print(f"| {kind} | {', '.join(f'{v:.0f}' for v in rs)} | {sorted(rs)[len(rs) // 2]:.0f} |")
     return rates

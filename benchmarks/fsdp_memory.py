@@ -110,7 +110,7 @@ def main():
         json.dump(results, f, indent=1)
     how = "counted on the meta device" if args.meta else "after one AdamW step"
     print(f"\nper rank, {args.ranks} ranks, fp32, {how} (rank 0; the largest rank in brackets when they differ)")
-    print(f"| model | strategy | parameters | params GB | grads GB | AdamW state GB | sum GB | resident GB |")
+    print("| model | strategy | parameters | params GB | grads GB | AdamW state GB | sum GB | resident GB |")
     print("|---|---|---|---|---|---|---|---|")
     for preset in args.presets.split(","):
         for strategy in ("ddp", "fsdp"):

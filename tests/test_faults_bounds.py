@@ -140,7 +140,7 @@ def test_a_signal_inside_an_import_is_one_line(model_dir, tmp_path, command, mod
 
 
 @pytest.mark.parametrize("command, signum, line", [
-    ("eval", signal.SIGINT, "eval stopped by SIGINT; it writes no files."),
+    ("eval", signal.SIGINT, "eval stopped by SIGINT; every file it wrote is whole, none is half-written."),
     ("attention", signal.SIGTERM, "attention stopped by SIGTERM; every file it wrote is whole, none is half-written."),
 ])
 def test_a_signal_while_a_command_runs_fits_the_command(model_dir, tmp_path, command, signum, line):

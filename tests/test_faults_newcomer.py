@@ -5,7 +5,6 @@ things that each cost a newcomer a launch. Each case works, or stops with one se
 """
 
 import json
-import logging
 import os
 import shutil
 import stat

@@ -10,7 +10,6 @@ a node runs several processes, and the thread count changes the numerics).
   killed and resumed, bit for bit; its best_hf/ and best.pt load in one plain process.
 """
 
-import json
 import os
 import signal
 import socket

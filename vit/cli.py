@@ -52,9 +52,8 @@ DEFAULT_PARAMS = "params.json"
 STOPPED = {
     "starting": "stopped by {signal} while starting; nothing was written",
     "train": "training stopped by {signal} without saving; the last saved checkpoint is kept as it was",
-    "eval": "eval stopped by {signal}; it writes no files",
 }
-WROTE = "{command} stopped by {signal}; every file it wrote is whole, none is half-written"  # the commands that write files
+WROTE = "{command} stopped by {signal}; every file it wrote is whole, none is half-written"  # the other commands (eval writes --out)
 
 
 def main(argv=None, launched=None):
