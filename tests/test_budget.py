@@ -274,6 +274,7 @@ def test_the_run_drops_patches_in_the_planned_first_epochs_only(tmp_path, monkey
         return y
 
     monkeypatch.setattr(PatchDropout, "forward", counting)
+    monkeypatch.setattr(budget, "interleaved_steps", lambda *a: ({"all": 1.0, "drop": 0.6}, 4))  # the probe's copy counts no tokens
     assert loop.train(params) == 0
     per_epoch = len(tokens) // 4
     # 16 patches of 4x4 in a 16x16 image: the first 2 of 4 epochs keep 8 of them, the last 2 all
@@ -282,9 +283,43 @@ def test_the_run_drops_patches_in_the_planned_first_epochs_only(tmp_path, monkey
 
 def test_patch_dropout_says_it_does_not_apply_to_a_frozen_backbone():
     train = {"patch_dropout": 0.5, "patch_dropout_until": 0.5, "freeze_backbone": True}
-    plan = Plan.start(10, 5, None, **budget.dropout_plan(train, None))
+    plan = Plan.start(10, 5, None, **budget.dropout_plan(train))
     assert plan.drop_epochs() == 0 and "patch_dropout does not apply" in budget.start_line(plan, train)
     plan = Plan.start(10, 5, 15, drop_until=0.5, drop_share=0.52)
     line = budget.start_line(plan, {**train, "freeze_backbone": False})
     assert line == ("time budget 15 min: how many of train.epochs=10 fit is decided a few dozen steps in; patch dropout: "
-                    "the first 50% of the epochs train on 50% of each image's patches, ≈ 1.9x faster a step")
+                    "the first 50% of the epochs train on 50% of each image's patches (a forward and backward pass timed 1.92x faster)")
+
+
+def test_what_a_dropping_step_costs_is_timed_on_a_copy_and_kept_in_the_plan():
+    from vit.config import ViTConfig
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=64, num_labels=2))
+    train = {"patch_dropout": 0.5, "patch_dropout_until": 0.5, "freeze_backbone": False}
+    before = torch.random.get_rng_state()
+    dropout = budget.dropout_plan(train, model, (4, 3, 16, 16), torch.device("cpu"), "fp32")
+    assert dropout["drop_until"] == 0.5 and 0.0 < dropout["drop_share"] <= 1.0
+    assert model.vit.patch_drop.prob == 0.0 and torch.equal(torch.random.get_rng_state(), before)  # the run is untouched
+    # a resumed run keeps the share its start timed, not the token share params give, so it judges alike
+    state = Plan.start(10, 5, 15, drop_until=0.5, drop_share=0.69).state_dict()
+    assert Plan.from_state(state, 5, **budget.dropout_plan(train)).drop_share == 0.69
+    # a step that drops patches no faster still drops them: the share says what it costs, not whether it runs
+    assert Plan.start(10, 5, None, drop_until=0.5, drop_share=1.0).drop_epochs() == 5
+
+
+def test_the_run_settles_what_a_dropping_epoch_costs_from_its_own_speed():
+    # dropping patches saves 2 ms an image in the forward and backward passes (timed); the run trains
+    # 250 images/s while dropping: 4 ms an image, so 6 ms on all patches, whatever the probe's own ratio
+    plan = Plan.start(10, 5, 15, drop_until=0.5, drop_share=0.5, drop_saving=0.002)
+    plan.settle_share(0, 250.0)
+    assert plan.drop_share == pytest.approx(4 / 6)
+    plan = Plan.start(10, 5, 15, drop_until=0.5, drop_share=0.5, drop_saving=0.002)
+    plan.settle_share(7, 1000 / 6)  # measured in an epoch on all patches: 6 ms, of which 2 would be saved
+    assert plan.drop_share == pytest.approx(4 / 6)
+    untimed = Plan.start(10, 5, 15, drop_until=0.5, drop_share=0.5)
+    untimed.settle_share(0, 250.0)
+    assert untimed.drop_share == 0.5
+    kept = Plan.from_state(plan.state_dict(), 5, drop_until=0.5, drop_share=0.5, drop_saving=0.0)
+    assert (kept.drop_share, kept.drop_saving) == (plan.drop_share, 0.002)

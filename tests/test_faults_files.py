@@ -335,6 +335,8 @@ def last_pt_cases():
         "plan epochs a string": {"plan": {"epochs": "14", "budget_s": 900.0, "decided": True, "totals": [[0, 10]], "notes": []}},
         "plan totals empty": {"plan": {"epochs": 14, "budget_s": 900.0, "decided": True, "totals": [], "notes": []}},
         "plan budget NaN": {"plan": {"epochs": 14, "budget_s": float("nan"), "decided": True, "totals": [[0, 10]], "notes": []}},
+        "plan drop share 0": {"plan": {"epochs": 14, "budget_s": 900.0, "decided": True, "totals": [[0, 10]], "notes": [],
+                                       "drop_share": 0.0}},
     }
 
 

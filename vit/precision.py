@@ -106,33 +106,50 @@ def runs_on(precision: str, device: torch.device) -> bool:
 
 
 def time_steps(model: torch.nn.Module, sample_shape: tuple, device: torch.device) -> tuple[float, float, int]:
-    """(fp32 s, bf16 s, batch): median seconds of one forward+backward in fp32 and in bf16 autocast,
-    interleaved so that load from other processes hits both alike. Runs on a copy under a forked RNG:
-    the run itself is untouched."""
+    """(fp32 s, bf16 s, batch): median seconds of one forward+backward in fp32 and in bf16 autocast."""
+    times, batch = interleaved_steps(model, sample_shape, device, {"fp32": ("fp32", None), "bf16": ("bf16", None)})
+    return times["fp32"], times["bf16"], batch
+
+
+def interleaved_steps(model: torch.nn.Module, sample_shape: tuple, device: torch.device,
+                      variants: dict) -> tuple[dict, int]:
+    """({name: median seconds of one forward+backward}, batch) for each of `variants`, {name: (precision,
+    prepare)}, where prepare(copy) sets the model's copy up for that variant (or is None). The variants'
+    steps take turns, so that load from other processes hits them alike. Runs on a copy under a forked
+    RNG: the run itself is untouched."""
     probe = copy.deepcopy(model).train()
     batch = min(sample_shape[0], PROBE_BATCH)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
 
-        def step(precision):
+        def step(name):
+            precision, prepare = variants[name]
+            if prepare is not None:
+                prepare(probe)
             x = torch.randn((batch, *sample_shape[1:]), device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             with autocast(device, precision):
                 logits = probe(x).logits
             F.cross_entropy(logits.float(), torch.zeros(batch, dtype=torch.long, device=device)).backward()
             probe.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             return time.perf_counter() - t0
 
         # warm-up: the first calls pick kernels and allocate; a slow model probes with fewer images
-        while step("fp32") > PROBE_STEP_S and batch > 1:
+        names = list(variants)
+        while step(names[0]) > PROBE_STEP_S and batch > 1:
             batch = max(1, batch // 4)
-        step("bf16")
-        times = {"fp32": [], "bf16": []}
+        for name in names[1:]:
+            step(name)
+        times = {name: [] for name in names}
         deadline = time.perf_counter() + PROBE_SECONDS
-        while len(times["bf16"]) < 3 or (len(times["bf16"]) < 7 and time.perf_counter() < deadline):
-            for precision in times:
-                times[precision].append(step(precision))
-    return statistics.median(times["fp32"]), statistics.median(times["bf16"]), batch
+        while len(times[names[-1]]) < 3 or (len(times[names[-1]]) < 7 and time.perf_counter() < deadline):
+            for name in names:
+                times[name].append(step(name))
+    return {name: statistics.median(t) for name, t in times.items()}, batch
 
 
 def thread_note() -> str:

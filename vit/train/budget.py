@@ -16,8 +16,9 @@ end-of-run report all fall inside it. `train.epochs` is then the most the run tr
   more epoch overruns, the line says by how much. Nothing overruns silently, and a run never
   lengthens: a machine that speeds up finishes early.
 - **Patch dropout** (train.patch_dropout) makes the epochs that drop patches cheaper than the rest
-  (each costs `drop_share` of a full one, its share of the tokens): the first `patch_dropout_until`
-  of the planned epochs drop patches, and every projection counts each epoch at its own cost.
+  (each costs `drop_share` of a full one, timed when the run starts and kept in the plan): the first
+  `patch_dropout_until` of the planned epochs drop patches, and every projection counts each epoch at
+  its own cost.
 
 The schedule's length is `Plan.totals`, [(from step, total steps), ...]: the length train.epochs
 gives, then one pair for each change. Every decision is also kept as a sentence in `Plan.notes`.
@@ -33,6 +34,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from vit import distributed
+from vit.precision import interleaved_steps
 from vit.train.report import cost_line, speed_phrase
 from vit.viz.text import count
 
@@ -45,8 +47,8 @@ EVAL_COST = 1 / 3  # an evaluated image costs about a third of a trained one: a 
 @dataclass
 class Plan:
     """The run's length: the epochs it trains and the schedule's `totals`; budget_s is None without a
-    budget. `drop_until` and `drop_share` (from params, not saved) say which epochs drop patches and
-    what such an epoch costs against a full one."""
+    budget. `drop_until` (from params) and `drop_share` (settled from the run's speed, saved) say which
+    epochs drop patches and what such an epoch costs against a full one."""
 
     epochs: int
     steps_per_epoch: int
@@ -56,6 +58,7 @@ class Plan:
     notes: list = field(default_factory=list)
     drop_until: float = 0.0
     drop_share: float = 1.0
+    drop_saving: float = 0.0  # seconds a trained image saves when patches drop, timed at the start (0: not timed)
 
     @classmethod
     def start(cls, epochs: int, steps_per_epoch: int, budget_min: Optional[float], **dropout) -> "Plan":
@@ -66,11 +69,15 @@ class Plan:
     def state_dict(self) -> dict:
         """What a checkpoint keeps (plain types, for a weights_only load)."""
         return {"epochs": self.epochs, "budget_s": self.budget_s, "decided": self.decided,
-                "totals": [list(t) for t in self.totals], "notes": list(self.notes)}
+                "totals": [list(t) for t in self.totals], "notes": list(self.notes), "drop_share": self.drop_share,
+                "drop_saving": self.drop_saving}
 
     @classmethod
     def from_state(cls, state: dict, steps_per_epoch: int, **dropout) -> "Plan":
-        """The plan a checkpoint kept (its state_dict())."""
+        """The plan a checkpoint kept (its state_dict()); the drop share settled when the run started wins
+        over `dropout`'s, so that the resumed run judges its epochs as the uninterrupted one does."""
+        if dropout and "drop_share" in state:
+            dropout = {**dropout, "drop_share": state["drop_share"], "drop_saving": state.get("drop_saving", 0.0)}
         return cls(int(state["epochs"]), steps_per_epoch, state["budget_s"], bool(state["decided"]),
                    [tuple(t) for t in state["totals"]], list(state["notes"]), **dropout)
 
@@ -102,7 +109,16 @@ class Plan:
     def drop_epochs(self, epochs: Optional[int] = None) -> int:
         """How many epochs, from the first, drop patches when the run has `epochs` (default: as planned)."""
         epochs = self.epochs if epochs is None else epochs
-        return int(self.drop_until * epochs + 0.5) if self.drop_share < 1.0 else 0
+        return int(self.drop_until * epochs + 0.5)
+
+    def settle_share(self, epoch: int, rate: float) -> None:
+        """`drop_share` from `rate`, the images/s the run measured in `epoch`, and the timed saving: the
+        saving is what dropping patches takes off a step, the rest of the step (the optimizer, the batch's
+        augmentation) is the same in both kinds of epoch, so the run's speed sets their ratio."""
+        if self.drop_saving > 0 and rate > 0:
+            t = 1.0 / rate
+            full, dropped = (t + self.drop_saving, t) if epoch < self.drop_epochs() else (t, max(t - self.drop_saving, 0.01 * t))
+            self.drop_share = dropped / full
 
     def share(self, epoch: int, epochs: Optional[int] = None) -> float:
         """Epoch `epoch`'s (0-based) training cost against an epoch on all patches."""
@@ -126,7 +142,8 @@ class Plan:
         each = self.seconds(0, fit, full_s, eval_s, eval_every) / fit
         line = (f"budget {self.budget_s / 60:g} min: {'all ' * (fit == self.epochs > 1)}{count(fit, 'epoch')} "
                 f"{'of train.epochs ' * (fit == self.epochs > 1)}fit{'s' * (fit == 1)} (≈ {each:.0f} s each with evaluation"
-                + (f"; the first {self.drop_epochs(fit)} drop patches" if self.drop_epochs(fit) else "") + ")")
+                + (f"; the first {self.drop_epochs(fit)} drop patches, at {self.drop_share:.0%} of a full epoch's training time"
+                   if self.drop_epochs(fit) else "") + ")")
         if room < 0:
             over = now_s + epoch_cost(left_s, eval_s, eval_every) + REPORT_S - self.budget_s
             line += f"; not even one does, so the run trains 1 and ends ≈ {over:.0f} s past the budget"
@@ -176,14 +193,25 @@ def epoch_cost(train_s: float, eval_s: float, eval_every: int) -> float:
 # the run's side
 
 
-def dropout_plan(train: dict, config) -> dict:
-    """Plan's drop_until and drop_share for train.patch_dropout on a model with `config`: the epochs
-    that drop patches cost the share of the tokens they keep (prefix tokens included)."""
+def dropout_plan(train: dict, model=None, sample_shape=None, device=None, precision=None) -> dict:
+    """Plan's drop_until, drop_share and drop_saving for train.patch_dropout: which epochs drop patches,
+    and what such an epoch costs against one on all of them. That is not the share of the tokens kept: a
+    step's fixed costs (and, on a CPU, threads with less work each) stay. So, given the model, forward
+    and backward passes of a copy with and without the drop are timed in turns (vit/precision.py): their
+    difference is what dropping saves per image, and Plan.settle_share turns it into a share once the
+    run has measured its own speed. Without the model (a resumed run reads them from its plan): the
+    share of the tokens kept."""
     if not train["patch_dropout"] or train["freeze_backbone"]:  # a frozen backbone runs in eval mode: no patch drops
         return {}
-    n, prefix = config.num_patches, config.num_prefix_tokens
-    kept = max(1, int(n * (1.0 - train["patch_dropout"])))
-    return {"drop_until": train["patch_dropout_until"], "drop_share": (prefix + kept) / (prefix + n)}
+    plan = {"drop_until": train["patch_dropout_until"], "drop_share": 1.0 - train["patch_dropout"]}
+    if model is not None:
+        def prepare(prob):
+            return lambda probe: setattr(probe.vit.patch_drop, "prob", prob)
+
+        times, batch = interleaved_steps(model, sample_shape, device, {"all": (precision, prepare(0.0)),
+                                                                       "drop": (precision, prepare(train["patch_dropout"]))})
+        plan.update(drop_share=min(1.0, times["drop"] / times["all"]), drop_saving=max(0.0, times["all"] - times["drop"]) / batch)
+    return plan
 
 
 def start_line(plan: Plan, train: dict) -> Optional[str]:
@@ -192,9 +220,9 @@ def start_line(plan: Plan, train: dict) -> Optional[str]:
     if not plan.decided:
         parts.append(f"time budget {plan.budget_s / 60:g} min: how many of train.epochs={plan.epochs} fit is decided "
                      f"a few dozen steps in")
-    if plan.drop_share < 1.0:
+    if plan.drop_until > 0:
         parts.append(f"patch dropout: the first {plan.drop_until:.0%} of the epochs train on "
-                     f"{1 - train['patch_dropout']:.0%} of each image's patches, ≈ {1 / plan.drop_share:.1f}x faster a step")
+                     f"{1 - train['patch_dropout']:.0%} of each image's patches (a forward and backward pass timed {1 / plan.drop_share:.2f}x faster)")
     elif train["patch_dropout"] and train["freeze_backbone"]:
         parts.append("train.patch_dropout does not apply: a frozen backbone (train.freeze_backbone) runs in eval mode")
     return "; ".join(parts) or None
@@ -204,6 +232,8 @@ def announce_speed(run, rate: float, epoch: int, batches_done: int) -> None:
     """The cost line from the speed the run measured `batches_done` batches into `epoch`, and with a
     time budget not yet decided, the decision of how many epochs fit."""
     t, d, loaders, plan = run.params["train"], run.d, run.loaders, run.plan
+    if not plan.decided or plan.budget_s is None:  # a decided budget's share is kept, so that a resumed run judges alike
+        plan.settle_share(epoch, distributed.gather(rate, d)[0])
     train_images = len(loaders.train) * t["batch_size"] * d.world_size
     val_images = loaders.report["val_files"] if loaders.val is not None else 0
     full_rate = rate * plan.share(epoch)  # images/s on all patches: evaluation sees them all

@@ -246,7 +246,9 @@ def _is_plan(plan):
                                                    and not isinstance(plan["budget_s"], bool)))
             and isinstance(plan.get("totals"), list) and len(plan["totals"]) >= 1
             and all(isinstance(t, list) and len(t) == 2 and all(count(v) for v in t) for t in plan["totals"])
-            and isinstance(plan.get("notes"), list) and all(isinstance(n, str) for n in plan["notes"]))
+            and isinstance(plan.get("notes"), list) and all(isinstance(n, str) for n in plan["notes"])
+            and (plan.get("drop_share") is None or (isinstance(plan["drop_share"], float) and 0.0 < plan["drop_share"] <= 1.0))
+            and (plan.get("drop_saving") is None or (isinstance(plan["drop_saving"], float) and 0.0 <= plan["drop_saving"] < 1e3)))
 
 
 def check_same_batch(ckpt, path, launch):

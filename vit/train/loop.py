@@ -153,15 +153,15 @@ def set_up(params_file: str, overrides: list, resume: bool, launched: float, lau
         # (1 - (1 + step)^-2/3, capped at ema_decay) so early steps are not averaged with the init
         ema = ModelEmaV3(model, decay=t["ema_decay"], use_warmup=True)
     steps_per_epoch = math.ceil(len(loaders.train) / t["grad_accum"])
-    if resume:
-        progress, rng, scaler_state, plan = restore(last_path, model, optimizer, d, t, command, steps_per_epoch, ema)
-    else:
-        progress, rng, scaler_state = Progress(), None, None
-        plan = budget.Plan.start(t["epochs"], steps_per_epoch, t["time_budget"], **budget.dropout_plan(t, model.config))
+    progress, rng, scaler_state, plan = (restore(last_path, model, optimizer, d, t, command, steps_per_epoch, ema)
+                                         if resume else (Progress(), None, None, None))
     sample_shape = (t["batch_size"], params["data"]["channels"], params["data"]["image_size"], params["data"]["image_size"])
     # every rank trains in rank 0's choice (auto times steps, and two ranks could time them differently)
     precision, why = distributed.gather(precisions.resolve(t["precision"], device, model, sample_shape,
                                                            saved=progress.precision), d)[0]
+    if plan is None:  # a new run: what a step that drops patches costs is timed, rank 0's figure for all
+        dropout = distributed.gather(budget.dropout_plan(t, model, sample_shape, device, precision), d)[0]
+        plan = budget.Plan.start(t["epochs"], steps_per_epoch, t["time_budget"], **dropout)
     progress.precision, progress.device = precision, device.type
     if t["strategy"] == "fsdp":  # after resume and the precision probe, which need the whole model
         optimizer = fsdp.shard(model, optimizer, t, precision, d)
@@ -223,7 +223,7 @@ def restore(last_path: str, model, optimizer, d: distributed.Dist, t: dict, comm
     rank = d.rank if d.rank < len(rngs) else 0
     progress.sums = progress.sums[rank] if progress.sums else None
     plan, change = budget.Plan.resumed(progress.plan, steps_per_epoch, t["epochs"], t["time_budget"],
-                                       **budget.dropout_plan(t, model.config))
+                                       **budget.dropout_plan(t))
     if change:
         print(change)
     if progress.epoch >= plan.epochs:
