@@ -448,8 +448,8 @@ def _install_hooks():
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from vit import cli
-    from vit.train import checkpoint, loop
+    from vit import cli, precision
+    from vit.train import budget, checkpoint, loop
     from vit.model import ViTForImageClassification
 
     fault = _Fault()
@@ -479,12 +479,19 @@ def _install_hooks():
             fault.fire()
 
     nan_at = int(os.environ.get("FAULTS_NAN_AT", 0))
-    real_forward = ViTForImageClassification.forward
-    forwards = {"train": 0}
+    real_forward, real_probe = ViTForImageClassification.forward, precision.interleaved_steps
+    forwards = {"train": 0, "probing": False}
+
+    def probe(*a, **kw):  # the start-up's timed steps on a copy of the model are no training forwards
+        forwards["probing"] = True
+        try:
+            return real_probe(*a, **kw)
+        finally:
+            forwards["probing"] = False
 
     def forward(self, *a, **kw):
         out = real_forward(self, *a, **kw)
-        if self.training:
+        if self.training and not forwards["probing"]:
             forwards["train"] += 1
             if forwards["train"] == nan_at:
                 out.logits = out.logits * float("nan")
@@ -497,6 +504,7 @@ def _install_hooks():
     loop.write_history = write_history
     register_optimizer_step_post_hook(step_hook)
     ViTForImageClassification.forward = forward
+    precision.interleaved_steps = budget.interleaved_steps = probe
     assert checkpoint.torch is torch  # checkpoint.save reaches torch.save through the module
     return cli
 
