@@ -323,3 +323,24 @@ def test_the_run_settles_what_a_dropping_epoch_costs_from_its_own_speed():
     assert untimed.drop_share == 0.5
     kept = Plan.from_state(plan.state_dict(), 5, drop_until=0.5, drop_share=0.5, drop_saving=0.0)
     assert (kept.drop_share, kept.drop_saving) == (plan.drop_share, 0.002)
+
+
+def test_the_first_whole_epoch_sets_the_plan_again_longer_or_shorter_once():
+    plan, _ = decide()  # 13 epochs of ~64 s, from the few dozen steps the decision saw
+    assert not plan.revised
+    # the whole first epoch ran faster (40 s of training): more epochs fit, up to train.epochs (20)
+    line = plan.check(now_s=20 + 44.3, epochs_done=1, train_s=40.0, eval_s=EVAL_S, eval_every=1, step=100)
+    room = budget.SAFETY * (900 - 20 - 44.3 - budget.REPORT_S)
+    assert plan.revised and plan.epochs == min(20, 1 + math.floor(room / (40 + EVAL_S + budget.EPOCH_OVERHEAD_S))) == 19
+    assert plan.totals[-1] == (100, 1900) and "so 19 epochs fit, not 13" in line and "stretched" in line
+    assert [lr(s, plan.totals) for s in range(101)] == [lr(s, plan.totals[:2]) for s in range(101)]  # the past unchanged
+    # once: a later, faster epoch does not lengthen it again
+    assert plan.check(now_s=20 + 2 * 44.3, epochs_done=2, train_s=20.0, eval_s=EVAL_S, eval_every=1, step=200) is None
+    assert plan.epochs == 19
+    # slower than decided: shorter, and the line says the decay is compressed
+    slow, _ = decide()
+    line = slow.check(now_s=20 + 94.3, epochs_done=1, train_s=90.0, eval_s=EVAL_S, eval_every=1, step=100)
+    assert slow.epochs == 9 and "not 13" in line and "compressed" in line
+    # a checkpoint from before the revision existed does not revise
+    state = {k: v for k, v in Plan.start(13, 100, 15).state_dict().items() if k != "revised"}
+    assert Plan.from_state(state, 100).revised

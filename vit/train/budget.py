@@ -6,15 +6,18 @@ end-of-run report all fall inside it. `train.epochs` is then the most the run tr
 
 - **Decide once.** A few dozen steps into the first epoch the run knows its training speed. From it,
   the time already spent, an evaluation's cost and a reserve for the report, `Plan.decide` sets how
-  many epochs fit, and the learning-rate schedule is sized to them. The plan is saved in every
-  checkpoint; `--resume` keeps it and never decides again, so a resumed run stays bit-exact.
-- **A machine that slows down.** After each epoch (but the first of each process, which carries
-  one-time costs: the first evaluation and figure, compilation) `Plan.check` projects the run's end
+  many epochs fit, and the learning-rate schedule is sized to them. A few dozen steps are a short
+  look at a noisy machine (on a shared 2-core VM they read 20% slow), so after the first whole epoch,
+  which also measured an evaluation, `Plan.revise` sets the plan once more, longer or shorter, up to
+  train.epochs. The plan is saved in every checkpoint; `--resume` keeps it and never decides again, so
+  a resumed run stays bit-exact.
+- **A machine that slows down.** After each later epoch (but the first of a resumed process, which
+  carries one-time costs: the first evaluation and figure, compilation) `Plan.check` projects the run's end
   from that epoch's cost. When the planned epochs no longer fit, the run is shortened to those that
   do, never below one more epoch: the rest of the learning-rate decay is compressed onto the epochs
   left (optim.decay_progress), so the rate still reaches its floor, without a jump. When even one
-  more epoch overruns, the line says by how much. Nothing overruns silently, and a run never
-  lengthens: a machine that speeds up finishes early.
+  more epoch overruns, the line says by how much. Nothing overruns silently, and after the revision
+  a run never lengthens: a machine that speeds up finishes early.
 - **Patch dropout** (train.patch_dropout) makes the epochs that drop patches cheaper than the rest
   (each costs `drop_share` of a full one, timed when the run starts and kept in the plan): the first
   `patch_dropout_until` of the planned epochs drop patches, and every projection counts each epoch at
@@ -59,6 +62,7 @@ class Plan:
     drop_until: float = 0.0
     drop_share: float = 1.0
     drop_saving: float = 0.0  # seconds a trained image saves when patches drop, timed at the start (0: not timed)
+    revised: bool = False  # set again after the first whole epoch, the one time the plan may grow
 
     @classmethod
     def start(cls, epochs: int, steps_per_epoch: int, budget_min: Optional[float], **dropout) -> "Plan":
@@ -70,7 +74,7 @@ class Plan:
         """What a checkpoint keeps (plain types, for a weights_only load)."""
         return {"epochs": self.epochs, "budget_s": self.budget_s, "decided": self.decided,
                 "totals": [list(t) for t in self.totals], "notes": list(self.notes), "drop_share": self.drop_share,
-                "drop_saving": self.drop_saving}
+                "drop_saving": self.drop_saving, "revised": self.revised}
 
     @classmethod
     def from_state(cls, state: dict, steps_per_epoch: int, **dropout) -> "Plan":
@@ -78,8 +82,10 @@ class Plan:
         over `dropout`'s, so that the resumed run judges its epochs as the uninterrupted one does."""
         if dropout and "drop_share" in state:
             dropout = {**dropout, "drop_share": state["drop_share"], "drop_saving": state.get("drop_saving", 0.0)}
-        return cls(int(state["epochs"]), steps_per_epoch, state["budget_s"], bool(state["decided"]),
+        plan = cls(int(state["epochs"]), steps_per_epoch, state["budget_s"], bool(state["decided"]),
                    [tuple(t) for t in state["totals"]], list(state["notes"]), **dropout)
+        plan.revised = bool(state.get("revised", True))
+        return plan
 
     @classmethod
     def resumed(cls, state: Optional[dict], steps_per_epoch: int, epochs: int, budget_min: Optional[float],
@@ -157,7 +163,12 @@ class Plan:
         """After an epoch that trained in `train_s` (the last evaluation took `eval_s`): shorten the run
         when the planned epochs no longer fit at that speed, never below one more. Returns the line to
         print, or None when the plan stands."""
-        if self.budget_s is None or epochs_done >= self.epochs:
+        if self.budget_s is None:
+            return None
+        if not self.revised:
+            return self.revise(now_s=now_s, epochs_done=epochs_done, train_s=train_s, eval_s=eval_s,
+                               eval_every=eval_every, step=step)
+        if epochs_done >= self.epochs:
             return None
         full_s, room = train_s / self.share(epochs_done - 1), self.budget_s - now_s - REPORT_S
         if self.seconds(epochs_done, self.epochs, full_s, eval_s, eval_every) <= room:
@@ -173,6 +184,26 @@ class Plan:
         over = self.seconds(epochs_done, fit, full_s, eval_s, eval_every) - room
         if over > 0:  # one more epoch is the least the learning rate can still decay over
             line += f"; the last epoch will end ≈ {over:.0f} s past the budget of {self.budget_s / 60:g} min"
+        self.notes.append(line)
+        return line
+
+    def revise(self, *, now_s: float, epochs_done: int, train_s: float, eval_s: float, eval_every: int,
+               step: int) -> Optional[str]:
+        """Once, after the first whole epoch: where the decision saw a few dozen steps, this sees an epoch
+        and its evaluation, so the plan is set again to the most epochs that fit, up to train.epochs,
+        longer or shorter; the rest of the decay is spread over them without a jump. Returns the line to
+        print, or None when the plan stands."""
+        self.revised = True
+        full_s, cap = train_s / self.share(epochs_done - 1), self.totals[0][1] // self.steps_per_epoch
+        room = SAFETY * (self.budget_s - now_s - REPORT_S)
+        fit = next((n for n in range(cap, epochs_done, -1) if self.seconds(epochs_done, n, full_s, eval_s, eval_every) <= room),
+                   epochs_done + 1 if epochs_done < self.epochs else epochs_done)
+        if fit == self.epochs:
+            return None
+        line = (f"budget: a whole epoch measured, an epoch on all patches takes ≈ {epoch_cost(full_s, eval_s, eval_every):.0f} s "
+                f"with evaluation, so {count(fit, 'epoch')} fit, not {self.epochs}: the run now ends after epoch {fit}, "
+                f"its learning-rate decay {'stretched' if fit > self.epochs else 'compressed'} over the epochs left")
+        self.set_epochs(fit, step)
         self.notes.append(line)
         return line
 

@@ -248,7 +248,8 @@ def _is_plan(plan):
             and all(isinstance(t, list) and len(t) == 2 and all(count(v) for v in t) for t in plan["totals"])
             and isinstance(plan.get("notes"), list) and all(isinstance(n, str) for n in plan["notes"])
             and (plan.get("drop_share") is None or (isinstance(plan["drop_share"], float) and 0.0 < plan["drop_share"] <= 1.0))
-            and (plan.get("drop_saving") is None or (isinstance(plan["drop_saving"], float) and 0.0 <= plan["drop_saving"] < 1e3)))
+            and (plan.get("drop_saving") is None or (isinstance(plan["drop_saving"], float) and 0.0 <= plan["drop_saving"] < 1e3))
+            and isinstance(plan.get("revised", True), bool))
 
 
 def check_same_batch(ckpt, path, launch):

@@ -317,9 +317,9 @@ def run_epochs(run: Run, stop: StopRequest) -> tuple[int, Optional[dict]]:
     """Train from where the run stands to its last epoch; returns (exit code, the last epoch's
     evaluation with the report's extras, or None when it ran in an earlier process or not at all)."""
     t, d, progress, loaders = run.params["train"], run.d, run.progress, run.loaders
-    last_path = run.path(LAST)
-    measured, final_val = [], None
+    last_path, measured, final_val = run.path(LAST), [], None
     first = epoch = progress.epoch
+    whole = first == 0 and progress.step_in_epoch == 0  # this process trains epoch 1 whole: budget.Plan.revise follows it
 
     def on_rate(rate, batches_done):  # once per process, a few dozen steps into its first epoch
         if not measured:
@@ -352,8 +352,8 @@ def run_epochs(run: Run, stop: StopRequest) -> tuple[int, Optional[dict]]:
 
         if not measured:  # an epoch too short to measure mid-way
             on_rate(stats["images_per_s"], len(loaders.train))
-        # the first epoch of each process carries one-time costs, so only later ones judge the budget
-        final_val, stopping = end_epoch(run, epoch, stats, epoch_start, stop, judge_budget_now=epoch > first)
+        # the first epoch of a resumed process carries one-time costs, so only later ones judge the budget
+        final_val, stopping = end_epoch(run, epoch, stats, epoch_start, stop, judge_budget_now=epoch > first or whole)
         if stopping:  # after the last epoch too: resuming then only writes the end-of-run report
             print(f"stopped after epoch {epoch + 1}; saved {last_path}. Resume with: {run.resume_hint}")
             return 128 + (stop.signum or signal.SIGINT), None
