@@ -8,8 +8,8 @@ end-of-run report all fall inside it. `train.epochs` is then the most the run tr
   the time already spent, an evaluation's cost and a reserve for the report, `Plan.decide` sets how
   many epochs fit, and the learning-rate schedule is sized to them. A few dozen steps are a short
   look at a noisy machine (on a shared 2-core VM they read 20% slow), so after the first whole epoch,
-  which also measured an evaluation, `Plan.revise` sets the plan once more, longer or shorter, up to
-  train.epochs. The plan is saved in every checkpoint; `--resume` keeps it and never decides again, so
+  which also measured an evaluation, `Plan.revise` lengthens the plan once when more epochs fit, up to
+  train.epochs (shortening is left to the checks below). The plan is saved in every checkpoint; `--resume` keeps it and never decides again, so
   a resumed run stays bit-exact.
 - **A machine that slows down.** After each later epoch (but the first of a resumed process, which
   carries one-time costs: the first evaluation and figure, compilation) `Plan.check` projects the run's end
@@ -190,19 +190,20 @@ class Plan:
     def revise(self, *, now_s: float, epochs_done: int, train_s: float, eval_s: float, eval_every: int,
                step: int) -> Optional[str]:
         """Once, after the first whole epoch: where the decision saw a few dozen steps, this sees an epoch
-        and its evaluation, so the plan is set again to the most epochs that fit, up to train.epochs,
-        longer or shorter; the rest of the decay is spread over them without a jump. Returns the line to
-        print, or None when the plan stands."""
+        and its evaluation. When more epochs fit at that speed (up to train.epochs), the plan grows to
+        them and the rest of the decay is spread over them without a jump. It never shortens the plan: a
+        slow first epoch on a shared machine may be a moment, and the check after every later epoch,
+        which sees fresh speeds, shortens the run when they say so. Returns the line to print, or None."""
         self.revised = True
         full_s, cap = train_s / self.share(epochs_done - 1), self.totals[0][1] // self.steps_per_epoch
         room = SAFETY * (self.budget_s - now_s - REPORT_S)
         fit = next((n for n in range(cap, epochs_done, -1) if self.seconds(epochs_done, n, full_s, eval_s, eval_every) <= room),
                    epochs_done + 1 if epochs_done < self.epochs else epochs_done)
-        if fit == self.epochs:
+        if fit <= self.epochs:
             return None
         line = (f"budget: a whole epoch measured, an epoch on all patches takes ≈ {epoch_cost(full_s, eval_s, eval_every):.0f} s "
                 f"with evaluation, so {count(fit, 'epoch')} fit, not {self.epochs}: the run now ends after epoch {fit}, "
-                f"its learning-rate decay {'stretched' if fit > self.epochs else 'compressed'} over the epochs left")
+                f"its learning-rate decay stretched over the epochs left")
         self.set_epochs(fit, step)
         self.notes.append(line)
         return line
