@@ -241,6 +241,12 @@ def main():
     with open(args.params) as f:
         params = json.load(f)
     results = {"params": args.params, "budget_s": args.budget, "threads": torch.get_num_threads()}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+
+    def save():  # after every part: a later part that fails (a compile, say) keeps what came before
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
     if not args.skip_runs:
         metric = params.get("output", {}).get("best_metric", "val_acc")
         print(f"ours: python main.py --params {args.params} (load average {load_average()})", flush=True)
@@ -249,19 +255,19 @@ def main():
         base = run_baseline(args.params, args.budget)
         print(f"done (load average {load_average()})")
         results.update(ours=ours, baseline=base)
+        save()
         race(ours, base, args.budget)
     print(f"\nthe default training step against a matmul, alternating (load average {load_average()}):")
     prec, flops, step_s, peak = step_efficiency(args.params, args.rounds * 3)
     results["efficiency"] = {"precision": prec, "flops": flops, "step_s": step_s, "matmul_flop_s": peak}
+    save()
     print(f"\nmodel-only training step, ours / timm (load average {load_average()}):")
     ratios = speed_ratios(args.params, args.batch or params["train"]["batch_size"], args.rounds)
     results["speed"] = {f"{mode} {prec}": v for (mode, prec), v in ratios.items()}
     print("\n| mode | precision | ours img/s | timm img/s | ours / timm |\n|---|---|---|---|---|")
     for (mode, prec), (r, ours_ips, timm_ips) in ratios.items():
         print(f"| {mode} | {prec} | {ours_ips:.0f} | {timm_ips:.0f} | {r:.3f} |")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    save()
 
 
 if __name__ == "__main__":
