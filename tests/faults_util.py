@@ -449,7 +449,7 @@ def _install_hooks():
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from vit import cli, precision
-    from vit.train import budget, checkpoint, loop
+    from vit.train import checkpoint, loop
     from vit.model import ViTForImageClassification
 
     fault = _Fault()
@@ -506,7 +506,7 @@ def _install_hooks():
     loop.write_history = write_history
     register_optimizer_step_post_hook(step_hook)
     ViTForImageClassification.forward = forward
-    precision.interleaved_steps = budget.interleaved_steps = probe
+    precision.interleaved_steps = probe
     assert checkpoint.torch is torch  # checkpoint.save reaches torch.save through the module
     return cli
 

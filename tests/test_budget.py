@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import make_folder, tiny_params
+from vit import precision
 from vit.model import ViTForImageClassification
 from vit.train import budget, loop, optim
 from vit.train.budget import Plan
@@ -274,7 +275,7 @@ def test_the_run_drops_patches_in_the_planned_first_epochs_only(tmp_path, monkey
         return y
 
     monkeypatch.setattr(PatchDropout, "forward", counting)
-    monkeypatch.setattr(budget, "interleaved_steps", lambda *a: ({"all": 1.0, "drop": 0.6}, 4))  # the probe's copy counts no tokens
+    monkeypatch.setattr(precision, "interleaved_steps", lambda *a: ({"all": 1.0, "drop": 0.6}, 4))  # the probe's copy counts no tokens
     assert loop.train(params) == 0
     per_epoch = len(tokens) // 4
     # 16 patches of 4x4 in a 16x16 image: the first 2 of 4 epochs keep 8 of them, the last 2 all

@@ -8,20 +8,20 @@ end-of-run report all fall inside it. `train.epochs` is then the most the run tr
   the time already spent, an evaluation's cost and a reserve for the report, `Plan.decide` sets how
   many epochs fit, and the learning-rate schedule is sized to them. A few dozen steps are a short
   look at a noisy machine (on a shared 2-core VM they read 20% slow), so after the first whole epoch,
-  which also measured an evaluation, `Plan.revise` lengthens the plan once when more epochs fit, up to
-  train.epochs (shortening is left to the checks below). The plan is saved in every checkpoint; `--resume` keeps it and never decides again, so
-  a resumed run stays bit-exact.
+  which also measured an evaluation, `Plan.revise` lengthens the plan once when more epochs fit, up
+  to train.epochs (shortening is left to the checks below). The plan is saved in every checkpoint;
+  `--resume` keeps it and never decides again, so a resumed run stays bit-exact.
 - **A machine that slows down.** After each later epoch (but the first of a resumed process, which
-  carries one-time costs: the first evaluation and figure, compilation) `Plan.check` projects the run's end
-  from that epoch's cost. When the planned epochs no longer fit, the run is shortened to those that
+  carries one-time costs: the first evaluation and figure, compilation) `Plan.check` projects the
+  run's end from that epoch's cost. When the planned epochs no longer fit, the run is shortened to those that
   do, never below one more epoch: the rest of the learning-rate decay is compressed onto the epochs
   left (optim.decay_progress), so the rate still reaches its floor, without a jump. When even one
   more epoch overruns, the line says by how much. Nothing overruns silently, and after the revision
   a run never lengthens: a machine that speeds up finishes early.
 - **Patch dropout** (train.patch_dropout) makes the epochs that drop patches cheaper than the rest
-  (each costs `drop_share` of a full one, timed when the run starts and kept in the plan): the first
-  `patch_dropout_until` of the planned epochs drop patches, and every projection counts each epoch at
-  its own cost.
+  (each costs `drop_share` of a full one, from the start-up's timed saving and the run's own speed,
+  kept in the plan): the first `patch_dropout_until` of the planned epochs drop patches, and every
+  projection counts each epoch at its own cost.
 
 The schedule's length is `Plan.totals`, [(from step, total steps), ...]: the length train.epochs
 gives, then one pair for each change. Every decision is also kept as a sentence in `Plan.notes`.
@@ -36,8 +36,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from vit import distributed
-from vit.precision import interleaved_steps
+from vit import distributed, precision as precisions
 from vit.train.report import cost_line, speed_phrase
 from vit.viz.text import count
 
@@ -135,6 +134,12 @@ class Plan:
         evaluation takes `eval_s`."""
         return sum(epoch_cost(full_s * self.share(e, epochs), eval_s, eval_every) for e in range(first, epochs))
 
+    def most_that_fit(self, lengths: range, first: int, room: float, full_s: float, eval_s: float,
+                      eval_every: int) -> Optional[int]:
+        """The first of `lengths` (run lengths, longest first) whose epochs from `first` on take at most
+        `room` seconds, or None."""
+        return next((n for n in lengths if self.seconds(first, n, full_s, eval_s, eval_every) <= room), None)
+
     # -- decisions
 
     def decide(self, *, now_s: float, step: int, epoch_train_s: float, left_s: float, eval_s: float,
@@ -144,7 +149,7 @@ class Plan:
         the budget. Sets the plan from `step` on and returns the line the run prints."""
         full_s = epoch_train_s / self.share(0)
         room = SAFETY * (self.budget_s - now_s - REPORT_S) - epoch_cost(left_s, eval_s, eval_every)
-        fit = next((n for n in range(self.epochs, 1, -1) if self.seconds(1, n, full_s, eval_s, eval_every) <= room), 1)
+        fit = self.most_that_fit(range(self.epochs, 1, -1), 1, room, full_s, eval_s, eval_every) or 1
         each = self.seconds(0, fit, full_s, eval_s, eval_every) / fit
         line = (f"budget {self.budget_s / 60:g} min: {'all ' * (fit == self.epochs > 1)}{count(fit, 'epoch')} "
                 f"{'of train.epochs ' * (fit == self.epochs > 1)}fit{'s' * (fit == 1)} (≈ {each:.0f} s each with evaluation"
@@ -173,8 +178,8 @@ class Plan:
         full_s, room = train_s / self.share(epochs_done - 1), self.budget_s - now_s - REPORT_S
         if self.seconds(epochs_done, self.epochs, full_s, eval_s, eval_every) <= room:
             return None
-        fit = next((n for n in range(self.epochs - 1, epochs_done + 1, -1)
-                    if self.seconds(epochs_done, n, full_s, eval_s, eval_every) <= room), epochs_done + 1)
+        fit = self.most_that_fit(range(self.epochs - 1, epochs_done + 1, -1), epochs_done, room, full_s, eval_s,
+                                 eval_every) or epochs_done + 1
         line = (f"budget: an epoch now takes ≈ {epoch_cost(full_s, eval_s, eval_every):.0f} s on all patches, so "
                 f"{count(self.epochs - epochs_done, 'more epoch')} no longer fit in {self.budget_s / 60:g} min")
         if fit < self.epochs:
@@ -197,9 +202,8 @@ class Plan:
         self.revised = True
         full_s, cap = train_s / self.share(epochs_done - 1), self.totals[0][1] // self.steps_per_epoch
         room = SAFETY * (self.budget_s - now_s - REPORT_S)
-        fit = next((n for n in range(cap, epochs_done, -1) if self.seconds(epochs_done, n, full_s, eval_s, eval_every) <= room),
-                   epochs_done + 1 if epochs_done < self.epochs else epochs_done)
-        if fit <= self.epochs:
+        fit = self.most_that_fit(range(cap, self.epochs, -1), epochs_done, room, full_s, eval_s, eval_every)
+        if fit is None:  # no longer plan fits: the checks of the later epochs shorten it if need be
             return None
         line = (f"budget: a whole epoch measured, an epoch on all patches takes ≈ {epoch_cost(full_s, eval_s, eval_every):.0f} s "
                 f"with evaluation, so {count(fit, 'epoch')} fit, not {self.epochs}: the run now ends after epoch {fit}, "
@@ -240,7 +244,7 @@ def dropout_plan(train: dict, model=None, sample_shape=None, device=None, precis
         def prepare(prob):
             return lambda probe: setattr(probe.vit.patch_drop, "prob", prob)
 
-        times, batch = interleaved_steps(model, sample_shape, device, {"all": (precision, prepare(0.0)),
+        times, batch = precisions.interleaved_steps(model, sample_shape, device, {"all": (precision, prepare(0.0)),
                                                                        "drop": (precision, prepare(train["patch_dropout"]))})
         plan.update(drop_share=min(1.0, times["drop"] / times["all"]), drop_saving=max(0.0, times["all"] - times["drop"]) / batch)
     return plan
