@@ -48,8 +48,8 @@ class Loaders:
 
 
 def class_names(data_params: dict) -> list:
-    """The class names of params.json's data section, from the folder names alone (no file is read):
-    the model's head is built from them before the data is decoded."""
+    """The class names of params.json's data section, from the folder names or the shards' index alone
+    (no image is read): the model's head is built from them before the data is decoded."""
     if data_params["dataset"] == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES)
     if data_params["dataset"] == "webdataset":  # shards.json beside the shards names them

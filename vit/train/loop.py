@@ -271,8 +271,8 @@ def open_run_folder(run: Run, why: str) -> None:
     where = f"the CPU, {precisions.thread_note()}" if d.device.type == "cpu" else str(d.device)
     spread = f"; {t['strategy'].upper()} over {d.world_size} processes on {count(d.nodes, 'node')}" if d.enabled else ""
     print(f"training on {where}; precision {run.trainer.settings.precision} ({why}){spread}")
-    if budget.start_line(run.plan, t):
-        print(budget.start_line(run.plan, t))
+    if line := budget.start_line(run.plan, t):
+        print(line)
 
 
 def write_history(path: str, history: list) -> None:
